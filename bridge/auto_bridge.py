@@ -1,0 +1,156 @@
+"""``AutoBridge``: the user-facing entry point, HF checkpoint ⇄ Megatron-Core ``GPTModel`` chunks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from bridge import megatron_builder, parallel, transfer
+from bridge.hf_checkpoint import SIDE_FILES, SafetensorsReader, resolve_hf_folder
+from bridge.hf_writer import HFFolderWriter, check_output_folder
+from bridge.model_bridge import ModelBridge, bridge_for
+
+logger = logging.getLogger(__name__)
+
+
+def _config_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class AutoBridge:
+    """Detects the architecture of an HF checkpoint and moves its weights into and out of Megatron-Core.
+
+    >>> bridge = AutoBridge.from_hf_pretrained("meta-llama/Llama-3.2-1B", dtype=torch.bfloat16)
+    >>> model = bridge.to_megatron_model(tp=2, pp=2)        # under torchrun --nproc-per-node=4
+    >>> bridge.save_hf_pretrained(model, "out")
+    """
+
+    def __init__(self, hf_folder: Path, hf_config: PretrainedConfig, model_bridge: ModelBridge, dtype: torch.dtype):
+        self.hf_folder = hf_folder
+        self.hf_config = hf_config
+        self.model_bridge = model_bridge
+        self.dtype = dtype
+        self._reader: SafetensorsReader | None = None
+
+    @classmethod
+    def from_hf_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> "AutoBridge":
+        """A bridge for a local HF folder or a Hub repo id; ``dtype`` defaults to the checkpoint config's."""
+        folder = resolve_hf_folder(path_or_id)
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return cls(folder, hf_config, bridge_for(hf_config), dtype or _config_dtype(hf_config))
+
+    @property
+    def reader(self) -> SafetensorsReader:
+        if self._reader is None:
+            self._reader = SafetensorsReader(self.hf_folder)
+        return self._reader
+
+    def transformer_config(self, tp: int = 1, pp: int = 1, vpp: int | None = None, initialize_weights: bool = False):
+        """The Megatron-Core ``TransformerConfig`` this checkpoint becomes at these parallel sizes."""
+        return megatron_builder.build_transformer_config(
+            self.model_bridge, tp=tp, pp=pp, vpp=vpp, dtype=self.dtype, initialize_weights=initialize_weights
+        )
+
+    def to_megatron_model(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        vpp: int | None = None,
+        load_weights: bool = True,
+        make_vocab_size_divisible_by: int = 128,
+        load_strategy: str = "slice",
+        seed: int = 1234,
+    ) -> list[torch.nn.Module]:
+        """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), weights loaded from the checkpoint.
+
+        Sets up torch.distributed and Megatron-Core's parallel state when the caller has not.
+        """
+        parallel.initialize_parallel(tp, pp, vpp, seed=seed)
+        config = self.transformer_config(tp, pp, vpp, initialize_weights=not load_weights)
+        vocab = megatron_builder.padded_vocab_size(self.model_bridge.vocab_size, make_vocab_size_divisible_by, tp)
+        if load_weights:
+            self.reader  # open the files (and fail on a broken folder) before building anything
+        chunks = megatron_builder.build_gpt_chunks(self.model_bridge, config, vocab)
+        if load_weights:
+            self.load_hf_weights(chunks, strategy=load_strategy)
+        return chunks
+
+    def plan(self, model) -> transfer.TransferPlan:
+        return transfer.TransferPlan.build(model, self.model_bridge.mapping_registry(), self.model_bridge.vocab_size)
+
+    def load_hf_weights(self, model, strategy: str = "slice") -> None:
+        """Load the checkpoint into a model built by the caller (all ranks call this together)."""
+        plan = self.plan(model)
+        transfer.validate_checkpoint(plan, self.reader, self.model_bridge.hf_ignore)
+        transfer.load_checkpoint(plan, self.reader, strategy=strategy)
+
+    def export_hf_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream HF (name, tensor) pairs from the model. Every rank must iterate; only the writing rank gets pairs.
+
+        Tensors come in the source checkpoint's dtype for that name (or ``dtype`` when given).
+        """
+        plan = self.plan(model)
+        source_dtypes = self.reader.dtypes() if dtype is None else {}
+        for name, tensor in transfer.export_tensors(plan):
+            yield name, tensor.to(dtype or source_dtypes.get(name, tensor.dtype))
+
+    def save_hf_pretrained(
+        self, model, out_dir: str | Path, max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write a complete HF folder (weights, config, generation config, tokenizer files) atomically."""
+        out_dir = Path(out_dir)
+        writer = transfer.is_writer()
+        error = None
+        if writer:
+            try:
+                check_output_folder(out_dir, overwrite)
+            except ValueError as err:
+                error = err
+        flags = [error is not None]
+        dist.broadcast_object_list(flags, src=0)
+        if flags[0]:
+            raise error or ValueError(f"the writing rank refused the output folder {out_dir}")
+        if not writer:
+            for _ in self.export_hf_weights(model, dtype):
+                pass
+            dist.barrier()
+            return
+        with HFFolderWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite) as folder:
+            for name, tensor in self.export_hf_weights(model, dtype):
+                folder.add(name, tensor)
+            folder.finish(self.export_config(dtype), self._side_files())
+        dist.barrier()
+
+    def export_config(self, dtype: torch.dtype | None) -> dict:
+        """The source config.json, verbatim but for the dtype when the export changes it."""
+        source = self.hf_folder / "config.json"
+        config = json.loads(source.read_text()) if source.exists() else self.hf_config.to_dict()
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            config["dtype"] = name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = name
+        return config
+
+    def _side_files(self) -> dict[str, Path]:
+        files = {name: self.hf_folder / name for name in SIDE_FILES if (self.hf_folder / name).exists()}
+        if "generation_config.json" not in files:
+            files["generation_config.json"] = _generation_config_file(self.hf_config)
+        return files
+
+
+def _generation_config_file(hf_config: PretrainedConfig) -> Path:
+    """A generation_config.json derived from the model config, for sources that have none."""
+    folder = Path(tempfile.mkdtemp(prefix="bridge-genconfig-"))
+    GenerationConfig.from_model_config(hf_config).save_pretrained(folder)
+    return folder / "generation_config.json"

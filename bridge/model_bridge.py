@@ -1,0 +1,92 @@
+"""The model-bridge base class and the registry that picks one from ``config.architectures``.
+
+A model bridge is mostly declarative: how an HF config becomes Megatron-Core ``TransformerConfig``
+fields and ``GPTModel`` arguments, and the table of parameter mappings. Everything about ranks,
+files and model construction lives in the engine, so adding an architecture touches ``models/`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from transformers import PretrainedConfig
+
+from mappings import MappingRegistry
+
+
+class UnsupportedArchitectureError(ValueError):
+    """No registered bridge for the checkpoint's architecture, or a config setting it cannot express."""
+
+
+_BRIDGES: dict[str, type["ModelBridge"]] = {}
+
+
+def register_bridge(*architectures: str) -> Callable[[type["ModelBridge"]], type["ModelBridge"]]:
+    """Class decorator: this bridge handles HF checkpoints whose ``architectures`` name any of these."""
+
+    def register(cls: type[ModelBridge]) -> type[ModelBridge]:
+        for arch in architectures:
+            if arch in _BRIDGES and _BRIDGES[arch] is not cls:
+                raise ValueError(f"{arch} is already registered to {_BRIDGES[arch].__name__}")
+            _BRIDGES[arch] = cls
+        return cls
+
+    return register
+
+
+def supported_architectures() -> list[str]:
+    import models  # noqa: F401  (registers the built-in bridges)
+
+    return sorted(_BRIDGES)
+
+
+def bridge_for(hf_config: PretrainedConfig) -> "ModelBridge":
+    """The registered bridge for ``hf_config.architectures``."""
+    supported = supported_architectures()
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        if arch in _BRIDGES:
+            return _BRIDGES[arch](hf_config)
+    raise UnsupportedArchitectureError(
+        f"architecture {archs or '(none in config.json)'} is not supported; supported architectures: {', '.join(supported)}"
+    )
+
+
+class ModelBridge:
+    """Base class: subclasses say how their HF config and tensors map onto a Megatron-Core GPTModel."""
+
+    # Regular expressions of HF tensor names that are not weights (e.g. rotary buffers in old checkpoints).
+    hf_ignore: tuple[str, ...] = ()
+
+    def __init__(self, hf_config: PretrainedConfig):
+        self.hf_config = hf_config
+        self.check_supported()
+
+    @property
+    def architecture(self) -> str:
+        return (self.hf_config.architectures or [type(self).__name__])[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    def check_supported(self) -> None:
+        """Raise ``UnsupportedArchitectureError`` naming a config setting Megatron-Core cannot express."""
+
+    def unsupported(self, setting: str, value: Any, why: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(f"{self.architecture}: config setting {setting}={value!r} is not supported: {why}")
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        """Model fields of Megatron-Core's ``TransformerConfig`` (not parallelism, dtype or runtime flags)."""
+        raise NotImplementedError
+
+    def gpt_model_kwargs(self) -> dict[str, Any]:
+        """Extra ``GPTModel`` arguments (position embeddings, max sequence length)."""
+        return {}
+
+    def mapping_registry(self) -> MappingRegistry:
+        raise NotImplementedError

@@ -1,0 +1,273 @@
+"""The streaming transfer engine: parameters move one at a time, in one global order all ranks agree on.
+
+``TransferPlan`` lists every Megatron parameter of the whole model (all PP stages and virtual
+stages) with its owner, local shape, dtype and mapping. Load: each rank builds its own shards from
+the HF tensors (reading only its slice, or one reader per TP group that scatters); each PP stage
+loads only its own layers. Export: TP shards are gathered to TP rank 0 of the owning stage, sent to
+the writing rank (TP=PP=DP=0), and turned back into HF tensors there; only that rank yields.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
+from mappings import AutoMapping, MappingContext, MappingError, MappingRegistry, ParamMapping
+
+logger = logging.getLogger(__name__)
+
+LOAD_STRATEGIES = ("slice", "scatter")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One Megatron parameter of the whole model, as every rank sees it."""
+
+    name: str  # global name: layer numbers counted over the whole model
+    kind: str  # the concrete mapping kind (an AutoMapping is resolved on the owning rank)
+    local_shape: tuple[int, ...]
+    dtype: torch.dtype
+    pp_rank: int
+    vp_stage: int
+
+
+@dataclass
+class LocalParam:
+    chunk: int
+    local_name: str
+    param: torch.nn.Parameter
+
+
+def unwrap_chunks(model) -> list[torch.nn.Module]:
+    """The ``GPTModel`` chunks inside a model list (or a single model), through DDP/Float16Module wrappers."""
+    from megatron.core.models.gpt import GPTModel
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    unwrapped = []
+    for chunk in chunks:
+        while not isinstance(chunk, GPTModel) and hasattr(chunk, "module"):
+            chunk = chunk.module
+        if not isinstance(chunk, GPTModel):
+            raise TypeError(f"expected Megatron-Core GPTModel chunks, got {type(chunk).__name__}")
+        unwrapped.append(chunk)
+    return unwrapped
+
+
+def global_names(chunk: torch.nn.Module) -> dict[str, str]:
+    """Local parameter name → name with layer numbers counted over the whole model."""
+    layer_numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers] if hasattr(chunk, "decoder") else []
+
+    def rename(name: str) -> str:
+        match = _LAYER.match(name)
+        if match is None:
+            return name
+        return f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end():]
+
+    return {name: rename(name) for name, _ in chunk.named_parameters()}
+
+
+class TransferPlan:
+    """Every parameter of the model in global order, with its mapping; built collectively by all ranks."""
+
+    def __init__(self, entries: list[PlanEntry], registry: MappingRegistry, local: dict[str, LocalParam], ctx: MappingContext):
+        self.entries = entries
+        self.registry = registry
+        self.local = local
+        self.ctx = ctx
+        self._mappings: dict[str, ParamMapping] = {}
+
+    @classmethod
+    def build(cls, model, registry: MappingRegistry, hf_vocab_size: int) -> "TransferPlan":
+        chunks = unwrap_chunks(model)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        local: dict[str, LocalParam] = {}
+        mine: list[PlanEntry] = []
+        unmapped: list[str] = []
+        for index, chunk in enumerate(chunks):
+            vp_stage = getattr(chunk, "vp_stage", None) or 0
+            names = global_names(chunk)
+            for local_name, param in chunk.named_parameters():
+                name = names[local_name]
+                mapping = registry.find(name)
+                if mapping is None:
+                    unmapped.append(name)
+                    continue
+                kind = mapping.kind
+                if isinstance(mapping, AutoMapping):
+                    module = chunk.get_submodule(local_name.rpartition(".")[0])
+                    kind = AutoMapping.kind_for(module, param)
+                local[name] = LocalParam(index, local_name, param)
+                mine.append(PlanEntry(name, kind, tuple(param.shape), param.dtype, pp_rank, vp_stage))
+        is_source = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (is_source, mine, unmapped))
+        all_unmapped = sorted({name for _, _, names in gathered for name in names})
+        if all_unmapped:
+            raise MappingError(f"Megatron parameters with no mapping: {', '.join(all_unmapped)}")
+        entries = {entry.name: entry for source, found, _ in gathered if source for entry in found}
+        order = {name: i for i, name in enumerate(entries)}
+        ordered = sorted(entries.values(), key=lambda e: (e.vp_stage, e.pp_rank, order[e.name]))
+        config = chunks[0].config
+        ctx = MappingContext(
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_query_groups or config.num_attention_heads,
+            head_dim=config.kv_channels,
+            vocab_size=hf_vocab_size,
+            padded_vocab_size=chunks[0].vocab_size,
+        )
+        return cls(ordered, registry, local, ctx)
+
+    def mapping(self, entry: PlanEntry) -> ParamMapping:
+        if entry.name not in self._mappings:
+            mapping = self.registry.resolve(entry.name)
+            if isinstance(mapping, AutoMapping):
+                mapping = mapping.specialize(entry.kind)
+            self._mappings[entry.name] = mapping
+        return self._mappings[entry.name]
+
+    def context(self, tp_rank: int) -> MappingContext:
+        return MappingContext(**{**self.ctx.__dict__, "tp_rank": tp_rank})
+
+    def shard_count(self, mapping: ParamMapping) -> int:
+        return self.ctx.tp_size if mapping.tp_sharded else 1
+
+    def expected_hf_shapes(self) -> dict[str, torch.Size]:
+        """HF name → shape the model needs, computed by running every mapping's export on meta tensors."""
+        expected: dict[str, torch.Size] = {}
+        for entry in self.entries:
+            mapping = self.mapping(entry)
+            shards = [torch.empty(entry.local_shape, dtype=entry.dtype, device="meta")] * self.shard_count(mapping)
+            for name, tensor in mapping.megatron_to_hf(shards, self.context(0)).items():
+                if expected.setdefault(name, tensor.shape) != tensor.shape:
+                    raise MappingError(f"{name} is needed with shapes {list(expected[name])} and {list(tensor.shape)}")
+        return expected
+
+    def local_entries(self) -> list[PlanEntry]:
+        return [entry for entry in self.entries if entry.name in self.local]
+
+
+def validate_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = ()) -> None:
+    """Every tensor the model needs is on disk with the right shape, and nothing else is. Raises before any weight moves."""
+    expected = plan.expected_hf_shapes()
+    on_disk = reader.shapes()
+    ignored = [re.compile(pattern) for pattern in ignore]
+    problems = []
+    missing = [name for name in expected if name not in on_disk]
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    unexpected = [n for n in on_disk if n not in expected and not any(p.fullmatch(n) for p in ignored)]
+    if unexpected:
+        problems.append(f"unexpected tensors (no mapping uses them): {_listing(unexpected)}")
+    wrong = [
+        f"{name} in {reader.file_of(name).name} has shape {list(on_disk[name])}, the model needs {list(shape)}"
+        for name, shape in expected.items()
+        if name in on_disk and on_disk[name] != shape
+    ]
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {reader.folder} does not match the model: " + " | ".join(problems))
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _progress(items, desc: str):
+    return tqdm(items, desc=desc, unit="tensor", delay=2.0, disable=dist.get_rank() != 0)
+
+
+def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice") -> None:
+    """Copy the HF checkpoint into this rank's parameters (all ranks call this together)."""
+    if strategy not in LOAD_STRATEGIES:
+        raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
+    ctx = plan.ctx
+    scatter = strategy == "scatter" and ctx.tp_size > 1
+    for entry in _progress(plan.local_entries(), "loading"):
+        mapping = plan.mapping(entry)
+        param = plan.local[entry.name].param
+        if scatter:
+            shard = _scatter_shard(plan, mapping, reader, param)
+        else:
+            sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
+            shard = mapping.hf_to_megatron(sources, ctx)
+        if tuple(shard.shape) != tuple(param.shape):
+            raise MappingError(
+                f"{entry.name}: built a shard of shape {list(shard.shape)} from {mapping.hf_names}, the parameter has {list(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(shard)
+
+
+def _scatter_shard(plan: TransferPlan, mapping: ParamMapping, reader: SafetensorsReader, param: torch.Tensor) -> torch.Tensor:
+    """One reader per TP group builds every rank's shard and scatters them."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    out = torch.empty_like(param)
+    if plan.ctx.tp_rank == 0:
+        full = {role: reader.lazy(name).narrow(0, 0, reader.lazy(name).shape[0]) for role, name in mapping.hf_param.items()}
+        if not mapping.tp_sharded:
+            out.copy_(mapping.hf_to_megatron(full, plan.ctx))
+        else:
+            shards = [mapping.hf_to_megatron(full, plan.context(r)).to(out.device, out.dtype) for r in range(plan.ctx.tp_size)]
+    if not mapping.tp_sharded:
+        dist.broadcast(out, src=src, group=group)
+    else:
+        dist.scatter(out, shards if plan.ctx.tp_rank == 0 else None, src=src, group=group)
+    return out
+
+
+def is_writer() -> bool:
+    """The rank that yields exported tensors and writes folders: TP = PP = DP rank 0."""
+    return (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_pipeline_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def export_tensors(plan: TransferPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs in global order; every rank must drive it, only the writer gets pairs."""
+    ctx = plan.ctx
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    in_dp0 = parallel_state.get_data_parallel_rank() == 0
+    writer = is_writer()
+    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_src = parallel_state.get_tensor_model_parallel_src_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    writer_ctx = plan.context(0)
+    for entry in _progress(plan.entries, "exporting"):
+        mapping = plan.mapping(entry)
+        if mapping.load_only:
+            continue
+        count = plan.shard_count(mapping)
+        shards: list[torch.Tensor] | None = None
+        if in_dp0 and pp_rank == entry.pp_rank:
+            tensor = plan.local[entry.name].param.detach().contiguous()
+            if count > 1:
+                gathered = [torch.empty_like(tensor) for _ in range(count)] if ctx.tp_rank == 0 else None
+                dist.gather(tensor, gathered, dst=tp_src, group=tp_group)
+                shards = gathered
+            else:
+                shards = [tensor]
+            if ctx.tp_rank == 0 and not writer:
+                dist.send(torch.stack(shards), dst=pp_ranks[0])
+        elif writer:
+            buffer = torch.empty((count, *entry.local_shape), dtype=entry.dtype, device=device)
+            dist.recv(buffer, src=pp_ranks[entry.pp_rank])
+            shards = list(buffer.unbind(0))
+        if writer:
+            yield from mapping.megatron_to_hf(shards, writer_ctx).items()

@@ -1,0 +1,23 @@
+"""Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
+
+from mappings.auto import AutoMapping
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource
+from mappings.gated_mlp import GatedMLPMapping
+from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
+from mappings.qkv import QKVMapping
+from mappings.registry import MappingRegistry
+
+__all__ = [
+    "AutoMapping",
+    "ColumnParallelMapping",
+    "GatedMLPMapping",
+    "MappingContext",
+    "MappingError",
+    "MappingRegistry",
+    "ParamMapping",
+    "QKVMapping",
+    "ReplicatedMapping",
+    "RowParallelMapping",
+    "TensorSource",
+    "VocabParallelMapping",
+]

@@ -1,0 +1,117 @@
+"""The mapping base class: one object owns both directions of one parameter and its TP layout.
+
+A mapping names one Megatron parameter (pattern with ``*`` standing for a number, e.g. a layer index)
+and the HF tensor(s) it is made of. ``hf_to_megatron`` builds this TP rank's shard from the HF
+tensors; ``megatron_to_hf`` rebuilds the HF tensors from the shards of every TP rank. Nothing here
+knows about files, ranks or models: inputs are tensors (or lazy tensors that read only the slice
+asked for), outputs are contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+
+class MappingError(ValueError):
+    """An HF tensor or Megatron parameter does not fit its mapping (shape, divisibility, names)."""
+
+
+class TensorSource(Protocol):
+    """What a mapping reads from: a ``torch.Tensor`` or a lazy tensor that reads only what is narrowed."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """What a mapping may need besides tensors: this rank's TP coordinates and the model's dimensions."""
+
+    tp_rank: int
+    tp_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+
+
+def read_all(src: TensorSource) -> torch.Tensor:
+    """The whole tensor behind a source."""
+    return src.narrow(0, 0, src.shape[0]).contiguous()
+
+
+def shard_rows(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
+    """Contiguous shard ``rank`` of ``size`` equal parts of ``src`` along ``dim``."""
+    total = src.shape[dim]
+    if total % size:
+        raise MappingError(f"{name}: dimension {dim} of size {total} is not divisible by TP size {size}")
+    part = total // size
+    return src.narrow(dim, rank * part, part).contiguous()
+
+
+_WILDCARD = re.compile(r"\\\*")
+
+
+class ParamMapping:
+    """One Megatron parameter ⇄ one or more HF tensors.
+
+    ``hf_param`` is a single HF name or a dict role → HF name (e.g. ``{"q": ..., "k": ..., "v": ...}``).
+    Subclasses implement ``hf_to_megatron`` and ``megatron_to_hf``; ``tp_sharded`` says whether the
+    parameter differs across TP ranks (and so must be gathered on export).
+    """
+
+    kind = "base"
+    tp_sharded = True
+
+    def __init__(self, megatron_param: str, hf_param: str | Mapping[str, str], *, load_only: bool = False):
+        self.megatron_param = megatron_param
+        self.hf_param: dict[str, str] = {"": hf_param} if isinstance(hf_param, str) else dict(hf_param)
+        self.load_only = load_only
+        self._regex = re.compile("^" + _WILDCARD.sub(r"(\\d+)", re.escape(megatron_param)) + "$")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.megatron_param!r} ⇄ {self.hf_names})"
+
+    @property
+    def hf_names(self) -> list[str]:
+        return list(self.hf_param.values())
+
+    def resolve(self, megatron_name: str) -> "ParamMapping | None":
+        """A copy bound to a concrete Megatron name, with the ``*`` of the HF names filled in, or None."""
+        match = self._regex.match(megatron_name)
+        if match is None:
+            return None
+        bound = copy.copy(self)
+        bound.megatron_param = megatron_name
+        bound.hf_param = {role: _fill(pattern, match.groups()) for role, pattern in self.hf_param.items()}
+        return bound
+
+    def single(self, hf: Mapping[str, TensorSource]) -> TensorSource:
+        return hf[""]
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _fill(pattern: str, values: Sequence[str]) -> str:
+    parts = pattern.split("*")
+    if len(parts) - 1 != len(values):
+        raise MappingError(f"HF pattern {pattern!r} has {len(parts) - 1} '*' but the Megatron pattern matched {len(values)}")
+    out = parts[0]
+    for value, part in zip(values, parts[1:]):
+        out += value + part
+    return out

@@ -1,0 +1,45 @@
+"""HF gate/up projections ⇄ Megatron's fused ``linear_fc1`` of a gated (SwiGLU) MLP.
+
+At TP=1 ``linear_fc1`` is ``cat(gate, up)``. Under TP rank r holds ``cat(gate_r, up_r)``, its own
+slice of each — not a slice of the TP=1 tensor — which is why this needs a mapping of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, shard_rows
+
+
+class GatedMLPMapping(ParamMapping):
+    kind = "gated_mlp"
+
+    def __init__(self, megatron_param: str, *, gate: str, up: str):
+        super().__init__(megatron_param, {"gate": gate, "up": up})
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        gate, up = hf["gate"], hf["up"]
+        if tuple(gate.shape) != tuple(up.shape):
+            raise MappingError(
+                f"{self.hf_param['gate']} has shape {list(gate.shape)} but {self.hf_param['up']} has {list(up.shape)}"
+            )
+        if gate.shape[0] % ctx.tp_size:
+            raise MappingError(
+                f"{self.megatron_param}: the MLP size ({gate.shape[0]}) is not divisible by TP size ({ctx.tp_size})"
+            )
+        return torch.cat(
+            [
+                shard_rows(gate, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["gate"]),
+                shard_rows(up, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["up"]),
+            ],
+            dim=0,
+        )
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return {
+            self.hf_param["gate"]: torch.cat([g for g, _ in halves], dim=0).contiguous(),
+            self.hf_param["up"]: torch.cat([u for _, u in halves], dim=0).contiguous(),
+        }

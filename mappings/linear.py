@@ -1,0 +1,83 @@
+"""Mappings of parameters that are one HF tensor each: column-, row-parallel, replicated, vocab."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, read_all, shard_rows
+
+
+class ColumnParallelMapping(ParamMapping):
+    """Output features split across TP ranks: weight and bias split along dim 0."""
+
+    kind = "column"
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        return shard_rows(self.single(hf), 0, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        return {self.hf_names[0]: torch.cat(list(shards), dim=0)}
+
+
+class RowParallelMapping(ParamMapping):
+    """Input features split across TP ranks: weight split along dim 1; a bias is whole on every rank."""
+
+    kind = "row"
+
+    @property
+    def tp_sharded(self) -> bool:  # type: ignore[override]
+        return not self.megatron_param.endswith(".bias")
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        src = self.single(hf)
+        if len(src.shape) == 1:
+            return read_all(src)
+        return shard_rows(src, 1, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        if shards[0].dim() == 1:
+            return {self.hf_names[0]: shards[0]}
+        return {self.hf_names[0]: torch.cat(list(shards), dim=1)}
+
+
+class ReplicatedMapping(ParamMapping):
+    """The same tensor on every TP rank (norms, routers)."""
+
+    kind = "replicated"
+    tp_sharded = False
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        return read_all(self.single(hf))
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        return {self.hf_names[0]: shards[0]}
+
+
+class VocabParallelMapping(ParamMapping):
+    """Embedding / output layer: vocab rows split across TP ranks, zero rows past the HF vocab.
+
+    Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by × TP``
+    (``ctx.padded_vocab_size``); export drops the padding again.
+    """
+
+    kind = "vocab"
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        src = self.single(hf)
+        rows = src.shape[0]
+        if rows != ctx.vocab_size:
+            raise MappingError(f"{self.hf_names[0]}: has {rows} rows but the config's vocab_size is {ctx.vocab_size}")
+        local_rows = ctx.padded_vocab_size // ctx.tp_size
+        start = ctx.tp_rank * local_rows
+        stop = min(start + local_rows, rows)
+        if stop - start == local_rows:
+            return src.narrow(0, start, local_rows).contiguous()
+        shard = torch.zeros((local_rows, *src.shape[1:]), dtype=src.dtype)
+        if stop > start:
+            shard[: stop - start] = src.narrow(0, start, stop - start)
+        return shard
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        return {self.hf_names[0]: torch.cat(list(shards), dim=0)[: ctx.vocab_size].contiguous()}

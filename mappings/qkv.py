@@ -1,0 +1,76 @@
+"""HF q/k/v projections ⇄ Megatron's fused ``linear_qkv``, interleaved per query group.
+
+Megatron's layout (``attention.py``): for each query group g, the rows of its ``heads/groups`` query
+heads, then k_g, then v_g. TP splits whole groups, so rank r holds groups
+``[r·G/tp, (r+1)·G/tp)`` in the same interleaved order. Works for weights ([rows, hidden]) and biases.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource
+
+
+class QKVMapping(ParamMapping):
+    kind = "qkv"
+
+    def __init__(self, megatron_param: str, *, q: str, k: str, v: str):
+        super().__init__(megatron_param, {"q": q, "k": k, "v": v})
+
+    def _check(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> None:
+        groups, d = ctx.num_query_groups, ctx.head_dim
+        expected_rows = {"q": ctx.num_attention_heads * d, "k": groups * d, "v": groups * d}
+        for role, rows in expected_rows.items():
+            if hf[role].shape[0] != rows:
+                raise MappingError(
+                    f"{self.hf_param[role]}: has {hf[role].shape[0]} rows, expected {rows} "
+                    f"(num_attention_heads={ctx.num_attention_heads}, num_key_value_heads={groups}, head_dim={d})"
+                )
+        if groups % ctx.tp_size:
+            raise MappingError(
+                f"{self.megatron_param}: num_query_groups ({groups}) is not divisible by TP size ({ctx.tp_size}); "
+                "choose a TP size that divides the number of key/value heads"
+            )
+
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+        self._check(hf, ctx)
+        d = ctx.head_dim
+        heads_per_group = ctx.num_attention_heads // ctx.num_query_groups
+        local_groups = ctx.num_query_groups // ctx.tp_size
+        first = ctx.tp_rank * local_groups
+        q = hf["q"].narrow(0, first * heads_per_group * d, local_groups * heads_per_group * d)
+        k = hf["k"].narrow(0, first * d, local_groups * d)
+        v = hf["v"].narrow(0, first * d, local_groups * d)
+        rest = tuple(q.shape[1:])
+        fused = torch.cat(
+            [
+                q.reshape(local_groups, heads_per_group * d, *rest),
+                k.reshape(local_groups, d, *rest),
+                v.reshape(local_groups, d, *rest),
+            ],
+            dim=1,
+        )
+        return fused.reshape(local_groups * (heads_per_group + 2) * d, *rest).contiguous()
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+        d = ctx.head_dim
+        groups = ctx.num_query_groups
+        heads_per_group = ctx.num_attention_heads // groups
+        full = torch.cat(list(shards), dim=0)
+        rest = tuple(full.shape[1:])
+        if full.shape[0] != groups * (heads_per_group + 2) * d:
+            raise MappingError(
+                f"{self.megatron_param}: has {full.shape[0]} rows, expected "
+                f"{groups * (heads_per_group + 2) * d} for {ctx.num_attention_heads} heads in {groups} groups of dim {d}"
+            )
+        q, k, v = full.reshape(groups, (heads_per_group + 2) * d, *rest).split(
+            [heads_per_group * d, d, d], dim=1
+        )
+        return {
+            self.hf_param["q"]: q.reshape(groups * heads_per_group * d, *rest).contiguous(),
+            self.hf_param["k"]: k.reshape(groups * d, *rest).contiguous(),
+            self.hf_param["v"]: v.reshape(groups * d, *rest).contiguous(),
+        }

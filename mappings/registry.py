@@ -1,0 +1,41 @@
+"""The mapping registry: a model's table of Megatron-pattern → HF-pattern mappings.
+
+Resolution is deterministic: a Megatron name must match exactly one pattern (two matches are an
+error in the table, not a tie to break). The registry also reports what no mapping covers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from mappings.base import MappingError, ParamMapping
+
+
+class MappingRegistry:
+    def __init__(self, mappings: Iterable[ParamMapping]):
+        self.mappings = list(mappings)
+
+    def __iter__(self):
+        return iter(self.mappings)
+
+    def find(self, megatron_name: str) -> ParamMapping | None:
+        """The mapping bound to ``megatron_name``, or None when no pattern matches."""
+        hits = [bound for m in self.mappings if (bound := m.resolve(megatron_name)) is not None]
+        if len(hits) > 1:
+            raise MappingError(f"{megatron_name} matches several mappings: {hits}")
+        return hits[0] if hits else None
+
+    def resolve(self, megatron_name: str) -> ParamMapping:
+        mapping = self.find(megatron_name)
+        if mapping is None:
+            raise MappingError(f"no mapping for Megatron parameter {megatron_name}")
+        return mapping
+
+    def unmapped(self, megatron_names: Iterable[str]) -> list[str]:
+        """Megatron parameters no mapping covers."""
+        return [name for name in megatron_names if self.find(name) is None]
+
+    def unused_hf(self, hf_names: Iterable[str], megatron_names: Iterable[str]) -> list[str]:
+        """HF tensors that no mapping of these Megatron parameters reads."""
+        used = {hf for name in megatron_names if (m := self.find(name)) is not None for hf in m.hf_names}
+        return sorted(set(hf_names) - used)

@@ -1,0 +1,3 @@
+"""Built-in model bridges; importing this package registers them."""
+
+from models import llama, mistral, qwen  # noqa: F401
