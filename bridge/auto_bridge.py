@@ -75,11 +75,11 @@ class AutoBridge:
 
         Sets up torch.distributed and Megatron-Core's parallel state when the caller has not.
         """
-        parallel.initialize_parallel(tp, pp, vpp, seed=seed)
         config = self.transformer_config(tp, pp, vpp, initialize_weights=not load_weights)
         vocab = megatron_builder.padded_vocab_size(self.model_bridge.vocab_size, make_vocab_size_divisible_by, tp)
         if load_weights:
             self.reader  # open the files (and fail on a broken folder) before building anything
+        parallel.initialize_parallel(tp, pp, vpp, seed=seed)
         chunks = megatron_builder.build_gpt_chunks(self.model_bridge, config, vocab)
         if load_weights:
             self.load_hf_weights(chunks, strategy=load_strategy)

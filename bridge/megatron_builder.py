@@ -105,6 +105,10 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
             vp_stage=vp_stage,
             **bridge.gpt_model_kwargs(),
         )
+        # The local spec's torch norms ignore params_dtype; Megatron's Float16Module would cast them too.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != config.params_dtype:
+                param.data = param.data.to(config.params_dtype)
         if cpu_mode.cuda_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
