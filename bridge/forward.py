@@ -1,0 +1,49 @@
+"""Running a converted model: full-vocab logits through Megatron-Core's own pipeline schedules.
+
+Used by the demo and the parity checks against transformers. Every rank calls ``megatron_logits``;
+the ranks of the last pipeline stage get the logits (gathered over TP, vocab padding dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from bridge.transfer import unwrap_chunks
+
+
+@torch.no_grad()
+def megatron_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Logits ``[batch, seq, vocab_size]`` on the last PP stage, None on the other stages."""
+    chunks = unwrap_chunks(model)
+    for chunk in chunks:
+        chunk.eval()
+    device = next(chunks[0].parameters()).device
+    input_ids = input_ids.to(device)
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1).view(1, 1, seq, seq)
+    captured: list[torch.Tensor] = []
+
+    def loss_func(output: torch.Tensor):
+        captured.append(output)
+        return output.new_zeros(()), {}
+
+    def forward_step(data_iterator, chunk):
+        return chunk(input_ids, position_ids, causal), loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None]),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    logits = gather_from_tensor_model_parallel_region(captured[-1])
+    return logits[..., :vocab_size].float()
