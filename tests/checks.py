@@ -7,30 +7,7 @@ code could not catch a mistake in it.
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file
-
-
-def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
-
-def compare_tensor_dicts(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
-    """Every difference in names, dtypes, shapes or values (bit for bit)."""
-    problems = [f"missing {n}" for n in sorted(set(expected) - set(actual))]
-    problems += [f"extra {n}" for n in sorted(set(actual) - set(expected))]
-    for name in sorted(set(expected) & set(actual)):
-        a, b = expected[name], actual[name]
-        if a.dtype != b.dtype or a.shape != b.shape:
-            problems.append(f"{name}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
-        elif not torch.equal(a, b):
-            problems.append(f"{name}: values differ")
-    return problems
 
 
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
 
     from bridge import AutoBridge
     from bridge.transfer import global_names, unwrap_chunks
-    from tests.checks import compare_tensor_dicts, expected_shard, load_folder
+    from bridge.verify import compare_tensors, load_hf_tensors
+    from tests.checks import expected_shard
 
     results = {}
     for tp, pp in LAYOUTS:
@@ -32,7 +33,7 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
             parallel_state.destroy_model_parallel()
             bridge = AutoBridge.from_hf_pretrained(src)
             model = bridge.to_megatron_model(tp=tp, pp=pp)
-            hf = load_folder(src)
+            hf = load_hf_tensors(src)
             shard_problems, kinds = [], {}
             for chunk in unwrap_chunks(model):
                 names = global_names(chunk)
@@ -53,7 +54,7 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
             bridge.save_hf_pretrained(model, out)
             roundtrip = None
             if dist.get_rank() == 0:
-                roundtrip = compare_tensor_dicts(hf, load_folder(out))
+                roundtrip = compare_tensors(hf, load_hf_tensors(out))
                 roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
             results[(name, tp, pp)] = {"shards": shard_problems, "kinds": kinds, "roundtrip": roundtrip}
     return results
@@ -63,6 +64,16 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
 def matrix(tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("roundtrip")
     return run_distributed(roundtrip_matrix, WORLD, {k: str(v) for k, v in tiny_checkpoints.items()}, str(out))
+
+
+def test_comparison_sees_a_one_bit_difference():
+    from bridge.verify import compare_tensors
+
+    a = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    b = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    b["w"][1] = 1 + 2**-7  # the next bfloat16 after 1
+    assert compare_tensors(a, a) == [] and compare_tensors(a, b) == ["w: values differ (max abs diff 0.00781)"]
+    assert compare_tensors(a, {}) == ["missing w"] and compare_tensors({}, a) == ["extra w"]
 
 
 CASES = [pytest.param(name, tp, pp, id=f"{name}-tp{tp}-pp{pp}") for tp, pp in LAYOUTS for name in TINY_MODELS]
