@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from bridge import AutoBridge, UnsupportedArchitectureError
 from bridge.hf_checkpoint import CheckpointError
 from bridge.parallel import ParallelConfigError
-from tests.distributed import run_distributed
+from bridge.local_launch import run_distributed
 
 
 def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bridge.tiny_checkpoints import TINY_MODELS, VOCAB_SIZE
-from tests.distributed import run_distributed
+from bridge.local_launch import run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 TOKENS = torch.randint(0, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bridge.tiny_checkpoints import TINY_MODELS
-from tests.distributed import run_distributed
+from bridge.local_launch import run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 WORLD = 4
@@ -34,29 +34,40 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
             bridge = AutoBridge.from_hf_pretrained(src)
             model = bridge.to_megatron_model(tp=tp, pp=pp)
             hf = load_hf_tensors(src)
-            shard_problems, kinds = [], {}
-            for chunk in unwrap_chunks(model):
-                names = global_names(chunk)
-                for local_name, param in chunk.named_parameters():
-                    kind, want = expected_shard(
-                        names[local_name],
-                        hf,
-                        groups=bridge.hf_config.num_key_value_heads,
-                        tied=bridge.model_bridge.tie_word_embeddings,
-                        tp=tp,
-                        rank=parallel_state.get_tensor_model_parallel_rank(),
-                        padded_vocab=chunk.vocab_size,
-                    )
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                    if param.dtype != want.dtype or not torch.equal(param.detach(), want):
-                        shard_problems.append(f"{names[local_name]} ({kind})")
+
+            def check_shards() -> tuple[list[str], dict[str, int]]:
+                problems, kinds = [], {}
+                for chunk in unwrap_chunks(model):
+                    names = global_names(chunk)
+                    for local_name, param in chunk.named_parameters():
+                        kind, want = expected_shard(
+                            names[local_name],
+                            hf,
+                            groups=bridge.hf_config.num_key_value_heads,
+                            tied=bridge.model_bridge.tie_word_embeddings,
+                            tp=tp,
+                            rank=parallel_state.get_tensor_model_parallel_rank(),
+                            padded_vocab=chunk.vocab_size,
+                        )
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                        if param.dtype != want.dtype or not torch.equal(param.detach(), want):
+                            problems.append(f"{names[local_name]} ({kind})")
+                return problems, kinds
+
+            shard_problems, kinds = check_shards()
+            with torch.no_grad():
+                for chunk in model:
+                    for param in chunk.parameters():
+                        param.fill_(float("nan"))
+            bridge.load_hf_weights(model, strategy="scatter")
+            scatter_problems, _ = check_shards()
             out = Path(out_root) / f"{name}-tp{tp}-pp{pp}"
             bridge.save_hf_pretrained(model, out)
             roundtrip = None
             if dist.get_rank() == 0:
                 roundtrip = compare_tensors(hf, load_hf_tensors(out))
                 roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
-            results[(name, tp, pp)] = {"shards": shard_problems, "kinds": kinds, "roundtrip": roundtrip}
+            results[(name, tp, pp)] = {"shards": shard_problems, "scatter": scatter_problems, "kinds": kinds, "roundtrip": roundtrip}
     return results
 
 
@@ -89,6 +100,7 @@ def test_every_shard_is_the_expected_slice(matrix, name, tp, pp):
     for rank, results in enumerate(matrix):
         result = results[(name, tp, pp)]
         assert result["shards"] == [], f"rank {rank}"
+        assert result["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
     # every rank checked something, and across ranks every mapping kind was checked
     kinds = set().union(*(r[(name, tp, pp)]["kinds"] for r in matrix))
     assert {"vocab", "qkv", "row", "gated_mlp", "replicated"} <= kinds

@@ -1,4 +1,7 @@
-"""Run a function on N gloo ranks as separate processes (what torchrun would start), collect results."""
+"""Run a function on N local ranks as separate processes (what torchrun would start) and collect results.
+
+Used by the tests, the benchmarks and CPU-only conversions that want several gloo ranks without torchrun.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    # Share the cores between the ranks: oversubscribed intra-op threads slow every op down many times.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         from bridge.parallel import init_distributed
 
