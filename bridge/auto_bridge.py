@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from bridge import megatron_builder, parallel, transfer
-from bridge.hf_checkpoint import SIDE_FILES, SafetensorsReader, resolve_hf_folder
+from bridge import export_metadata, megatron_builder, parallel, transfer
+from bridge.hf_checkpoint import SafetensorsReader, resolve_hf_folder
 from bridge.hf_writer import HFFolderWriter, check_output_folder
 from bridge.model_bridge import ModelBridge, bridge_for
 
@@ -128,29 +126,5 @@ class AutoBridge:
         with HFFolderWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite) as folder:
             for name, tensor in self.export_hf_weights(model, dtype):
                 folder.add(name, tensor)
-            folder.finish(self.export_config(dtype), self._side_files())
+            folder.finish(export_metadata.export_config(self.hf_folder, self.hf_config, dtype), export_metadata.side_files(self.hf_folder, self.hf_config))
         dist.barrier()
-
-    def export_config(self, dtype: torch.dtype | None) -> dict:
-        """The source config.json, verbatim but for the dtype when the export changes it."""
-        source = self.hf_folder / "config.json"
-        config = json.loads(source.read_text()) if source.exists() else self.hf_config.to_dict()
-        if dtype is not None:
-            name = str(dtype).removeprefix("torch.")
-            config["dtype"] = name
-            if "torch_dtype" in config:
-                config["torch_dtype"] = name
-        return config
-
-    def _side_files(self) -> dict[str, Path]:
-        files = {name: self.hf_folder / name for name in SIDE_FILES if (self.hf_folder / name).exists()}
-        if "generation_config.json" not in files:
-            files["generation_config.json"] = _generation_config_file(self.hf_config)
-        return files
-
-
-def _generation_config_file(hf_config: PretrainedConfig) -> Path:
-    """A generation_config.json derived from the model config, for sources that have none."""
-    folder = Path(tempfile.mkdtemp(prefix="bridge-genconfig-"))
-    GenerationConfig.from_model_config(hf_config).save_pretrained(folder)
-    return folder / "generation_config.json"
