@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -26,18 +26,21 @@ logger = logging.getLogger(__name__)
 
 LOAD_STRATEGIES = ("slice", "scatter")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class PlanEntry:
     """One Megatron parameter of the whole model, as every rank sees it."""
 
-    name: str  # global name: layer numbers counted over the whole model
+    name: str  # global name: layer and expert numbers counted over the whole model
     kind: str  # the concrete mapping kind (an AutoMapping is resolved on the owning rank)
     local_shape: tuple[int, ...]
     dtype: torch.dtype
     pp_rank: int
     vp_stage: int
+    expert: bool  # sharded over expert-TP (ETP) and placed by EP, instead of TP
+    owner: int  # global rank that gathers this parameter's shards and sends them to the writer
 
 
 @dataclass
@@ -63,32 +66,58 @@ def unwrap_chunks(model) -> list[torch.nn.Module]:
 
 
 def global_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name → name with layer numbers counted over the whole model."""
+    """Local parameter name → global name: layers counted over all PP/VPP stages, experts over all EP ranks.
+
+    This is the one place where local layer and expert numbers become global ones.
+    """
     layer_numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers] if hasattr(chunk, "decoder") else []
+    experts = chunk.config.num_moe_experts or 0
+    local_experts = experts // parallel_state.get_expert_model_parallel_world_size() if experts else 0
+    expert_offset = parallel_state.get_expert_model_parallel_rank() * local_experts
 
     def rename(name: str) -> str:
         match = _LAYER.match(name)
-        if match is None:
-            return name
-        return f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end():]
+        if match is not None:
+            name = f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end():]
+        return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + expert_offset}.", name)
 
     return {name: rename(name) for name, _ in chunk.named_parameters()}
+
+
+def is_expert_param(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    """Routed-expert weights: Megatron marks their modules ``is_expert`` (and, at EP > 1, the params ``allreduce=False``)."""
+    return bool(getattr(module, "is_expert", False)) or not getattr(param, "allreduce", True)
+
+
+def _group_root(expert: bool) -> int:
+    """Global rank of TP (or expert-TP) rank 0 in this rank's group."""
+    group = parallel_state.get_expert_tensor_parallel_group() if expert else parallel_state.get_tensor_model_parallel_group()
+    return dist.get_process_group_ranks(group)[0]
+
+
+def _is_source(expert: bool) -> bool:
+    """Whether this rank speaks for its parameters: TP (ETP) rank 0 of data-parallel (expert-DP) replica 0."""
+    if expert:
+        return parallel_state.get_expert_tensor_parallel_rank() == 0 and parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
 
 
 class TransferPlan:
     """Every parameter of the model in global order, with its mapping; built collectively by all ranks."""
 
-    def __init__(self, entries: list[PlanEntry], registry: MappingRegistry, local: dict[str, LocalParam], ctx: MappingContext):
+    def __init__(self, entries: list[PlanEntry], registry: MappingRegistry, local: dict[str, LocalParam], ctx: MappingContext, expert_ctx: MappingContext):
         self.entries = entries
         self.registry = registry
         self.local = local
         self.ctx = ctx
+        self.expert_ctx = expert_ctx
         self._mappings: dict[str, ParamMapping] = {}
 
     @classmethod
     def build(cls, model, registry: MappingRegistry, hf_vocab_size: int) -> "TransferPlan":
         chunks = unwrap_chunks(model)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        rank = dist.get_rank()
         local: dict[str, LocalParam] = {}
         mine: list[PlanEntry] = []
         unmapped: list[str] = []
@@ -101,19 +130,18 @@ class TransferPlan:
                 if mapping is None:
                     unmapped.append(name)
                     continue
-                kind = mapping.kind
-                if isinstance(mapping, AutoMapping):
-                    module = chunk.get_submodule(local_name.rpartition(".")[0])
-                    kind = AutoMapping.kind_for(module, param)
+                module = chunk.get_submodule(local_name.rpartition(".")[0])
+                kind = AutoMapping.kind_for(module, param) if isinstance(mapping, AutoMapping) else mapping.kind
+                expert = is_expert_param(module, param)
                 local[name] = LocalParam(index, local_name, param)
-                mine.append(PlanEntry(name, kind, tuple(param.shape), param.dtype, pp_rank, vp_stage))
-        is_source = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+                if _is_source(expert):
+                    mine.append(PlanEntry(name, kind, tuple(param.shape), param.dtype, pp_rank, vp_stage, expert, rank))
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (is_source, mine, unmapped))
-        all_unmapped = sorted({name for _, _, names in gathered for name in names})
+        dist.all_gather_object(gathered, (mine, unmapped))
+        all_unmapped = sorted({name for _, names in gathered for name in names})
         if all_unmapped:
             raise MappingError(f"Megatron parameters with no mapping: {', '.join(all_unmapped)}")
-        entries = {entry.name: entry for source, found, _ in gathered if source for entry in found}
+        entries = {entry.name: entry for found, _ in gathered for entry in found}
         order = {name: i for i, name in enumerate(entries)}
         ordered = sorted(entries.values(), key=lambda e: (e.vp_stage, e.pp_rank, order[e.name]))
         config = chunks[0].config
@@ -126,7 +154,12 @@ class TransferPlan:
             vocab_size=hf_vocab_size,
             padded_vocab_size=chunks[0].vocab_size,
         )
-        return cls(ordered, registry, local, ctx)
+        expert_ctx = replace(
+            ctx,
+            tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+            tp_size=parallel_state.get_expert_tensor_parallel_world_size(),
+        )
+        return cls(ordered, registry, local, ctx, expert_ctx)
 
     def mapping(self, entry: PlanEntry) -> ParamMapping:
         if entry.name not in self._mappings:
@@ -136,19 +169,21 @@ class TransferPlan:
             self._mappings[entry.name] = mapping
         return self._mappings[entry.name]
 
-    def context(self, tp_rank: int) -> MappingContext:
-        return MappingContext(**{**self.ctx.__dict__, "tp_rank": tp_rank})
+    def context(self, entry: PlanEntry, tp_rank: int | None = None) -> MappingContext:
+        """The mapping context of ``entry`` on this rank (or as TP rank ``tp_rank`` of its group)."""
+        ctx = self.expert_ctx if entry.expert else self.ctx
+        return ctx if tp_rank is None else replace(ctx, tp_rank=tp_rank)
 
-    def shard_count(self, mapping: ParamMapping) -> int:
-        return self.ctx.tp_size if mapping.tp_sharded else 1
+    def shard_count(self, entry: PlanEntry) -> int:
+        return self.context(entry).tp_size if self.mapping(entry).tp_sharded else 1
 
     def expected_hf_shapes(self) -> dict[str, torch.Size]:
         """HF name → shape the model needs, computed by running every mapping's export on meta tensors."""
         expected: dict[str, torch.Size] = {}
         for entry in self.entries:
             mapping = self.mapping(entry)
-            shards = [torch.empty(entry.local_shape, dtype=entry.dtype, device="meta")] * self.shard_count(mapping)
-            for name, tensor in mapping.megatron_to_hf(shards, self.context(0)).items():
+            shards = [torch.empty(entry.local_shape, dtype=entry.dtype, device="meta")] * self.shard_count(entry)
+            for name, tensor in mapping.megatron_to_hf(shards, self.context(entry, 0)).items():
                 if expected.setdefault(name, tensor.shape) != tensor.shape:
                     raise MappingError(f"{name} is needed with shapes {list(expected[name])} and {list(tensor.shape)}")
         return expected
@@ -193,13 +228,12 @@ def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str
     """Copy the HF checkpoint into this rank's parameters (all ranks call this together)."""
     if strategy not in LOAD_STRATEGIES:
         raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
-    ctx = plan.ctx
-    scatter = strategy == "scatter" and ctx.tp_size > 1
     for entry in _progress(plan.local_entries(), "loading"):
         mapping = plan.mapping(entry)
         param = plan.local[entry.name].param
-        if scatter:
-            shard = _scatter_shard(plan, mapping, reader, param)
+        ctx = plan.context(entry)
+        if strategy == "scatter" and ctx.tp_size > 1:
+            shard = _scatter_shard(plan, entry, reader, param)
         else:
             sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
             shard = mapping.hf_to_megatron(sources, ctx)
@@ -211,63 +245,61 @@ def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str
             param.copy_(shard)
 
 
-def _scatter_shard(plan: TransferPlan, mapping: ParamMapping, reader: SafetensorsReader, param: torch.Tensor) -> torch.Tensor:
+def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor) -> torch.Tensor:
     """One reader per TP group builds every rank's shard and scatters them."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
+    mapping = plan.mapping(entry)
+    ctx = plan.context(entry)
+    group = parallel_state.get_expert_tensor_parallel_group() if entry.expert else parallel_state.get_tensor_model_parallel_group()
+    src = _group_root(entry.expert)
     out = torch.empty_like(param)
-    if plan.ctx.tp_rank == 0:
+    if ctx.tp_rank == 0:
         full = {role: reader.lazy(name).narrow(0, 0, reader.lazy(name).shape[0]) for role, name in mapping.hf_param.items()}
         if not mapping.tp_sharded:
-            out.copy_(mapping.hf_to_megatron(full, plan.ctx))
+            out.copy_(mapping.hf_to_megatron(full, ctx))
         else:
-            shards = [mapping.hf_to_megatron(full, plan.context(r)).to(out.device, out.dtype) for r in range(plan.ctx.tp_size)]
+            shards = [mapping.hf_to_megatron(full, plan.context(entry, r)).to(out.device, out.dtype) for r in range(ctx.tp_size)]
     if not mapping.tp_sharded:
         dist.broadcast(out, src=src, group=group)
     else:
-        dist.scatter(out, shards if plan.ctx.tp_rank == 0 else None, src=src, group=group)
+        dist.scatter(out, shards if ctx.tp_rank == 0 else None, src=src, group=group)
     return out
 
 
 def is_writer() -> bool:
-    """The rank that yields exported tensors and writes folders: TP = PP = DP rank 0."""
-    return (
-        parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_pipeline_model_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
+    """The rank that yields exported tensors and writes folders: global rank 0 (TP = PP = DP = EP rank 0)."""
+    return dist.get_rank() == 0
 
 
 def export_tensors(plan: TransferPlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs in global order; every rank must drive it, only the writer gets pairs."""
-    ctx = plan.ctx
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    in_dp0 = parallel_state.get_data_parallel_rank() == 0
+    """HF (name, tensor) pairs in global order; every rank must drive it, only the writer gets pairs.
+
+    Each parameter's shards are gathered over its TP (or expert-TP) group to the owner, which sends
+    them to the writer; every other rank skips it.
+    """
     writer = is_writer()
-    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_src = parallel_state.get_tensor_model_parallel_src_rank()
+    roots = {False: _group_root(False), True: _group_root(True)}
+    groups = {False: parallel_state.get_tensor_model_parallel_group(), True: parallel_state.get_expert_tensor_parallel_group()}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    writer_ctx = plan.context(0)
     for entry in _progress(plan.entries, "exporting"):
         mapping = plan.mapping(entry)
         if mapping.load_only:
             continue
-        count = plan.shard_count(mapping)
+        count = plan.shard_count(entry)
         shards: list[torch.Tensor] | None = None
-        if in_dp0 and pp_rank == entry.pp_rank:
+        if entry.name in plan.local and roots[entry.expert] == entry.owner:
             tensor = plan.local[entry.name].param.detach().contiguous()
             if count > 1:
-                gathered = [torch.empty_like(tensor) for _ in range(count)] if ctx.tp_rank == 0 else None
-                dist.gather(tensor, gathered, dst=tp_src, group=tp_group)
+                owner = dist.get_rank() == entry.owner
+                gathered = [torch.empty_like(tensor) for _ in range(count)] if owner else None
+                dist.gather(tensor, gathered, dst=entry.owner, group=groups[entry.expert])
                 shards = gathered
             else:
                 shards = [tensor]
-            if ctx.tp_rank == 0 and not writer:
-                dist.send(torch.stack(shards), dst=pp_ranks[0])
+            if dist.get_rank() == entry.owner and not writer:
+                dist.send(torch.stack(shards), dst=0)
         elif writer:
             buffer = torch.empty((count, *entry.local_shape), dtype=entry.dtype, device=device)
-            dist.recv(buffer, src=pp_ranks[entry.pp_rank])
+            dist.recv(buffer, src=entry.owner)
             shards = list(buffer.unbind(0))
         if writer:
-            yield from mapping.megatron_to_hf(shards, writer_ctx).items()
+            yield from mapping.megatron_to_hf(shards, plan.context(entry, 0)).items()
