@@ -14,6 +14,7 @@ from bridge import export_metadata, megatron_builder, parallel, transfer
 from bridge.hf_checkpoint import SafetensorsReader, resolve_hf_folder
 from bridge.hf_writer import HFFolderWriter, check_output_folder
 from bridge.model_bridge import ModelBridge, bridge_for
+from bridge.parallel import ParallelSizes
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ class AutoBridge:
             self._reader = SafetensorsReader(self.hf_folder)
         return self._reader
 
-    def transformer_config(self, tp: int = 1, pp: int = 1, vpp: int | None = None, initialize_weights: bool = False):
+    def transformer_config(self, sizes: ParallelSizes = ParallelSizes(), initialize_weights: bool = False, sequence_parallel: bool | None = None):
         """The Megatron-Core ``TransformerConfig`` this checkpoint becomes at these parallel sizes."""
         return megatron_builder.build_transformer_config(
-            self.model_bridge, tp=tp, pp=pp, vpp=vpp, dtype=self.dtype, initialize_weights=initialize_weights
+            self.model_bridge, sizes, dtype=self.dtype, initialize_weights=initialize_weights, sequence_parallel=sequence_parallel
         )
 
     def to_megatron_model(
@@ -64,20 +65,25 @@ class AutoBridge:
         tp: int = 1,
         pp: int = 1,
         vpp: int | None = None,
+        ep: int = 1,
+        etp: int | None = None,
         load_weights: bool = True,
+        sequence_parallel: bool | None = None,
         make_vocab_size_divisible_by: int = 128,
         load_strategy: str = "slice",
         seed: int = 1234,
     ) -> list[torch.nn.Module]:
         """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), weights loaded from the checkpoint.
 
+        ``ep`` splits routed experts, ``etp`` is their tensor-parallel size (default ``tp``).
         Sets up torch.distributed and Megatron-Core's parallel state when the caller has not.
         """
-        config = self.transformer_config(tp, pp, vpp, initialize_weights=not load_weights)
+        sizes = ParallelSizes(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
+        config = self.transformer_config(sizes, initialize_weights=not load_weights, sequence_parallel=sequence_parallel)
         vocab = megatron_builder.padded_vocab_size(self.model_bridge.vocab_size, make_vocab_size_divisible_by, tp)
         if load_weights:
             self.reader  # open the files (and fail on a broken folder) before building anything
-        parallel.initialize_parallel(tp, pp, vpp, seed=seed)
+        parallel.initialize_parallel(sizes, seed=seed)
         chunks = megatron_builder.build_gpt_chunks(self.model_bridge, config, vocab)
         if load_weights:
             self.load_hf_weights(chunks, strategy=load_strategy)

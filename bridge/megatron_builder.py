@@ -1,8 +1,9 @@
 """Building this rank's Megatron-Core ``GPTModel`` chunks from a model bridge.
 
 Weights about to be overwritten are not randomly initialised (``perform_initialization=False``).
-The layer spec is derived from the config alone: Transformer Engine's when it is importable on a GPU,
-Megatron-Core's local modules otherwise.
+The decoder spec is derived from the config alone (``get_gpt_decoder_block_spec``: dense and MoE
+layers alike): Transformer Engine's modules when TE is importable on a GPU, Megatron-Core's local
+modules otherwise, with norms that allow sequence parallelism (``bridge/norms.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import ModuleSpec
 
 from bridge import cpu_mode
 from bridge.model_bridge import ModelBridge
-from bridge.parallel import ParallelConfigError
+from bridge.norms import use_torch_norms_with_sequence_parallel
+from bridge.parallel import ParallelConfigError, ParallelSizes
 
 logger = logging.getLogger(__name__)
 
@@ -29,31 +30,58 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def check_parallel_sizes(bridge: ModelBridge, config_kwargs: dict, tp: int, pp: int, vpp: int | None) -> None:
-    """Fail early, naming the setting, when a parallel size does not divide what it must split."""
+def check_parallel_sizes(bridge: ModelBridge, kwargs: dict, sizes: ParallelSizes) -> None:
+    """Fail before any weight moves, naming the setting, when a parallel size does not divide what it splits."""
     checks = [
-        ("num_attention_heads", config_kwargs["num_attention_heads"], tp, "TP size"),
-        ("num_key_value_heads (num_query_groups)", config_kwargs.get("num_query_groups") or config_kwargs["num_attention_heads"], tp, "TP size"),
-        ("intermediate_size (ffn_hidden_size)", config_kwargs["ffn_hidden_size"], tp, "TP size"),
-        ("num_hidden_layers", config_kwargs["num_layers"], pp * (vpp or 1), "PP size × VPP size"),
+        ("num_attention_heads", kwargs["num_attention_heads"], sizes.tp, "tp"),
+        ("num_key_value_heads (num_query_groups)", kwargs.get("num_query_groups") or kwargs["num_attention_heads"], sizes.tp, "tp"),
+        ("intermediate_size (ffn_hidden_size)", kwargs["ffn_hidden_size"], sizes.tp, "tp"),
+        ("num_hidden_layers", kwargs["num_layers"], sizes.pp * (sizes.vpp or 1), "pp × vpp"),
     ]
+    experts = kwargs.get("num_moe_experts")
+    if experts:
+        checks += [
+            ("the number of experts", experts, sizes.ep, "ep"),
+            ("the expert FFN size (moe_intermediate_size)", kwargs["moe_ffn_hidden_size"], sizes.expert_tp, "etp (defaults to tp)"),
+        ]
+        if kwargs.get("moe_shared_expert_intermediate_size"):
+            checks.append(("shared_expert_intermediate_size", kwargs["moe_shared_expert_intermediate_size"], sizes.tp, "tp"))
+    elif sizes.ep > 1 or (sizes.etp or sizes.tp) != sizes.tp:
+        raise ParallelConfigError(f"{bridge.architecture} has no experts: leave ep=1 and etp unset")
     for setting, value, size, what in checks:
         if value % size:
             raise ParallelConfigError(
-                f"{bridge.architecture}: {setting}={value} is not divisible by {what}={size}; choose a size that divides it"
+                f"{bridge.architecture}: {setting} = {value} is not divisible by {what} = {size}; change {what.split()[0]}"
             )
 
 
 def build_transformer_config(
-    bridge: ModelBridge, *, tp: int, pp: int, vpp: int | None, dtype: torch.dtype, initialize_weights: bool
+    bridge: ModelBridge,
+    sizes: ParallelSizes,
+    *,
+    dtype: torch.dtype,
+    initialize_weights: bool,
+    sequence_parallel: bool | None = None,
 ) -> TransformerConfig:
+    """The ``TransformerConfig`` for this bridge's checkpoint at these parallel sizes.
+
+    ``sequence_parallel`` defaults to on exactly when Megatron-Core needs it: MoE with TP > 1.
+    """
     kwargs = bridge.transformer_config_kwargs()
-    check_parallel_sizes(bridge, kwargs, tp, pp, vpp)
+    check_parallel_sizes(bridge, kwargs, sizes)
+    moe = bool(kwargs.get("num_moe_experts"))
+    if sequence_parallel is None:
+        sequence_parallel = moe and sizes.tp > 1
+    if moe:
+        # allgather works on every backend; the alltoall dispatcher needs NCCL's uneven all-to-all.
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall" if cpu_mode.cuda_available() else "allgather")
     kwargs.update(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
-        sequence_parallel=False,
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        virtual_pipeline_model_parallel_size=sizes.vpp,
+        expert_model_parallel_size=sizes.ep,
+        expert_tensor_parallel_size=sizes.expert_tp,
+        sequence_parallel=sequence_parallel and sizes.tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -78,25 +106,24 @@ def use_transformer_engine() -> bool:
     return cpu_mode.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(config: TransformerConfig) -> ModuleSpec:
-    """The decoder layer spec for ``config``: TE on a GPU when installed, Megatron-Core's local modules otherwise."""
-    from megatron.core.models.gpt import gpt_layer_specs
+def decoder_spec(config: TransformerConfig, vp_stage: int | None):
+    """The decoder block spec of this rank's layers (in virtual stage ``vp_stage``)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    if use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    te = use_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=config.normalization, vp_stage=vp_stage)
+    return spec if te else use_torch_norms_with_sequence_parallel(spec)
 
 
 def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one when VPP is off)."""
     vpp = config.virtual_pipeline_model_parallel_size
-    spec = layer_spec(config)
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=decoder_spec(config, vp_stage),
             vocab_size=vocab_size,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
