@@ -1,6 +1,25 @@
-"""HF ⇄ Megatron-Core checkpoint bridge."""
+"""HF ⇄ Megatron-Core checkpoint bridge.
 
-from bridge.auto_bridge import AutoBridge
-from bridge.model_bridge import ModelBridge, UnsupportedArchitectureError, register_bridge, supported_architectures
+The public names are imported lazily, so that ``import bridge.cpu_mode`` (or a spawned rank's
+launcher) does not pay for transformers before it needs it.
+"""
 
-__all__ = ["AutoBridge", "ModelBridge", "UnsupportedArchitectureError", "register_bridge", "supported_architectures"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "AutoBridge": "bridge.auto_bridge",
+    "ModelBridge": "bridge.model_bridge",
+    "UnsupportedArchitectureError": "bridge.model_bridge",
+    "register_bridge": "bridge.model_bridge",
+    "supported_architectures": "bridge.model_bridge",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'bridge' has no attribute {name!r}")

@@ -51,7 +51,7 @@ class AutoBridge:
     @property
     def reader(self) -> SafetensorsReader:
         if self._reader is None:
-            self._reader = SafetensorsReader(self.hf_folder)
+            self._reader = SafetensorsReader(self.hf_folder, self.model_bridge.hf_views)
         return self._reader
 
     def transformer_config(self, sizes: ParallelSizes = ParallelSizes(), initialize_weights: bool = False, sequence_parallel: bool | None = None):

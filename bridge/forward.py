@@ -16,14 +16,22 @@ from bridge.transfer import unwrap_chunks
 
 @torch.no_grad()
 def megatron_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Logits ``[batch, seq, vocab_size]`` on the last PP stage, None on the other stages."""
+    """Logits ``[batch, seq, vocab_size]`` on the last PP stage, None on the other stages.
+
+    With pipeline parallelism each sequence is its own micro-batch (the interleaved schedule needs
+    as many micro-batches as stages), so the batch size must then be a multiple of the PP size.
+    """
     chunks = unwrap_chunks(model)
     for chunk in chunks:
         chunk.eval()
     device = next(chunks[0].parameters()).device
-    input_ids = input_ids.to(device)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     batch, seq = input_ids.shape
-    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    if pp > 1 and batch % pp:
+        raise ValueError(f"with pp={pp} the batch size ({batch}) must be a multiple of pp")
+    micro = 1 if pp > 1 else batch
+    micro_batches = list(input_ids.to(device).split(micro))
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(micro, seq)
     causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1).view(1, 1, seq, seq)
     captured: list[torch.Tensor] = []
 
@@ -32,18 +40,19 @@ def megatron_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Te
         return output.new_zeros(()), {}
 
     def forward_step(data_iterator, chunk):
-        return chunk(input_ids, position_ids, causal), loss_func
+        return chunk(next(data_iterator), position_ids, causal), loss_func
 
+    iterators = [iter(micro_batches) for _ in chunks]
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=[iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None]),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=1,
+        num_microbatches=len(micro_batches),
         seq_length=seq,
-        micro_batch_size=batch,
+        micro_batch_size=micro,
         forward_only=True,
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    logits = gather_from_tensor_model_parallel_region(captured[-1])
+    logits = gather_from_tensor_model_parallel_region(torch.cat(captured, dim=0))
     return logits[..., :vocab_size].float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -84,6 +85,10 @@ class LazyTensor:
         index = (slice(None),) * dim + (slice(start, start + length),)
         return self._slice[index]
 
+    def select_slice(self, index: tuple[slice, ...]) -> torch.Tensor:
+        """A multi-dimensional slice, read from disk."""
+        return self._slice[index]
+
     def __repr__(self) -> str:
         return f"LazyTensor({self.name}, {list(self.shape)}, {self.dtype})"
 
@@ -91,11 +96,14 @@ class LazyTensor:
 class SafetensorsReader:
     """All tensors of a folder's safetensors files, by name. Files are opened once, on construction.
 
+    ``views`` (see ``bridge/hf_views.py``) present tensors stored in another layout (fused experts,
+    renamed routers) under the names the mappings use.
+
     When ``model.safetensors.index.json`` exists only the files it names are read (as vLLM and
     transformers do); otherwise every ``*.safetensors`` file in the folder.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, views: Sequence = ()):
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.exists():
@@ -119,6 +127,15 @@ class SafetensorsReader:
                 if name in self._file_of:
                     raise CheckpointError(f"tensor {name} is in both {self._file_of[name].name} and {path.name}")
                 self._file_of[name] = path
+        self._virtual: dict[str, object] = {}
+        for name in list(self._file_of):
+            for view in views:
+                expanded = view.expand(name, self.lazy(name))
+                if expanded:
+                    self._virtual.update(expanded)
+                    self._file_of.update({virtual: self._file_of[name] for virtual in expanded})
+                    del self._file_of[name]
+                    break
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -130,6 +147,8 @@ class SafetensorsReader:
         return self._file_of[name]
 
     def lazy(self, name: str) -> LazyTensor:
+        if name in self._virtual:
+            return self._virtual[name]  # type: ignore[return-value]
         if name not in self._file_of:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.folder}")
         path = self._file_of[name]

@@ -44,16 +44,31 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
 }
 
+_MOE = dict(num_experts_per_tok=2, output_router_logits=False)
+TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", {**_MOE, "num_local_experts": 4, "intermediate_size": 32, "sliding_window": None}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "mlp_only_layers": [1], "norm_topk_prob": False},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
+}
+
 
 def tiny_config(name: str, **overrides: Any):
     import transformers
 
-    class_name, extra = TINY_MODELS[name]
+    class_name, extra = {**TINY_MODELS, **TINY_MOE_MODELS}[name]
     return getattr(transformers, class_name)(**{**_COMMON, **extra, **overrides})
 
 
-def build_tiny_checkpoint(name: str, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: Any) -> Path:
-    """Save a randomly initialised tiny ``name`` model (see ``TINY_MODELS``) with a tokenizer to ``out_dir``."""
+def build_tiny_checkpoint(
+    name: str, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, save_original_format: bool = True, **overrides: Any
+) -> Path:
+    """Save a randomly initialised tiny ``name`` model (see ``TINY_MODELS``, ``TINY_MOE_MODELS``) with a tokenizer to ``out_dir``.
+
+    ``save_original_format=False`` (an override) writes transformers-5 fused expert tensors.
+    """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(name, **overrides)
@@ -63,7 +78,7 @@ def build_tiny_checkpoint(name: str, out_dir: str | Path, *, dtype: torch.dtype 
         for pname, param in model.named_parameters():
             if pname.endswith("norm.weight") or pname.endswith(".bias"):
                 param.add_(torch.randn_like(param) * 0.1)
-    model.to(dtype).save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir, save_original_format=save_original_format)
     tiny_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return Path(out_dir)
 

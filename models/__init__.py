@@ -1,3 +1,3 @@
 """Built-in model bridges; importing this package registers them."""
 
-from models import llama, mistral, qwen  # noqa: F401
+from models import llama, mistral, mixtral, qwen, qwen_moe  # noqa: F401

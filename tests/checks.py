@@ -20,8 +20,32 @@ def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: i
     return torch.cat(rows, dim=0)
 
 
-def expected_shard(name: str, hf: dict[str, torch.Tensor], *, groups: int, tied: bool, tp: int, rank: int, padded_vocab: int) -> tuple[str, torch.Tensor]:
-    """(kind, expected tensor) of TP rank ``rank`` for the Megatron parameter ``name`` (global layer numbers)."""
+# HF names of a routed expert's gate / up / down projections and of the router, per MoE family.
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight", "block_sparse_moe.gate.weight"),
+    "qwen": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight", "mlp.gate.weight"),
+}
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+
+
+def expected_shard(
+    name: str,
+    hf: dict[str, torch.Tensor],
+    *,
+    groups: int,
+    tied: bool,
+    tp: int,
+    rank: int,
+    padded_vocab: int,
+    etp: int = 1,
+    etp_rank: int = 0,
+    moe_names: tuple[str, str, str, str] = MOE_NAMES["qwen"],
+) -> tuple[str, torch.Tensor]:
+    """(kind, expected tensor) of TP rank ``rank`` (expert-TP rank ``etp_rank``) for the Megatron parameter
+    ``name`` (global layer and expert numbers)."""
     match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
     if match is None:
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -33,13 +57,26 @@ def expected_shard(name: str, hf: dict[str, torch.Tensor], *, groups: int, tied:
         return "replicated", hf["model.norm.weight"]
     layer, rest = match.groups()
     p = f"model.layers.{layer}."
+    expert = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", rest)
+    if expert:
+        gate, up, down = (p + n.format(e=expert.group(1)) for n in moe_names[:3])
+        if expert.group(2) == "linear_fc1":
+            return "expert_fc1", _gated(hf[gate], hf[up], etp, etp_rank)
+        return "expert_fc2", hf[down].chunk(etp, dim=1)[etp_rank]
+    if rest == "mlp.router.weight":
+        return "router", hf[p + moe_names[3]]
+    if rest == "mlp.shared_experts.linear_fc1.weight":
+        return "gated_mlp", _gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"], tp, rank)
+    if rest == "mlp.shared_experts.linear_fc2.weight":
+        return "row", hf[p + "mlp.shared_expert.down_proj.weight"].chunk(tp, dim=1)[rank]
+    if rest == "mlp.shared_experts.gate_weight":
+        return "replicated", hf[p + "mlp.shared_expert_gate.weight"]
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         fused = _interleave_qkv(*(hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"), groups)
         return "qkv", fused.chunk(tp, dim=0)[rank]
     if rest == "mlp.linear_fc1.weight":
-        gate, up = hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]
-        return "gated_mlp", torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+        return "gated_mlp", _gated(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"], tp, rank)
     row = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight", "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
     if rest in row:
         return "row", hf[p + row[rest]].chunk(tp, dim=1)[rank]
@@ -50,3 +87,34 @@ def expected_shard(name: str, hf: dict[str, torch.Tensor], *, groups: int, tied:
         "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     }
     return "replicated", hf[p + norms[rest]]
+
+
+def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE_NAMES["qwen"]) -> tuple[list[str], dict[str, int]]:
+    """Compare every parameter on this rank with its independently computed expected shard.
+
+    Returns the mismatching parameter names and how many parameters of each kind were checked.
+    """
+    from megatron.core import parallel_state
+
+    from bridge.transfer import global_names, unwrap_chunks
+
+    problems, kinds = [], {}
+    for chunk in unwrap_chunks(model):
+        names = global_names(chunk)
+        for local_name, param in chunk.named_parameters():
+            kind, want = expected_shard(
+                names[local_name],
+                hf,
+                groups=bridge.hf_config.num_key_value_heads,
+                tied=bridge.model_bridge.tie_word_embeddings,
+                tp=parallel_state.get_tensor_model_parallel_world_size(),
+                rank=parallel_state.get_tensor_model_parallel_rank(),
+                padded_vocab=chunk.vocab_size,
+                etp=parallel_state.get_expert_tensor_parallel_world_size(),
+                etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+                moe_names=moe_names,
+            )
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if param.dtype != want.dtype or not torch.equal(param.detach(), want):
+                problems.append(f"{names[local_name]} ({kind})")
+    return problems, kinds

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bridge.tiny_checkpoints import TINY_MODELS, VOCAB_SIZE
 from bridge.local_launch import run_distributed
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 TOKENS = torch.randint(0, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
@@ -21,14 +21,14 @@ def forward_matrix(checkpoints: dict[str, str], tokens: torch.Tensor) -> dict:
     from bridge.forward import megatron_logits
 
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, vpp in LAYOUTS:
         for name, src in checkpoints.items():
             parallel_state.destroy_model_parallel()
             bridge = AutoBridge.from_hf_pretrained(src, dtype=torch.float32)
-            model = bridge.to_megatron_model(tp=tp, pp=pp)
+            model = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp)
             logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
             if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-                results[(name, tp, pp)] = logits
+                results[(name, tp, pp, vpp)] = logits
             if dist.get_rank() == 0:
                 results[(name, "inv_freq")] = model[0].rotary_pos_emb.inv_freq.clone()
     return results
@@ -60,10 +60,10 @@ def _loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1))
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{tp}-pp{pp}" for tp, pp in LAYOUTS])
+@pytest.mark.parametrize("tp,pp,vpp", LAYOUTS, ids=[f"tp{tp}-pp{pp}" + (f"-vpp{vpp}" if vpp else "") for tp, pp, vpp in LAYOUTS])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_logits_match_transformers(megatron_results, hf_logits, name, tp, pp):
-    ours, theirs = megatron_results[(name, tp, pp)], hf_logits[name]
+def test_logits_match_transformers(megatron_results, hf_logits, name, tp, pp, vpp):
+    ours, theirs = megatron_results[(name, tp, pp, vpp)], hf_logits[name]
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
@@ -71,7 +71,7 @@ def test_logits_match_transformers(megatron_results, hf_logits, name, tp, pp):
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_loss_is_the_same_in_every_layout(megatron_results, hf_logits, name):
-    losses = [_loss(megatron_results[(name, tp, pp)]).item() for tp, pp in LAYOUTS]
+    losses = [_loss(megatron_results[layout_key]).item() for layout_key in [(name, *layout) for layout in LAYOUTS]]
     assert max(losses) - min(losses) <= 1e-5, losses
     assert abs(losses[0] - _loss(hf_logits[name]).item()) <= 1e-5
 

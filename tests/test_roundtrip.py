@@ -14,7 +14,7 @@ import torch
 from bridge.tiny_checkpoints import TINY_MODELS
 from bridge.local_launch import run_distributed
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 WORLD = 4
 
 
@@ -23,51 +23,30 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-    from bridge.transfer import global_names, unwrap_chunks
     from bridge.verify import compare_tensors, load_hf_tensors
-    from tests.checks import expected_shard
+    from tests.checks import check_model_shards
 
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, vpp in LAYOUTS:
         for name, src in checkpoints.items():
             parallel_state.destroy_model_parallel()
             bridge = AutoBridge.from_hf_pretrained(src)
-            model = bridge.to_megatron_model(tp=tp, pp=pp)
+            model = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp)
             hf = load_hf_tensors(src)
-
-            def check_shards() -> tuple[list[str], dict[str, int]]:
-                problems, kinds = [], {}
-                for chunk in unwrap_chunks(model):
-                    names = global_names(chunk)
-                    for local_name, param in chunk.named_parameters():
-                        kind, want = expected_shard(
-                            names[local_name],
-                            hf,
-                            groups=bridge.hf_config.num_key_value_heads,
-                            tied=bridge.model_bridge.tie_word_embeddings,
-                            tp=tp,
-                            rank=parallel_state.get_tensor_model_parallel_rank(),
-                            padded_vocab=chunk.vocab_size,
-                        )
-                        kinds[kind] = kinds.get(kind, 0) + 1
-                        if param.dtype != want.dtype or not torch.equal(param.detach(), want):
-                            problems.append(f"{names[local_name]} ({kind})")
-                return problems, kinds
-
-            shard_problems, kinds = check_shards()
+            shard_problems, kinds = check_model_shards(model, bridge, hf)
             with torch.no_grad():
                 for chunk in model:
                     for param in chunk.parameters():
                         param.fill_(float("nan"))
             bridge.load_hf_weights(model, strategy="scatter")
-            scatter_problems, _ = check_shards()
-            out = Path(out_root) / f"{name}-tp{tp}-pp{pp}"
+            scatter_problems, _ = check_model_shards(model, bridge, hf)
+            out = Path(out_root) / f"{name}-tp{tp}-pp{pp}-vpp{vpp}"
             bridge.save_hf_pretrained(model, out)
             roundtrip = None
             if dist.get_rank() == 0:
                 roundtrip = compare_tensors(hf, load_hf_tensors(out))
                 roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
-            results[(name, tp, pp)] = {"shards": shard_problems, "scatter": scatter_problems, "kinds": kinds, "roundtrip": roundtrip}
+            results[(name, tp, pp, vpp)] = {"shards": shard_problems, "scatter": scatter_problems, "kinds": kinds, "roundtrip": roundtrip}
     return results
 
 
@@ -87,20 +66,20 @@ def test_comparison_sees_a_one_bit_difference():
     assert compare_tensors(a, {}) == ["missing w"] and compare_tensors({}, a) == ["extra w"]
 
 
-CASES = [pytest.param(name, tp, pp, id=f"{name}-tp{tp}-pp{pp}") for tp, pp in LAYOUTS for name in TINY_MODELS]
+CASES = [pytest.param(name, tp, pp, vpp, id=f"{name}-tp{tp}-pp{pp}" + (f"-vpp{vpp}" if vpp else "")) for tp, pp, vpp in LAYOUTS for name in TINY_MODELS]
 
 
-@pytest.mark.parametrize("name,tp,pp", CASES)
-def test_roundtrip_is_bit_exact(matrix, name, tp, pp):
-    assert matrix[0][(name, tp, pp)]["roundtrip"] == []
+@pytest.mark.parametrize("name,tp,pp,vpp", CASES)
+def test_roundtrip_is_bit_exact(matrix, name, tp, pp, vpp):
+    assert matrix[0][(name, tp, pp, vpp)]["roundtrip"] == []
 
 
-@pytest.mark.parametrize("name,tp,pp", CASES)
-def test_every_shard_is_the_expected_slice(matrix, name, tp, pp):
+@pytest.mark.parametrize("name,tp,pp,vpp", CASES)
+def test_every_shard_is_the_expected_slice(matrix, name, tp, pp, vpp):
     for rank, results in enumerate(matrix):
-        result = results[(name, tp, pp)]
+        result = results[(name, tp, pp, vpp)]
         assert result["shards"] == [], f"rank {rank}"
         assert result["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
     # every rank checked something, and across ranks every mapping kind was checked
-    kinds = set().union(*(r[(name, tp, pp)]["kinds"] for r in matrix))
+    kinds = set().union(*(r[(name, tp, pp, vpp)]["kinds"] for r in matrix))
     assert {"vocab", "qkv", "row", "gated_mlp", "replicated"} <= kinds

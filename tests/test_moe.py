@@ -1,0 +1,154 @@
+"""Mixtral, Qwen2-MoE and Qwen3-MoE: bit-exact roundtrips, expert shards and logits at EP/ETP/TP/SP/VPP layouts.
+
+One group of 4 gloo processes runs every layout (torn down between them); tests read its results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge import AutoBridge
+from bridge.local_launch import run_distributed
+from bridge.parallel import ParallelConfigError
+from bridge.tiny_checkpoints import TINY_MOE_MODELS, VOCAB_SIZE, build_tiny_checkpoint
+
+LAYOUTS = {
+    "tp1": {},
+    "ep2": {"ep": 2},
+    "tp2-sp": {"tp": 2},
+    "tp2-ep2": {"tp": 2, "ep": 2},
+    "tp2-ep2-etp1": {"tp": 2, "ep": 2, "etp": 1},
+    "pp2-vpp2": {"pp": 2, "vpp": 2},
+}
+FUSED_LAYOUTS = ("tp1", "tp2-ep2-etp1")
+TOKENS = torch.randint(0, VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _moe_names(name: str):
+    from tests.checks import MOE_NAMES
+
+    return MOE_NAMES["mixtral" if name == "mixtral" else "qwen"]
+
+
+def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str, tokens: torch.Tensor) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from bridge.forward import megatron_logits
+    from bridge.verify import compare_tensors, load_hf_tensors
+    from tests.checks import check_model_shards
+
+    results = {}
+    for layout, sizes in LAYOUTS.items():
+        for name, src in checkpoints.items():
+            parallel_state.destroy_model_parallel()
+            bridge = AutoBridge.from_hf_pretrained(src)
+            model = bridge.to_megatron_model(**sizes)
+            hf = load_hf_tensors(src)
+            shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
+            result = {"shards": shards, "kinds": kinds}
+            if layout in FUSED_LAYOUTS:
+                before = {n: p.detach().clone() for chunk in model for n, p in chunk.named_parameters()}
+                fused_bridge = AutoBridge.from_hf_pretrained(fused[name])
+                fused_bridge.load_hf_weights(model)
+                after = dict((n, p) for chunk in model for n, p in chunk.named_parameters())
+                result["fused"] = [n for n in before if not torch.equal(before[n], after[n])]
+            logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+                result["logits"] = logits
+            out = Path(out_root) / f"{name}-{layout}"
+            bridge.save_hf_pretrained(model, out)
+            if dist.get_rank() == 0:
+                result["roundtrip"] = compare_tensors(hf, load_hf_tensors(out))
+            results[(name, layout)] = result
+    return results
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
+    """fp32 per-expert checkpoints, and the same weights saved with transformers-5 fused expert names."""
+    root = tmp_path_factory.mktemp("moe")
+    per_expert = {n: build_tiny_checkpoint(n, root / n, dtype=torch.float32) for n in TINY_MOE_MODELS}
+    fused = {n: build_tiny_checkpoint(n, root / f"{n}-fused", dtype=torch.float32, save_original_format=False) for n in TINY_MOE_MODELS}
+    return per_expert, fused
+
+
+@pytest.fixture(scope="module")
+def results(moe_checkpoints, tmp_path_factory):
+    per_expert, fused = moe_checkpoints
+    out = tmp_path_factory.mktemp("moe-out")
+    per_rank = run_distributed(moe_matrix, 4, {k: str(v) for k, v in per_expert.items()}, {k: str(v) for k, v in fused.items()}, str(out), TOKENS)
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def hf_logits(moe_checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return {n: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(TOKENS).logits for n, p in moe_checkpoints[0].items()}
+
+
+CASES = [pytest.param(n, layout, id=f"{n}-{layout}") for layout in LAYOUTS for n in TINY_MOE_MODELS]
+
+
+def test_fused_checkpoint_is_really_fused(moe_checkpoints):
+    from bridge.hf_checkpoint import SafetensorsReader
+
+    names = SafetensorsReader(moe_checkpoints[1]["qwen3_moe"]).names()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_moe_roundtrip_is_bit_exact(results, name, layout):
+    assert results[0][(name, layout)]["roundtrip"] == []
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_every_expert_shard_is_the_expected_slice(results, name, layout):
+    for rank, per_rank in enumerate(results):
+        assert per_rank[(name, layout)]["shards"] == [], f"rank {rank}"
+    kinds = set().union(*(r[(name, layout)]["kinds"] for r in results))
+    assert {"expert_fc1", "expert_fc2", "router"} <= kinds
+
+
+@pytest.mark.parametrize("name,layout", [c for c in CASES if c.values[1] in FUSED_LAYOUTS])
+def test_fused_expert_checkpoint_loads_the_same_weights(results, name, layout):
+    for rank, per_rank in enumerate(results):
+        assert per_rank[(name, layout)]["fused"] == [], f"rank {rank}"
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_moe_logits_match_transformers(results, hf_logits, name, layout):
+    (ours,) = [r[(name, layout)]["logits"] for r in results if "logits" in r[(name, layout)]]
+    theirs = hf_logits[name]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "sizes,message",
+    [
+        ({"ep": 3}, r"number of experts = 4 is not divisible by ep = 3; change ep"),
+        ({"etp": 3}, r"expert FFN size \(moe_intermediate_size\) = 32 is not divisible by etp"),
+    ],
+)
+def test_expert_sizes_that_do_not_divide_fail_early(moe_checkpoints, sizes, message):
+    bridge = AutoBridge.from_hf_pretrained(moe_checkpoints[0]["qwen3_moe"])
+    with pytest.raises(ParallelConfigError, match=message):
+        bridge.to_megatron_model(**sizes)
+
+
+def test_router_setting_megatron_cannot_express_is_named(moe_checkpoints, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(moe_checkpoints[0]["mixtral"], tmp_path / "gelu-mixtral")
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="hidden_act='gelu'"):
+        AutoBridge.from_hf_pretrained(folder)
