@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
 from mappings import AutoMapping, MappingContext, MappingError, MappingRegistry, ParamMapping
+from mappings.base import read_all
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsRead
     src = _group_root(entry.expert)
     out = torch.empty_like(param)
     if ctx.tp_rank == 0:
-        full = {role: reader.lazy(name).narrow(0, 0, reader.lazy(name).shape[0]) for role, name in mapping.hf_param.items()}
+        full = {role: read_all(reader.lazy(name)) for role, name in mapping.hf_param.items()}
         if not mapping.tp_sharded:
             out.copy_(mapping.hf_to_megatron(full, ctx))
         else:

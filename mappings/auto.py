@@ -31,5 +31,4 @@ class AutoMapping(ParamMapping):
 
     def specialize(self, kind: str) -> ParamMapping:
         """This mapping as the concrete class for ``kind`` (as found by ``kind_for`` on the owning rank)."""
-        concrete = _BY_KIND[kind](self.megatron_param, self.hf_names[0], load_only=self.load_only)
-        return concrete
+        return _BY_KIND[kind](self.megatron_param, self.hf_names[0], load_only=self.load_only)
