@@ -6,16 +6,26 @@
 The state dict follows Megatron-LM: ``"model"`` (or ``"model0"``, ``"model1"``, … with virtual
 pipeline stages) holds each chunk's ``sharded_state_dict()``; callers add ``"optimizer"``,
 ``"opt_param_scheduler"``, ``"iteration"`` and so on. Sharded keys do not depend on TP/PP, so a
-checkpoint saved at one layout loads at another. dist_checkpointing writes ``metadata.json`` last:
-a folder without it is incomplete and is not loaded.
+checkpoint saved at one layout loads at another (given the same padded vocabulary size).
+dist_checkpointing writes ``metadata.json`` last: a folder without it is incomplete and is not loaded.
+
+A checkpoint made from an HF checkpoint also carries what exporting it back needs, so that no HF
+folder is required then:
+
+    <root>/hf_config/        the source's config.json, generation config and tokenizer files
+    <root>/bridge.json       architecture, source, the parallel sizes and dtype it was saved with,
+                             the (padded) vocabulary size and the source's per-tensor dtypes
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -25,6 +35,9 @@ from bridge.transfer import unwrap_chunks
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+HF_CONFIG_DIR = "hf_config"
+SOURCE_INFO = "bridge.json"
+SOURCE_INFO_FORMAT = "hf-megatron-bridge/1"
 
 
 class MegatronCheckpointError(ValueError):
@@ -94,3 +107,43 @@ def load_model(root: str | Path, model, iteration: int | None | str = "latest") 
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         chunk.load_state_dict(loaded[key], strict=False)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a Megatron-LM-layout checkpoint root (it has the tracker file)."""
+    return (Path(path) / TRACKER).is_file()
+
+
+def write_source_info(root: str | Path, hf_folder: str | Path, side_files: dict[str, Path | str], info: dict[str, Any]) -> None:
+    """Copy the source's config and side files to ``root/hf_config`` and write ``root/bridge.json`` (one rank calls)."""
+    root = Path(root)
+    target = root / HF_CONFIG_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(hf_folder) / "config.json", target / "config.json")
+    for name, source in side_files.items():
+        if isinstance(source, str):
+            (target / name).write_text(source)
+        else:
+            shutil.copyfile(source, target / name)
+    (root / SOURCE_INFO).write_text(json.dumps({"format": SOURCE_INFO_FORMAT, **info}, indent=2, sort_keys=True) + "\n")
+
+
+def read_source_info(root: str | Path) -> dict[str, Any]:
+    """``bridge.json`` of a checkpoint made by ``hfmb import``; raises when the checkpoint has none."""
+    root = Path(root)
+    if not is_checkpoint(root):
+        raise MegatronCheckpointError(f"{root} is not a Megatron checkpoint: no {TRACKER}")
+    path = root / SOURCE_INFO
+    if not path.is_file() or not (root / HF_CONFIG_DIR / "config.json").is_file():
+        raise MegatronCheckpointError(
+            f"{root} has no {SOURCE_INFO} / {HF_CONFIG_DIR}/config.json: it was not written by `hfmb import`, "
+            "so the HF config it belongs to is unknown"
+        )
+    info = json.loads(path.read_text())
+    if info.get("format") != SOURCE_INFO_FORMAT:
+        raise MegatronCheckpointError(f"{path} has format {info.get('format')!r}; this version reads {SOURCE_INFO_FORMAT!r}")
+    return info
+
+
+def hf_config_folder(root: str | Path) -> Path:
+    return Path(root) / HF_CONFIG_DIR

@@ -1,0 +1,8 @@
+"""``python -m bridge …`` is the ``hfmb`` command (see ``bridge/cli.py``)."""
+
+import sys
+
+from bridge.cli import main
+
+if __name__ == "__main__":  # spawned helper processes re-import this module; only the real entry runs
+    sys.exit(main())
