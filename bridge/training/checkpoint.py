@@ -1,0 +1,160 @@
+"""Saving and resuming a training run with ``megatron.core.dist_checkpointing`` (Megatron-LM's layout).
+
+A training checkpoint is the Megatron-LM state dict written through ``bridge.megatron_checkpoint``:
+
+    model / model0, model1, …   each chunk's sharded_state_dict()          (sharded, any TP/PP)
+    optimizer                   optimizer.sharded_state_dict(...)          (sharded, any TP/PP/DP)
+    opt_param_scheduler         OptimizerParamScheduler.state_dict()
+    iteration, checkpoint_version
+    rng_state                   python / numpy / torch / tensor-parallel tracker RNG per (PP, TP) rank
+    train_state                 consumed samples, the layout it was saved at, the optimizer format
+
+The distributed optimizer's state is saved in Megatron's ``fully_reshardable`` format, so a run
+saved at one TP×PP×DP resumes at another. As in Megatron-LM, the RNG state is restored only when
+the TP×PP layout is unchanged (it is per model-parallel rank). A checkpoint without
+``train_state`` (``hfmb import``'s ``release`` checkpoints hold model weights only) loads as
+weights: the optimizer, the schedule and the data start fresh at iteration 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from bridge import megatron_checkpoint
+from bridge.megatron_checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
+from bridge.transfer import unwrap_chunks
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current value
+
+
+def layout() -> dict[str, int]:
+    """This run's parallel layout, as recorded in a checkpoint."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def optimizer_metadata(use_distributed_optimizer: bool) -> dict:
+    """Megatron-LM's sharded-state-dict metadata; ``fully_reshardable`` lets the distributed optimizer change TP/PP/DP."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+    return metadata
+
+
+def _rng_state() -> ShardedObject:
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return ShardedObject(
+        "rng_state",
+        [state],
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _set_rng_state(states: list[dict]) -> None:
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and "cuda_rng_state" in state:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _state_dict(model, optimizer, scheduler, iteration: int, train_state: dict, metadata: dict, is_loading: bool, with_rng: bool = True) -> dict:
+    state = model_state_dict(model)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["checkpoint_version"] = CHECKPOINT_VERSION
+    state["train_state"] = train_state
+    if with_rng:
+        state["rng_state"] = _rng_state()
+    return state
+
+
+def save_train_state(root: str | Path, model, optimizer, scheduler, iteration: int, consumed_samples: int, use_distributed_optimizer: bool) -> Path:
+    """Save everything needed to resume at ``iteration`` into ``root/iter_XXXXXXX`` (all ranks call)."""
+    metadata = optimizer_metadata(use_distributed_optimizer)
+    train_state = {
+        "consumed_samples": consumed_samples,
+        "layout": layout(),
+        "use_distributed_optimizer": use_distributed_optimizer,
+        "optimizer_metadata": metadata,
+    }
+    state = _state_dict(model, optimizer, scheduler, iteration, train_state, metadata, is_loading=False)
+    return megatron_checkpoint.save_checkpoint(root, state, iteration)
+
+
+@dataclass
+class ResumeInfo:
+    """Where a run continues after ``load_train_state``."""
+
+    iteration: int
+    consumed_samples: int
+    loaded_optimizer: bool
+    loaded_rng: bool
+    folder: Path
+
+
+def load_train_state(root: str | Path, model, optimizer, scheduler, use_distributed_optimizer: bool, iteration: int | None | str = "latest") -> ResumeInfo:
+    """Resume from a checkpoint folder (``latest_checkpointed_iteration.txt`` picks the iteration). All ranks call.
+
+    A weights-only checkpoint loads the model and leaves optimizer, schedule and data at the start.
+    """
+    if iteration == "latest":
+        iteration = latest_iteration(root)
+    folder = iteration_dir(root, iteration)  # type: ignore[arg-type]
+    if not (folder / "metadata.json").exists():
+        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(folder))
+    saved = common.get("train_state")
+    if saved is None:
+        megatron_checkpoint.load_model(root, model, iteration)
+        optimizer.reload_model_params()  # the optimizer's main params were taken before the weights changed
+        logger.info("loaded model weights from %s (no training state: optimizer and schedule start fresh)", folder)
+        return ResumeInfo(0, 0, False, False, folder)
+
+    if saved["use_distributed_optimizer"] != use_distributed_optimizer:
+        raise MegatronCheckpointError(
+            f"{folder} was saved with use_distributed_optimizer={saved['use_distributed_optimizer']}; resume with the same setting"
+        )
+    same_layout = {k: saved["layout"][k] for k in ("tp", "pp")} == {k: layout()[k] for k in ("tp", "pp")}
+    if not same_layout:
+        logger.warning("checkpoint layout %s differs from this run's %s: the RNG state is not restored", saved["layout"], layout())
+    metadata = saved["optimizer_metadata"]
+    state = _state_dict(model, optimizer, scheduler, common["iteration"], saved, metadata, is_loading=True, with_rng=same_layout)
+    loaded = megatron_checkpoint.load_checkpoint(root, state, iteration)
+    chunks = unwrap_chunks(model)
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key], strict=False)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    resumed = int(loaded["iteration"])
+    logger.info("resumed from %s at iteration %d (%d samples consumed)", folder, resumed, saved["consumed_samples"])
+    return ResumeInfo(resumed, int(saved["consumed_samples"]), True, same_layout, folder)
