@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from bridge import AutoBridge, UnsupportedArchitectureError
 from bridge.hf_checkpoint import CheckpointError
 from bridge.parallel import ParallelConfigError
 from bridge.local_launch import run_distributed
-
-
-def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
-    """Copy ``src`` to ``dst`` and rewrite its single weights file through ``edit(tensors)``."""
-    shutil.copytree(src, dst)
-    (weights,) = dst.glob("*.safetensors")
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return dst
+from tests.edited_checkpoints import edited_copy
 
 
 def _convert(folder: str, out: str):
@@ -97,7 +87,7 @@ BROKEN = {
 @pytest.fixture(scope="module")
 def broken_results(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
-    folders = {kind: _edit_checkpoint(tiny_checkpoints["llama"], root / kind, edit) for kind, (edit, _) in BROKEN.items()}
+    folders = {kind: edited_copy(tiny_checkpoints["llama"], root / kind, edit) for kind, (edit, _) in BROKEN.items()}
     # One spawned rank runs all three: each conversion fails inside; the results say how.
     return run_distributed(_convert_all, 1, {k: str(v) for k, v in folders.items()}, str(root))[0]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from bridge import export_metadata
 from bridge.export_metadata import ConfigMismatchError
 from bridge.hf_writer import ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
 from bridge.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
+from tests.edited_checkpoints import edited_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,28 +133,17 @@ def test_padded_vocabulary_is_refused(tiny_checkpoints, tmp_path):
 # ---------------------------------------------------------------- transformers load check
 
 
-def _edited(source: Path, dst: Path, edit) -> Path:
-    import shutil
-
-    shutil.copytree(source, dst)
-    (weights,) = dst.glob("*.safetensors")
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return dst
-
-
 def test_load_check_passes_on_a_good_folder_and_names_every_problem(tiny_checkpoints, tmp_path):
     source = tiny_checkpoints["qwen3"]
     assert all(not v for v in transformers_load_report(source).values())
     check_loads_in_transformers(source)
-    missing = _edited(source, tmp_path / "missing", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    missing = edited_copy(source, tmp_path / "missing", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
     with pytest.raises(ExportCheckError, match=r"missing_keys: model\.layers\.1\.self_attn\.k_norm\.weight"):
         check_loads_in_transformers(missing)
-    extra = _edited(source, tmp_path / "extra", lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2, 2)))
+    extra = edited_copy(source, tmp_path / "extra", lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2, 2)))
     with pytest.raises(ExportCheckError, match=r"unexpected_keys: model\.layers\.0\.mlp\.extra\.weight"):
         check_loads_in_transformers(extra)
-    shape = _edited(source, tmp_path / "shape", lambda t: t.__setitem__("model.norm.weight", torch.ones(32, dtype=torch.bfloat16)))
+    shape = edited_copy(source, tmp_path / "shape", lambda t: t.__setitem__("model.norm.weight", torch.ones(32, dtype=torch.bfloat16)))
     with pytest.raises(ExportCheckError, match=r"(mismatched_keys|load_error): .*model\.norm\.weight"):
         check_loads_in_transformers(shape)
 
