@@ -37,15 +37,24 @@ Megatron parameter with its mapping kind, shapes and ranks. Exits 1 on missing, 
 shaped or unmapped tensors.""",
     "import": """examples:
   hfmb import ./my-hf-model ./ckpt --tp 2 --pp 2 --dtype bfloat16
+  hfmb import ./my-hf-model ./ckpt --max-memory 8GB     # a checkpoint larger than this machine's RAM
   torchrun --nproc-per-node=8 -m bridge import ./my-hf-model ./ckpt --tp 4 --pp 2
 Writes a Megatron-Core distributed checkpoint in Megatron-LM's layout (iteration "release"), plus
-hf_config/ and bridge.json so that `hfmb export` needs no HF folder. Written atomically.""",
+hf_config/ and bridge.json so that `hfmb export` needs no HF folder. Written atomically.
+As one process (no torchrun) it streams tensor by tensor within --max-memory (default 4GB): the
+checkpoint does not depend on the layout, so it loads at any TP/PP (--tp only sets the vocabulary
+padding that layout needs). Under torchrun with several ranks, or with --in-memory, each rank builds
+its shards of the model and they save together.""",
     "export": """examples:
   hfmb export ./ckpt ./hf-out --dtype bfloat16 --max-shard-size 2GB
+  hfmb export ./ckpt ./hf-out --max-memory 8GB          # stream within 8GB, whatever the model size
   torchrun --nproc-per-node=4 -m bridge export ./ckpt ./hf-out --tp 2 --pp 2 --overwrite
-The parallel sizes may differ from the ones the checkpoint was saved with. The folder is written
-beside the target and renamed into place only after transformers loaded it with an empty load
-report; an existing non-empty target is refused unless --overwrite.""",
+As one process (no torchrun) it streams a few tensors at a time within --max-memory (default 4GB;
+shards are capped to a quarter of it) from a checkpoint saved at any layout; under torchrun with several
+ranks, or with --in-memory, the model is loaded at --tp/--pp (which may differ from the saved ones).
+The folder is written beside the target and renamed into place only after transformers loaded it
+with an empty load report (when streaming, if the weights fit half of --max-memory); an existing
+non-empty target is refused unless --overwrite.""",
     "verify": """examples:
   hfmb verify ./my-hf-model --tp 2 --pp 2            # convert, then compare forwards
   hfmb verify ./my-hf-model ./ckpt --tp 2            # compare with a Megatron checkpoint
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parallel_args(imp)
     imp.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the HF config's)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT")
+    _memory_args(imp)
 
     exp = command("export", "Megatron-Core checkpoint (from `hfmb import`) → HF folder")
     exp.add_argument("ckpt", type=Path, help="checkpoint root written by `hfmb import` (or a training run resumed from one)")
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT")
     exp.add_argument("--skip-load-check", action="store_true", help="do not load the result in transformers before publishing it")
+    _memory_args(exp)
 
     ver = command("verify", "compare Megatron-Core's forward with transformers', or two HF folders")
     ver.add_argument("hf", help="reference HF checkpoint folder or Hub repo id")
@@ -127,6 +138,34 @@ def _iteration(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither an iteration number nor 'release'") from None
 
 
+def _memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--max-memory",
+        type=_size,
+        help="stream tensor by tensor in one process, using at most this much memory beyond the program itself, e.g. 4GB, 500MB "
+        "(default 4GB when run as one process)",
+    )
+    group.add_argument("--in-memory", action="store_true", help="build the whole model at --tp/--pp instead of streaming (the default under torchrun)")
+
+
+def _size(text: str) -> str:
+    from bridge.hf_writer import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Whether this import/export streams: one process (plain, or a torchrun world of one) unless --in-memory."""
+    if args.command not in ("import", "export") or args.in_memory:
+        return False
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
 def _parallel_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
@@ -141,8 +180,13 @@ def _parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; the return value is the exit status."""
-    args = build_parser().parse_args(argv)
-    world = _world_needed(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "in_memory", False) and args.max_memory is not None:
+        parser.error("--max-memory streams the conversion; it cannot be combined with --in-memory")
+    if getattr(args, "max_memory", None) is not None and not _streams(args):
+        parser.error("--max-memory streams in one process: run without torchrun (the checkpoint loads at any TP/PP)")
+    world = 1 if _streams(args) else _world_needed(args)
     if "RANK" not in os.environ and (args.nproc or world) > 1:
         return _spawn(args, args.nproc or world)
     return run_command(args)
@@ -419,10 +463,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     _agree(check_target)
     start = time.time()
     bridge = AutoBridge.from_hf_pretrained(args.hf, dtype=_dtype(args.dtype))
-    model = bridge.to_megatron_model(**_sizes(args))
-    tmp: list[Any] = [temp_folder_for(out) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(tmp, src=0)
+    streams = _streams(args)
+    model = None if streams else bridge.to_megatron_model(**_sizes(args))
+    tmp: list[Any] = [temp_folder_for(out) if _rank() == 0 else None]
+    if not streams:
+        dist.broadcast_object_list(tmp, src=0)
     root = Path(tmp[0])
+    padded_vocab = [None if model is None else model[0].vocab_size]
 
     def finish() -> None:
         info = {
@@ -432,7 +479,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             "saved_with": {**_sizes(args), "world_size": dist.get_world_size()},
             "params_dtype": export_metadata.dtype_name(bridge.dtype),
             "vocab_size": bridge.model_bridge.vocab_size,
-            "padded_vocab_size": model[0].vocab_size,
+            "padded_vocab_size": padded_vocab[0],
             "tie_word_embeddings": bridge.model_bridge.tie_word_embeddings,
             "hf_dtypes": {name: export_metadata.dtype_name(d) for name, d in sorted(bridge.reader.dtypes().items())},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -441,19 +488,27 @@ def cmd_import(args: argparse.Namespace) -> int:
         publish_folder(root, out)
 
     try:
-        state = mc.model_state_dict(model)
-        state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
-        with _ticker("saving Megatron checkpoint"):
-            mc.save_checkpoint(root, state)
+        if streams:
+            from bridge.streaming_checkpoint import DEFAULT_MAX_MEMORY, import_checkpoint
+
+            budget = args.max_memory or DEFAULT_MAX_MEMORY
+            padded_vocab[0] = import_checkpoint(bridge, root, max_memory=budget, vocab_divisible_by=128 * args.tp)
+            how = f"streamed in one process within --max-memory {budget}, loads at any layout (vocabulary padded for tp={args.tp})"
+        else:
+            state = mc.model_state_dict(model)
+            state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
+            with _ticker("saving Megatron checkpoint"):
+                mc.save_checkpoint(root, state)
+            how = f"at {_layout(vars(args))} on {dist.get_world_size()} rank(s)"
         _agree(finish)
     except BaseException:
-        if dist.get_rank() == 0:
+        if _rank() == 0:
             shutil.rmtree(root, ignore_errors=True)
         raise
     params = sum(math.prod(shape) for shape in bridge.reader.shapes().values())
     _out(
         f"imported {bridge.model_bridge.architecture} from {args.hf} → {out}\n"
-        f"  {params:,} parameters at {_layout(vars(args))} on {dist.get_world_size()} rank(s), "
+        f"  {params:,} parameters {how}, "
         f"dtype {bridge.dtype}, {time.time() - start:.1f}s\n"
         f"  Megatron-LM resumes from it with --load {out} (iteration 'release'); `hfmb export {out} OUT` turns it back into HF"
     )
@@ -464,8 +519,6 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from bridge import AutoBridge, export_metadata, megatron_checkpoint as mc
     from bridge.hf_writer import OutputFolderError, check_output_folder, parse_size
     from bridge.verify import check_loads_in_transformers
@@ -484,25 +537,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = mc.read_source_info(ckpt)
     model_dtype = _dtype(info["params_dtype"])
     bridge = AutoBridge.from_hf_pretrained(mc.hf_config_folder(ckpt), dtype=model_dtype)
-    model = _load_checkpoint_model(bridge, ckpt, info, args)
     out_dtype = _dtype(args.dtype)
     source_dtypes = {name: _dtype(d) for name, d in info.get("hf_dtypes", {}).items()}
     hf_folder = mc.hf_config_folder(ckpt)
     config = export_metadata.export_config(hf_folder, bridge.hf_config, out_dtype)
     side = export_metadata.side_files(hf_folder, bridge.hf_config)
     check = None if args.skip_load_check else check_loads_in_transformers
-    _write_hf_folder(bridge, model, out, model_dtype, lambda name, dtype: out_dtype or source_dtypes.get(name, dtype), config, side, check, args)
-    if dist.get_rank() == 0:
+    target_dtype = lambda name, dtype: out_dtype or source_dtypes.get(name, dtype)  # noqa: E731
+    if _streams(args):
+        checked = _stream_hf_folder(bridge, ckpt, info, target_dtype, config, side, check, args)
+        how = f"streamed within --max-memory {args.max_memory or 'the default 4GB'}"
+    else:
+        model = _load_checkpoint_model(bridge, ckpt, info, args)
+        _write_hf_folder(bridge, model, out, model_dtype, target_dtype, config, side, check, args)
+        checked, how = check is not None, f"read at {_layout(vars(args))}"
+    if _rank() == 0:
         index = export_metadata.read_json(out / "model.safetensors.index.json")
         shards = sorted(set(index["weight_map"].values()))
         saved = info.get("saved_with", {})
         _out(
             f"exported {ckpt} (saved at {_layout(saved)}) → {out}\n"
-            f"  read at {_layout(vars(args))}; {len(index['weight_map'])} tensors in {len(shards)} shard(s), "
+            f"  {how}; {len(index['weight_map'])} tensors in {len(shards)} shard(s), "
             f"dtype {config.get('dtype')}, {time.time() - start:.1f}s\n"
-            + ("  transformers load report: empty (no missing, unexpected or mismatched keys)" if check else "  transformers load check skipped")
+            + ("  transformers load report: empty (no missing, unexpected or mismatched keys)" if checked else "  transformers load check skipped")
         )
     return OK
+
+
+def _stream_hf_folder(bridge, ckpt: Path, info: dict, target_dtype, config: dict, side: dict, check, args: argparse.Namespace) -> bool:
+    """The bounded-memory export (one process); returns whether transformers' load check ran."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    from bridge import megatron_checkpoint as mc
+    from bridge.streaming_checkpoint import DEFAULT_MAX_MEMORY, export_hf_folder
+
+    try:
+        return export_hf_folder(
+            bridge,
+            ckpt,
+            args.out.absolute(),
+            padded_vocab_size=int(info["padded_vocab_size"]),
+            iteration=args.iteration,
+            max_memory=args.max_memory or DEFAULT_MAX_MEMORY,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            target_dtype=target_dtype,
+            config=config,
+            side_files=side,
+            check=check,
+        )
+    except CheckpointException as err:  # dist_checkpointing's read errors: say what did not fit
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise mc.MegatronCheckpointError(f"cannot read {ckpt} as the {bridge.model_bridge.architecture} model its hf_config/config.json describes: {lines[-1]}") from err
 
 
 def _load_checkpoint_model(bridge, ckpt: Path, info: dict, args: argparse.Namespace) -> list:

@@ -66,7 +66,8 @@ def model_state_dict(model) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _check_writer_dependencies() -> None:
+def check_writer_dependencies() -> None:
+    """Raise unless the packages dist_checkpointing's writer needs are installed."""
     # dist_checkpointing's writer processes import psutil; without it they die and the save hangs.
     if importlib.util.find_spec("psutil") is None:
         raise MegatronCheckpointError("saving a Megatron checkpoint needs the psutil package: pip install psutil")
@@ -74,7 +75,7 @@ def _check_writer_dependencies() -> None:
 
 def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = None) -> Path:
     """Save ``state_dict`` (sharded entries from every rank) and point the tracker at it. All ranks call."""
-    _check_writer_dependencies()
+    check_writer_dependencies()
     folder = iteration_dir(root, iteration)
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,12 +83,17 @@ def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = 
     dist_checkpointing.save(state_dict, str(folder))
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = Path(root) / f".{TRACKER}.tmp"
-        tmp.write_text("release" if iteration is None else str(iteration))
-        os.replace(tmp, Path(root) / TRACKER)
+        write_tracker(root, iteration)
     dist.barrier()
     logger.info("saved Megatron checkpoint %s", folder)
     return folder
+
+
+def write_tracker(root: str | Path, iteration: int | None) -> None:
+    """Point ``latest_checkpointed_iteration.txt`` at ``iteration`` (None: release), atomically (one rank calls)."""
+    tmp = Path(root) / f".{TRACKER}.tmp"
+    tmp.write_text("release" if iteration is None else str(iteration))
+    os.replace(tmp, Path(root) / TRACKER)
 
 
 def load_checkpoint(root: str | Path, state_dict: dict, iteration: int | None | str = "latest", strict: str = "assume_ok_unexpected") -> dict:

@@ -211,13 +211,14 @@ def test_leftovers_of_dead_processes_are_removed(tiny_checkpoints, tmp_path):
 
 @pytest.fixture(scope="module")
 def larger_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    """A larger tiny Llama and its Megatron checkpoint, imported by a plain `python -m bridge import --tp 2`."""
+    """A larger tiny Llama and its Megatron checkpoint, imported by a plain `python -m bridge import --tp 2 --in-memory`
+    (which starts its two ranks itself; the exports below stream in one process)."""
     from bridge.tiny_checkpoints import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("larger")
     hf = build_tiny_checkpoint("llama", root / "hf", hidden_size=128, intermediate_size=512, num_attention_heads=4, vocab_size=2000)
     ckpt = root / "ckpt"
-    result = _hfmb("import", str(hf), str(ckpt), "--tp", "2")
+    result = _hfmb("import", str(hf), str(ckpt), "--tp", "2", "--in-memory")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 local ranks" in result.stderr and "imported LlamaForCausalLM" in result.stdout
     return hf, ckpt

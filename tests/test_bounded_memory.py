@@ -1,0 +1,210 @@
+"""Bounded-memory import/export (``bridge/streaming_checkpoint.py``): exact, loadable at any layout, and bounded.
+
+* The streamed import of a dense, a tied-embedding and two MoE checkpoints loads (at TP=PP=1 and at
+  TP2·PP2) into exactly the weights the in-memory conversion gives, and its streamed export equals
+  the source HF folder bit for bit.
+* In a fresh process, importing and exporting a checkpoint several times larger than ``--max-memory``
+  stays within it: peak RSS (VmHWM) minus the RSS right after the imports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.local_launch import run_distributed
+
+MODELS = ("llama", "llama3.2", "qwen2_moe", "mixtral")  # dense, tied embeddings, MoE with shared expert and dense layers, MoE
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from bridge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _differences(expected: list, actual: list) -> list[str]:
+    problems = []
+    for chunk_e, chunk_a in zip(expected, actual):
+        got = dict(chunk_a.named_parameters())
+        for name, param in chunk_e.named_parameters():
+            if param.dtype != got[name].dtype or not torch.equal(param, got[name]):
+                problems.append(name)
+    return problems
+
+
+def single_rank_session(hf: dict[str, str], root: str) -> dict:
+    """Streamed import (CLI, TP=1 and TP=2 vocabulary padding) of each model, compared with the in-memory conversion; streamed export."""
+    from megatron.core import parallel_state
+
+    from bridge import AutoBridge, megatron_checkpoint as mc
+    from bridge.verify import compare_hf_folders
+
+    results: dict = {}
+    for name in MODELS:
+        ckpt, out = f"{root}/{name}-ckpt", f"{root}/{name}-out"
+        r = results[name] = {"import": _cli("import", hf[name], ckpt, "--max-memory", "64MB")}
+        r["import_tp2"] = _cli("import", hf[name], f"{root}/{name}-ckpt-tp2", "--tp", "2", "--pp", "2")  # default budget
+        bridge = AutoBridge.from_hf_pretrained(hf[name])
+        expected = bridge.to_megatron_model(load_weights=True)
+        actual = bridge.to_megatron_model(load_weights=False)
+        mc.load_model(ckpt, actual)
+        r["differences"] = _differences(expected, actual)
+        parallel_state.destroy_model_parallel()
+        r["export"] = _cli("export", ckpt, out, "--max-memory", "64MB", "--max-shard-size", "200KB")
+        r["roundtrip"] = compare_hf_folders(hf[name], out)
+        r["shards"] = len(list(Path(out).glob("*.safetensors")))
+    results["budget_import"] = _cli("import", hf["llama"], f"{root}/never", "--max-memory", "100KB")
+    results["budget_export"] = _cli("export", f"{root}/llama-ckpt", f"{root}/never-out", "--max-memory", "100KB")
+    return results
+
+
+def four_rank_session(hf: dict[str, str], root: str) -> dict:
+    """TP2·PP2: the streamed checkpoint loads into exactly the in-memory conversion's shards."""
+    from megatron.core import parallel_state
+
+    from bridge import AutoBridge, megatron_checkpoint as mc
+
+    results = {}
+    for name in MODELS:
+        bridge = AutoBridge.from_hf_pretrained(hf[name])
+        expected = bridge.to_megatron_model(tp=2, pp=2, load_weights=True)
+        actual = bridge.to_megatron_model(tp=2, pp=2, load_weights=False)
+        mc.load_model(f"{root}/{name}-ckpt-tp2", actual)
+        results[name] = _differences(expected, actual)
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bounded")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tiny_checkpoints, workdir) -> dict[str, str]:
+    from bridge.tiny_checkpoints import build_tiny_checkpoint
+
+    folders = {name: str(path) for name, path in tiny_checkpoints.items()}
+    for name in ("qwen2_moe", "mixtral"):
+        folders[name] = str(build_tiny_checkpoint(name, workdir / f"hf-{name}"))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def single(hf_folders, workdir) -> dict:
+    return run_distributed(single_rank_session, 1, hf_folders, str(workdir))[0]
+
+
+@pytest.fixture(scope="module")
+def four(single, hf_folders, workdir) -> list[dict]:
+    return run_distributed(four_rank_session, 4, hf_folders, str(workdir))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_streamed_import_equals_the_in_memory_conversion(single, name):
+    result = single[name]
+    code, out, err = result["import"]
+    assert code == 0, err
+    assert "streamed in one process within --max-memory 64MB" in out
+    assert result["differences"] == []
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_streamed_import_loads_at_tp2_pp2(single, four, name):
+    code, out, err = single[name]["import_tp2"]
+    assert code == 0, err
+    assert "hfmb: starting" not in err  # streaming needs no ranks, whatever the layout
+    assert all(rank[name] == [] for rank in four), [rank[name] for rank in four]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_streamed_export_is_bit_exact(single, name):
+    result = single[name]
+    code, out, err = result["export"]
+    assert code == 0, err
+    assert "transformers load report: empty" in out
+    assert result["roundtrip"] == []
+    assert result["shards"] > 1  # --max-shard-size is honoured
+
+
+def test_a_tensor_over_the_budget_is_refused_by_name(single, workdir):
+    code, _, err = single["budget_import"]
+    assert code == 2 and "embedding.word_embeddings.weight" in err and "--max-memory 0.1 MiB" in err and "raise --max-memory" in err
+    code, _, err = single["budget_export"]
+    assert code == 2 and "embedding.word_embeddings.weight" in err and "--max-memory 0.1 MiB" in err
+    assert not (workdir / "never").exists() and not (workdir / "never-out").exists()
+    assert not list(workdir.glob(".never*"))
+
+
+# ---------------------------------------------------------------- memory
+
+BUDGET = "64MB"
+# A Llama-architecture checkpoint of 257 MiB in bf16 (12 layers, hidden 1024, MLP 2560, vocab 4096):
+# four times the budget, the largest tensor (fused fc1) 10 MiB.
+BIG = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4)
+
+_MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch, transformers
+    from transformers.models.llama import modeling_llama
+    import models.llama
+    from bridge import cli, streaming_checkpoint, verify
+
+    def status(field):
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+    baseline = status("VmRSS")
+    code = cli.main(sys.argv[1:])
+    print(json.dumps({"code": code, "baseline": baseline, "peak": status("VmHWM"), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    """
+)
+# The peak is VmHWM, this process's own high-water mark: Linux carries ru_maxrss over exec, so a child
+# of the (large) pytest process would report pytest's resident size as its own peak.
+
+
+def _measure(*argv: str) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(workdir):
+    from bridge.hf_writer import parse_size
+    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from bridge.verify import compare_hf_folders
+
+    budget = parse_size(BUDGET)
+    hf = build_tiny_checkpoint("llama", workdir / "big-hf", **BIG)
+    ckpt, out = workdir / "big-ckpt", workdir / "big-out"
+    imported = _measure("import", str(hf), str(ckpt), "--max-memory", BUDGET)
+    assert imported["code"] == 0
+    size = _folder_bytes(ckpt / "release")
+    assert size > 4 * budget, size
+    exported = _measure("export", str(ckpt), str(out), "--max-memory", BUDGET)
+    assert exported["code"] == 0
+    for step, measured in (("import", imported), ("export", exported)):
+        over = measured["peak"] - measured["baseline"]
+        print(f"{step}: checkpoint {size / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, peak RSS over the imports {over / 2**20:.1f} MiB")
+        assert over < budget, f"{step}: peak RSS {over / 2**20:.1f} MiB above the imports, over the {BUDGET} budget"
+    assert compare_hf_folders(hf, out) == []
