@@ -11,50 +11,49 @@ A loop of your own::
 
     bridge = AutoBridge.from_hf_pretrained(path, dtype=torch.float32)
     model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, vpp, cfg)
-    iterators = [train_data_iterator(dataset, 0, cfg.micro_batch_size, dp_rank, dp_size) for _ in model]
+    iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed_samples=0)
     forward_step = make_forward_step(bridge.model_bridge.vocab_size)
     for it in range(1, cfg.train_iters + 1):
         result = train_step(forward_step, iterators, model, optimizer, scheduler, cfg, it)
+
+``examples/convert_and_train.py`` puts these together (with checkpoints and the HF export).
+Names are imported lazily (as in ``bridge``), so that ``python -m bridge.training.data`` runs
+its module once, not a second copy imported by this package first.
 """
 
-from bridge.training.checkpoint import ResumeInfo, load_train_state, save_train_state
-from bridge.training.data import (
-    MegatronTokenizerAdapter,
-    build_gpt_dataset,
-    load_tokenizer,
-    preprocess,
-    train_data_iterator,
-    write_demo_corpus,
-)
-from bridge.training.loop import StepResult, loss_func, make_forward_step, train, train_step
-from bridge.training.setup import (
-    TrainingConfig,
-    TrainingConfigError,
-    build_optimizer,
-    num_microbatches,
-    setup_model_and_optimizer,
-    wrap_model,
-)
+from __future__ import annotations
 
-__all__ = [
-    "MegatronTokenizerAdapter",
-    "ResumeInfo",
-    "StepResult",
-    "TrainingConfig",
-    "TrainingConfigError",
-    "build_gpt_dataset",
-    "build_optimizer",
-    "load_tokenizer",
-    "load_train_state",
-    "loss_func",
-    "make_forward_step",
-    "num_microbatches",
-    "preprocess",
-    "save_train_state",
-    "setup_model_and_optimizer",
-    "train",
-    "train_data_iterator",
-    "train_step",
-    "wrap_model",
-    "write_demo_corpus",
-]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "ResumeInfo": "checkpoint",
+    "load_train_state": "checkpoint",
+    "save_train_state": "checkpoint",
+    "MegatronTokenizerAdapter": "data",
+    "build_gpt_dataset": "data",
+    "build_train_iterators": "data",
+    "load_tokenizer": "data",
+    "prepare_demo": "data",
+    "preprocess": "data",
+    "train_data_iterator": "data",
+    "write_demo_corpus": "data",
+    "StepResult": "loop",
+    "loss_func": "loop",
+    "make_forward_step": "loop",
+    "train": "loop",
+    "train_step": "loop",
+    "TrainingConfig": "setup",
+    "TrainingConfigError": "setup",
+    "build_optimizer": "setup",
+    "num_microbatches": "setup",
+    "setup_model_and_optimizer": "setup",
+    "wrap_model": "setup",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"bridge.training.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module 'bridge.training' has no attribute {name!r}")

@@ -18,10 +18,12 @@ weights: the optimizer, the schedule and the data start fresh at iteration 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -81,6 +83,75 @@ def _set_rng_state(states: list[dict]) -> None:
     if torch.cuda.is_available() and "cuda_rng_state" in state:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The plain ``torch.optim`` Adam(W)s inside a Megatron (possibly chained) optimizer; fused TE/Apex ones are left out."""
+    inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [opt for opt in inner if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam the ``step``/``exp_avg``/``exp_avg_sq`` its checkpoint is loaded into.
+
+    Megatron's distributed optimizer reads ``step`` from the inner optimizer's state to build the
+    sharded state dict even for loading, which fails on a torch Adam that has not stepped yet
+    (Megatron-LM normally runs with Apex/TE fused Adam, which keeps no per-param step).
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+
+
+@contextlib.contextmanager
+def _fully_reshardable_load_with_torch_adam(optimizer) -> Iterator[None]:
+    """Let the distributed optimizer load ``fully_reshardable`` state into a torch Adam.
+
+    In megatron-core 0.16.1 ``load_parameter_state_from_fully_reshardable`` leaves Adam's ``step``
+    out of the tensors it loads (steps are restored from the param groups), while
+    ``_set_main_param_and_optimizer_states`` copies every key of the parameter's optimizer state,
+    ``step`` included: ``KeyError: 'step'``. For the duration of the load, each parameter's
+    ``step`` is set aside while its other states are copied.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or not _torch_adams(opt) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def set_states(model_param, tensors, opt=opt, original=original) -> None:
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _unshare_steps(optimizer) -> None:
+    """One ``step`` tensor per parameter after loading.
+
+    The distributed optimizer's ``load_state_dict`` hands every parameter the same step tensor,
+    and torch Adam increments each parameter's step in place: shared, it would advance once per
+    parameter per iteration and skew Adam's bias correction after a resume.
+    """
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _state_dict(model, optimizer, scheduler, iteration: int, train_state: dict, metadata: dict, is_loading: bool, with_rng: bool = True) -> dict:
@@ -145,13 +216,16 @@ def load_train_state(root: str | Path, model, optimizer, scheduler, use_distribu
     if not same_layout:
         logger.warning("checkpoint layout %s differs from this run's %s: the RNG state is not restored", saved["layout"], layout())
     metadata = saved["optimizer_metadata"]
+    _allocate_optimizer_state(optimizer)
     state = _state_dict(model, optimizer, scheduler, common["iteration"], saved, metadata, is_loading=True, with_rng=same_layout)
     loaded = megatron_checkpoint.load_checkpoint(root, state, iteration)
     chunks = unwrap_chunks(model)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         chunk.load_state_dict(loaded[key], strict=False)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with _fully_reshardable_load_with_torch_adam(optimizer):
+        optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_steps(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

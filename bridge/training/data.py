@@ -10,8 +10,8 @@
   semantics, so every TP×PP×DP layout sees the same global batches (global batch = consecutive
   samples; DP rank r takes micro-batch r of each group of DP micro-batches) and a resumed run
   continues at ``consumed_samples``.
-- ``write_demo_corpus``: a small deterministic corpus over the tiny checkpoints' words, for the
-  demo and the tests (no network).
+- ``write_demo_corpus`` / ``prepare_demo``: a small deterministic corpus over the tiny checkpoints'
+  words and a tiny Llama checkpoint, for the demo and the tests (no network).
 """
 
 from __future__ import annotations
@@ -147,6 +147,29 @@ def write_demo_corpus(path: str | Path, num_documents: int = 400, vocab_size: in
     return path
 
 
+def prepare_demo(workdir: str | Path) -> tuple[Path, list[str]]:
+    """A tiny fp32 Llama checkpoint (with its tokenizer) and a two-corpus blend, preprocessed (call on one rank).
+
+    Returns the HF folder and the data paths in Megatron-LM's ``--data-path`` form
+    (``weight prefix weight prefix``). What already exists in ``workdir`` is reused, so a resumed
+    demo trains the same model on the same data.
+    """
+    from bridge.tiny_checkpoints import build_tiny_checkpoint
+
+    workdir = Path(workdir)
+    hf_folder = workdir / "hf_tiny_llama"
+    if not (hf_folder / "config.json").exists():
+        build_tiny_checkpoint("llama", hf_folder, dtype=torch.float32)
+    data_paths = []
+    for name, weight, seed in (("corpus_a", "0.7", 0), ("corpus_b", "0.3", 1)):
+        prefix = workdir / "data" / name
+        if not Path(f"{prefix}.idx").exists():
+            corpus = write_demo_corpus(workdir / "data" / f"{name}.jsonl", seed=seed)
+            preprocess([corpus], hf_folder, prefix)
+        data_paths += [weight, str(prefix)]
+    return hf_folder, data_paths
+
+
 # --- datasets -------------------------------------------------------------------------------------
 
 
@@ -194,7 +217,7 @@ def build_gpt_dataset(
         eod_mask_loss=False,
         create_attention_mask=False,  # the attention builds its causal mask itself
     )
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
     return train
 
 
@@ -226,6 +249,14 @@ def train_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, d
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     return iter(loader)
+
+
+def build_train_iterators(dataset, model: Sequence, micro_batch_size: int, consumed_samples: int = 0) -> list[Iterator[dict[str, torch.Tensor]]]:
+    """One iterator per model chunk (what the schedules take), each over this DP rank's micro-batches."""
+    from megatron.core import parallel_state
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return [train_data_iterator(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size) for _ in model]
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Convert an HF checkpoint to Megatron-Core, train it with Megatron-Core's engine, export it back to HF.
+
+    torchrun --nproc-per-node=4 examples/convert_and_train.py --tp 2 --pp 2 --train-iters 40
+
+Without ``--hf-model`` it builds a tiny Llama checkpoint and a small two-corpus blend in
+``--workdir`` (no network). DP = world size / (tp × pp); bf16 on a GPU, fp32 on CPU.
+``--save DIR --load DIR`` makes a run resumable (also at another TP/PP); at the end the model is
+exported with ``save_hf_pretrained``, reloaded with transformers and asked to continue a prompt.
+Your own corpus: ``python -m bridge.training.data --input corpus.jsonl --tokenizer MODEL
+--output-prefix data/corpus``, then ``--data-path data/corpus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bridge import AutoBridge, cpu_mode, megatron_checkpoint
+from bridge.parallel import init_distributed
+from bridge.training import (
+    TrainingConfig,
+    build_gpt_dataset,
+    build_train_iterators,
+    load_tokenizer,
+    load_train_state,
+    make_forward_step,
+    prepare_demo,
+    save_train_state,
+    setup_model_and_optimizer,
+    train,
+)
+from bridge.training.setup import LR_DECAY_STYLES
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-model", help="HF folder or Hub id (default: a tiny demo Llama built in --workdir)")
+    p.add_argument("--workdir", type=Path, default=Path("convert_and_train_out"), help="demo model, corpus and default outputs")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=3e-4)
+    p.add_argument("--lr-warmup-iters", type=int, default=2)
+    p.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters (set it to extend a run later: a resume must keep the schedule)")
+    p.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--train-iters", type=int, default=40)
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-path", nargs="+", help="Megatron-LM blend: 'prefix' or 'weight prefix weight prefix ...' (default: the demo corpus)")
+    p.add_argument("--save", type=Path, help="checkpoint folder (Megatron-LM layout)")
+    p.add_argument("--save-interval", type=int, default=0, help="also save every N iterations (0: only at the end)")
+    p.add_argument("--load", type=Path, help="resume from this checkpoint folder when it holds one")
+    p.add_argument("--export", type=Path, help="HF output folder (default: <workdir>/hf_export, replaced on every demo run)")
+    p.add_argument("--overwrite-export", action="store_true", help="replace an existing export folder")
+    p.add_argument("--generate-tokens", type=int, default=8)
+    args = p.parse_args()
+    if args.hf_model and not args.data_path:
+        p.error("--hf-model needs --data-path (a corpus tokenized with its tokenizer: python -m bridge.training.data ...)")
+    return args
+
+
+def generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
+    """Reload the export with plain transformers (every key must load) and continue ``prompt`` greedily."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise RuntimeError(f"{folder} does not load cleanly: {info}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def main() -> None:
+    args = parse_args()
+    init_distributed()
+    rank0 = dist.get_rank() == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+    hf_model, data_paths = args.hf_model, args.data_path
+    if hf_model is None:
+        demo = list(prepare_demo(args.workdir)) if rank0 else [None, None]
+        dist.broadcast_object_list(demo, src=0)
+        hf_model, data_paths = str(demo[0]), data_paths or demo[1]
+    export = args.export or args.workdir / "hf_export"
+
+    cfg = TrainingConfig(
+        train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, use_distributed_optimizer=not args.no_distributed_optimizer, seed=args.seed,
+        log_interval=args.log_interval,
+    )
+    dtype = torch.bfloat16 if cpu_mode.cuda_available() else torch.float32
+    bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype)
+    resume = args.load is not None and megatron_checkpoint.is_checkpoint(args.load)
+    model, optimizer, scheduler = setup_model_and_optimizer(bridge, args.tp, args.pp, args.vpp, cfg, load_weights=not resume)
+    start, consumed = 0, 0
+    if resume:
+        info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer)
+        start, consumed = info.iteration, info.consumed_samples
+    elif args.load is not None and rank0:
+        logging.warning("no checkpoint in %s: starting from the HF weights", args.load)
+
+    tokenizer = load_tokenizer(hf_model)
+    dataset = build_gpt_dataset(data_paths, tokenizer, cfg.seq_length, cfg.train_iters * cfg.global_batch_size, seed=cfg.seed)
+    iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
+
+    def save(iteration: int) -> None:
+        save_train_state(args.save, model, optimizer, scheduler, iteration, iteration * cfg.global_batch_size, cfg.use_distributed_optimizer)
+
+    def on_step_end(result) -> None:
+        if args.save and args.save_interval and result.iteration % args.save_interval == 0:
+            save(result.iteration)
+
+    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end)
+    if args.save and results and not (args.save_interval and cfg.train_iters % args.save_interval == 0):
+        save(cfg.train_iters)
+
+    bridge.save_hf_pretrained(model, export, overwrite=args.overwrite_export or args.hf_model is None)
+    if rank0:
+        if results:
+            print(f"loss {results[0].loss:.4f} at iteration {results[0].iteration} -> {results[-1].loss:.4f} at iteration {results[-1].iteration}")
+        prompt = tokenizer.detokenize(dataset[0]["tokens"][:8].tolist())
+        print(f"exported to {export}; transformers continues {prompt!r} with {generate(export, prompt, args.generate_tokens)!r}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer uses spawned processes: the guard is required
+    main()
