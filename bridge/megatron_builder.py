@@ -99,6 +99,7 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
     )
     try:
         return TransformerConfig(**kwargs)

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
+
+# Megatron-Core's notices about optional packages (Apex, Transformer Engine) and deprecated
+# collectives it calls say nothing about this run; keep them out of its output.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TransformerEngine).*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 from pathlib import Path
 
 import torch
