@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from bridge.local_launch import run_distributed
+from tests.edited_checkpoints import edited_copy
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
 
@@ -121,15 +121,6 @@ def single_rank_session(hf: dict[str, str], broken: dict[str, str], root: str, m
     return r
 
 
-def _broken_copy(src: Path, dst: Path, edit) -> str:
-    shutil.copytree(src, dst)
-    (weights,) = dst.glob("*.safetensors")
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return str(dst)
-
-
 def _add_unused(tensors):
     tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
 
@@ -151,9 +142,9 @@ def multi(tiny_checkpoints, workdir) -> list[dict]:
 @pytest.fixture(scope="module")
 def single(tiny_checkpoints, workdir, multi) -> dict:
     broken = {
-        "unused": _broken_copy(tiny_checkpoints["llama"], workdir / "unused", _add_unused),
-        "wrong_shape": _broken_copy(tiny_checkpoints["llama"], workdir / "wrong-shape", _wrong_shape),
-        "forgetful": _broken_copy(tiny_checkpoints["llama"], workdir / "forgetful", lambda tensors: None),
+        "unused": str(edited_copy(tiny_checkpoints["llama"], workdir / "unused", _add_unused)),
+        "wrong_shape": str(edited_copy(tiny_checkpoints["llama"], workdir / "wrong-shape", _wrong_shape)),
+        "forgetful": str(edited_copy(tiny_checkpoints["llama"], workdir / "forgetful", lambda tensors: None)),
     }
     config = json.loads((workdir / "forgetful" / "config.json").read_text())
     (workdir / "forgetful" / "config.json").write_text(json.dumps({**config, "architectures": ["ForgetfulLlamaForCausalLM"]}))
