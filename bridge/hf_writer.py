@@ -14,6 +14,7 @@ the next export to the same target once that process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -22,12 +23,12 @@ import os
 import re
 import shutil
 import socket
+import struct
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from bridge.hf_checkpoint import INDEX_NAME
 
@@ -125,7 +126,16 @@ def publish_folder(tmp_dir: Path, out_dir: Path) -> None:
 
 
 class HFFolderWriter:
-    """Streams (name, tensor) pairs into safetensors shards of at most ``max_shard_size`` bytes."""
+    """Streams (name, tensor) pairs into safetensors shards of at most ``max_shard_size`` data bytes.
+
+    Each tensor's bytes go to the current shard file as soon as ``add`` receives it, straight from
+    the tensor's memory (no ``bytes`` copy, no shard buffer), so memory stays at one tensor. A
+    safetensors file starts with its header, which is only known once the shard is complete: every
+    shard therefore starts with a reserved header region, filled at the end with the exact header
+    padded with spaces (the format allows trailing whitespace, and safetensors itself pads to keep
+    the data 8-byte aligned). A tensor whose header entry would not fit the reservation starts a new
+    shard, and later shards reserve twice as much.
+    """
 
     def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", overwrite: bool = False):
         self.out_dir = Path(out_dir).absolute()
@@ -135,8 +145,8 @@ class HFFolderWriter:
         remove_stale_temp_folders(self.out_dir)
         self.tmp_dir = temp_folder_for(self.out_dir)
         self.tmp_dir.mkdir(parents=True)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._reserve = initial_header_reservation(self.max_shard_bytes)
+        self._shard: _ShardFile | None = None
         self._shards: list[list[str]] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._total_bytes = 0
@@ -150,27 +160,38 @@ class HFFolderWriter:
             self.abort()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` to the current shard now (starting a new shard when it would not fit)."""
         if name in self._shapes:
             raise ValueError(f"tensor {name} was written twice")
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # a view into a larger buffer: safetensors refuses shared storage
+        dtype = safetensors_dtype(name, tensor)
+        tensor = _plain_cpu(name, tensor)
+        shape = _header_shape(name, tensor)
         size = tensor.nbytes
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
+        shard = self._shard
+        if shard is not None and shard.names:
+            if shard.data_bytes + size > self.max_shard_bytes:
+                self._close_shard()
+            elif not shard.fits(name, dtype, shape, size):
+                self._close_shard()
+                self._reserve = min(2 * self._reserve, MAX_HEADER_BYTES)
+                logger.debug("shard header outgrew its %d-byte reservation; later shards reserve %d", shard.reserve, self._reserve)
+        if self._shard is None:
+            self._open_shard()
+        self._shard.write(name, dtype, shape, tensor)
         self._shapes[name] = tuple(tensor.shape)
-        self._pending_bytes += size
         self._total_bytes += size
         self._total_params += tensor.numel()
 
-    def _flush(self) -> None:
-        index = len(self._shards)
-        path = self.tmp_dir / f"shard-{index}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600 files: a server running as another user could not read them
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+    def _open_shard(self) -> None:
+        self._shard = _ShardFile(self.tmp_dir / f"shard-{len(self._shards)}.tmp", self._reserve)
+
+    def _close_shard(self) -> None:
+        """Fill in the current shard's header and close it (an empty folder still gets one, empty, shard)."""
+        if self._shard is None:
+            self._open_shard()
+        shard, self._shard = self._shard, None
+        shard.close()
+        self._shards.append(shard.names)
 
     def finish(
         self, config: dict, side_files: dict[str, Path | str] | None = None, check: Callable[[Path], None] | None = None
@@ -184,8 +205,8 @@ class HFFolderWriter:
             from bridge.export_metadata import check_weights_match_config
 
             check_weights_match_config(config, self._shapes)
-            if self._pending or not self._shards:
-                self._flush()
+            if self._shard is not None or not self._shards:
+                self._close_shard()
             count = len(self._shards)
             weight_map = {}
             for index, names in enumerate(self._shards):
@@ -213,7 +234,135 @@ class HFFolderWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        """Drop everything written so far: close the open shard and remove the temporary folder."""
+        if self._shard is not None:
+            with contextlib.suppress(OSError):
+                self._shard.discard()
+            self._shard = None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+# torch dtype → safetensors dtype name, as ``safetensors.torch.save_file`` writes them.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    dtype: label
+    for attr, label in (
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"),
+        ("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"),
+        ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"),
+        ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2", "F8_E5M2"),
+        ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("float8_e8m0fnu", "F8_E8M0"), ("float4_e2m1fn_x2", "F4"),
+        ("complex64", "C64"),
+    )
+    if (dtype := getattr(torch, attr, None)) is not None
+}
+# The header size safetensors refuses to read beyond (its MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+_MIN_RESERVE, _MAX_INITIAL_RESERVE = 4 * 2**10, 2**20
+_METADATA_JSON = json.dumps({"format": "pt"}, separators=(",", ":"))
+_WRITE_CHUNK = 1 << 30  # below Linux's 2 GiB limit on one write()
+
+
+def safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
+    """The safetensors name of ``tensor``'s dtype; refuses (naming the tensor) a dtype safetensors has no name for."""
+    try:
+        return _DTYPE_NAMES[tensor.dtype]
+    except KeyError:
+        supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in _DTYPE_NAMES)
+        raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store (it stores {supported})") from None
+
+
+def initial_header_reservation(max_shard_bytes: int) -> int:
+    """Header bytes reserved at the start of each shard: 1/1024 of the shard size, 4 KiB to 1 MiB.
+
+    1 MiB holds ~8,000 tensor entries (a 5GB shard of an MoE model with 3 MB experts needs ~1,700);
+    the reservation doubles whenever a shard's header outgrows it.
+    """
+    return _round_up(min(max(max_shard_bytes // 1024, _MIN_RESERVE), _MAX_INITIAL_RESERVE), 8)
+
+
+class _ShardFile:
+    """One safetensors file being written: a reserved header region, then tensor data appended as it comes."""
+
+    def __init__(self, path: Path, reserve: int):
+        self.path = path
+        self.reserve = reserve
+        self.names: list[str] = []
+        self.data_bytes = 0
+        self._entries: list[str] = [f'"__metadata__":{_METADATA_JSON}']
+        self._header_bytes = len(self._entries[0]) + 2  # the braces
+        # 0666 & ~umask, like any file a process creates (safetensors itself creates 0600 files).
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        os.lseek(self._fd, 8 + reserve, os.SEEK_SET)
+
+    def _entry(self, name: str, dtype: str, shape: list[int], size: int) -> str:
+        info = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + size]}
+        return json.dumps(name) + ":" + json.dumps(info, separators=(",", ":"))
+
+    def fits(self, name: str, dtype: str, shape: list[int], size: int) -> bool:
+        """Whether the header entry of this tensor still fits the reservation."""
+        return self._header_bytes + 1 + len(self._entry(name, dtype, shape, size)) <= self.reserve
+
+    def write(self, name: str, dtype: str, shape: list[int], tensor: torch.Tensor) -> None:
+        """Append the tensor's bytes to the file, straight from its memory, and record its header entry."""
+        size = tensor.nbytes
+        entry = self._entry(name, dtype, shape, size)
+        needed = self._header_bytes + 1 + len(entry)
+        if needed > self.reserve:  # only for a shard's first tensor (with a name of ~1/10 of the reservation)
+            self._grow_reservation(needed)
+        if size:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            written = 0
+            while written < size:
+                written += os.write(self._fd, view[written : written + _WRITE_CHUNK])
+        self._entries.append(entry)
+        self._header_bytes = needed
+        self.names.append(name)
+        self.data_bytes += size
+
+    def _grow_reservation(self, needed: int) -> None:
+        if self.data_bytes:
+            raise RuntimeError(f"{self.path}: the header cannot grow once data follows it (the writer checks fits() first)")
+        if needed > MAX_HEADER_BYTES:
+            raise ValueError(f"a safetensors header of {needed} bytes is over the {MAX_HEADER_BYTES} that safetensors reads")
+        self.reserve = _round_up(needed, 8)
+        os.lseek(self._fd, 8 + self.reserve, os.SEEK_SET)
+
+    def close(self) -> None:
+        """Write the header, padded with spaces to the reservation so the data starts where it was written."""
+        header = ("{" + ",".join(self._entries) + "}").encode("ascii")
+        header += b" " * (self.reserve - len(header))
+        try:
+            written = os.pwrite(self._fd, struct.pack("<Q", self.reserve) + header, 0)
+            if written != 8 + self.reserve:
+                raise OSError(errno.EIO, f"short write of the header of {self.path}")
+        finally:
+            os.close(self._fd)
+
+    def discard(self) -> None:
+        os.close(self._fd)
+
+
+def _plain_cpu(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a dense, contiguous CPU tensor whose memory holds exactly its values (a copy only where needed)."""
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor {name} is {tensor.layout}; safetensors stores dense (strided) tensors only")
+    if tensor.is_meta:
+        raise ValueError(f"tensor {name} is on the meta device and has no values to write")
+    return tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+
+
+def _header_shape(name: str, tensor: torch.Tensor) -> list[int]:
+    """The shape safetensors records: its F4 counts 4-bit values, two per ``float4_e2m1fn_x2`` element."""
+    shape = list(tensor.shape)
+    if _DTYPE_NAMES.get(tensor.dtype) == "F4":
+        if not shape:
+            raise ValueError(f"tensor {name} is a 0-d float4_e2m1fn_x2 tensor, which has no safetensors shape")
+        shape[-1] *= 2
+    return shape
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _write_text(path: Path, text: str) -> None:
