@@ -128,23 +128,18 @@ def _hf_bytes(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader) -
 
 
 class _HFSource:
-    """Builds one TP=1 parameter at a time from the HF files, re-opening them after ``reopen_bytes`` read.
+    """Builds one TP=1 parameter at a time from the HF files.
 
-    safetensors memory-maps its files; every page read stays resident (and counted) until the map
-    is closed, so the reader is replaced once the pages it touched could reach that share of the budget.
+    Its reader closes and re-opens the files' maps after ``reopen_bytes`` read, so that their
+    resident pages stay within that share of the budget (see ``SafetensorsReader``).
     """
 
     def __init__(self, bridge, plan: TransferPlan, reopen_bytes: int):
-        self.bridge, self.plan, self.reopen_bytes = bridge, plan, reopen_bytes
-        self.reader: SafetensorsReader | None = None
-        self.read_since_open = 0
+        self.plan = plan
+        self.reader = SafetensorsReader(bridge.hf_folder, bridge.model_bridge.hf_views, reopen_bytes=reopen_bytes)
 
     def build(self, entry: PlanEntry) -> torch.Tensor:
         mapping = self.plan.mapping(entry)
-        if self.reader is None or self.read_since_open >= self.reopen_bytes:
-            self.reader = SafetensorsReader(self.bridge.hf_folder, self.bridge.model_bridge.hf_views)
-            self.read_since_open = 0
-        self.read_since_open += _hf_bytes(self.plan, entry, self.reader)
         sources = {role: self.reader.lazy(name) for role, name in mapping.hf_param.items()}
         tensor = mapping.hf_to_megatron(sources, self.plan.context(entry))
         if tuple(tensor.shape) != entry.local_shape:

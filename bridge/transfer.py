@@ -226,24 +226,37 @@ def _progress(items, desc: str):
 
 
 def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice") -> None:
-    """Copy the HF checkpoint into this rank's parameters (all ranks call this together)."""
+    """Copy the HF checkpoint into this rank's parameters (all ranks call this together).
+
+    The reader's maps are closed at the end (it re-opens them on its next read), so that the
+    checkpoint's pages do not stay in this rank's resident memory beside the model.
+    """
     if strategy not in LOAD_STRATEGIES:
         raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
-    for entry in _progress(plan.local_entries(), "loading"):
-        mapping = plan.mapping(entry)
-        param = plan.local[entry.name].param
-        ctx = plan.context(entry)
-        if strategy == "scatter" and ctx.tp_size > 1:
-            shard = _scatter_shard(plan, entry, reader, param)
-        else:
-            sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
-            shard = mapping.hf_to_megatron(sources, ctx)
-        if tuple(shard.shape) != tuple(param.shape):
-            raise MappingError(
-                f"{entry.name}: built a shard of shape {list(shard.shape)} from {mapping.hf_names}, the parameter has {list(param.shape)}"
-            )
-        with torch.no_grad():
-            param.copy_(shard)
+    try:
+        for entry in _progress(plan.local_entries(), "loading"):
+            _load_one(plan, entry, reader, strategy)
+    finally:
+        reader.release()  # the pages read would otherwise stay resident for as long as the reader lives
+
+
+def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str) -> None:
+    """Build and copy in one parameter's shard. Its own function so that the views of the files' maps die on return,
+    letting the reader's next re-open release the pages they span."""
+    mapping = plan.mapping(entry)
+    param = plan.local[entry.name].param
+    ctx = plan.context(entry)
+    if strategy == "scatter" and ctx.tp_size > 1:
+        shard = _scatter_shard(plan, entry, reader, param)
+    else:
+        sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
+        shard = mapping.hf_to_megatron(sources, ctx)
+    if tuple(shard.shape) != tuple(param.shape):
+        raise MappingError(
+            f"{entry.name}: built a shard of shape {list(shard.shape)} from {mapping.hf_names}, the parameter has {list(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(shard)
 
 
 def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor) -> torch.Tensor:
