@@ -316,4 +316,6 @@ def export_tensors(plan: TransferPlan) -> Iterator[tuple[str, torch.Tensor]]:
             dist.recv(buffer, src=entry.owner)
             shards = list(buffer.unbind(0))
         if writer:
-            yield from mapping.megatron_to_hf(shards, plan.context(entry, 0)).items()
+            converted = mapping.megatron_to_hf(shards, plan.context(entry, 0))
+            shards = None  # the gathered shards go before the consumer writes: one full copy in flight, not two
+            yield from converted.items()
