@@ -19,6 +19,7 @@ import ctypes
 import errno
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -260,6 +261,8 @@ MAX_HEADER_BYTES = 100_000_000
 _MIN_RESERVE, _MAX_INITIAL_RESERVE = 4 * 2**10, 2**20
 _METADATA_JSON = json.dumps({"format": "pt"}, separators=(",", ":"))
 _WRITE_CHUNK = 1 << 30  # below Linux's 2 GiB limit on one write()
+_DIRECT_BLOCK = 4096  # O_DIRECT alignment of memory, offsets and lengths (a multiple of any device's logical block)
+_STAGE_BYTES = 8 * 2**20  # the staging buffer of O_DIRECT writes
 
 
 def safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
@@ -280,6 +283,90 @@ def initial_header_reservation(max_shard_bytes: int) -> int:
     return _round_up(min(max(max_shard_bytes // 1024, _MIN_RESERVE), _MAX_INITIAL_RESERVE), 8)
 
 
+class _DataAppender:
+    """Appends a shard's data to its file from a given offset, with ``O_DIRECT`` where the filesystem allows it.
+
+    Buffered writes of fresh data have to find a fresh page-cache page for every 4 KiB, which was
+    the whole cost of an export on the project's VMs (1.7 GB: 3.3 s buffered, 0.9 s direct, and the
+    final fsync has nothing left to flush). ``O_DIRECT`` wants aligned memory, offsets and lengths,
+    so the bytes go through one page-aligned staging buffer written in whole blocks; the last,
+    partial block is written padded and the file cut to its length. The bytes before ``start`` (the
+    header region) are written as zeros and overwritten by the header at the end through the
+    buffered descriptor. Where ``O_DIRECT`` is missing or refused (tmpfs, some network and FUSE
+    filesystems, non-Linux), the same bytes go through the buffered descriptor.
+    """
+
+    def __init__(self, path: Path, buffered_fd: int, start: int):
+        self._buffered_fd = buffered_fd
+        self._direct_fd: int | None = None
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self._direct_fd = None
+        self._stage = mmap.mmap(-1, _STAGE_BYTES)  # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._stage)
+        self._offset = start - start % _DIRECT_BLOCK  # file offset of the stage's first byte
+        self._fill = start - self._offset
+
+    @property
+    def direct(self) -> bool:
+        return self._direct_fd is not None
+
+    def append(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            count = min(len(data) - done, _STAGE_BYTES - self._fill)
+            self._view[self._fill : self._fill + count] = data[done : done + count]
+            self._fill += count
+            done += count
+            if self._fill == _STAGE_BYTES:
+                self._write(_STAGE_BYTES, _STAGE_BYTES)
+                self._offset += _STAGE_BYTES
+                self._fill = 0
+
+    def finish(self) -> None:
+        """Write what the stage holds and close; the file then ends exactly after the data."""
+        try:
+            if self._fill:
+                self._write(self._fill, _round_up(self._fill, _DIRECT_BLOCK) if self.direct else self._fill)
+                if self.direct:
+                    os.ftruncate(self._buffered_fd, self._offset + self._fill)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        self._view.release()
+        self._stage.close()
+
+    def _write(self, length: int, padded: int) -> None:
+        """Write the stage's first ``length`` bytes (``padded``: zero-filled to a whole block for O_DIRECT)."""
+        if self.direct:
+            self._view[length:padded] = bytes(padded - length)
+            try:
+                _write_all(self._direct_fd, self._view[:padded], self._offset)
+                return
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                logger.info("O_DIRECT writes refused here (%s); writing through the page cache", err)
+                os.close(self._direct_fd)
+                self._direct_fd = None
+        _write_all(self._buffered_fd, self._view[:length], self._offset)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        written = os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
+        if written <= 0:
+            raise OSError(errno.EIO, f"short write at offset {offset + done}")
+        done += written
+
+
 class _ShardFile:
     """One safetensors file being written: a reserved header region, then tensor data appended as it comes."""
 
@@ -292,7 +379,7 @@ class _ShardFile:
         self._header_bytes = len(self._entries[0]) + 2  # the braces
         # 0666 & ~umask, like any file a process creates (safetensors itself creates 0600 files).
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-        os.lseek(self._fd, 8 + reserve, os.SEEK_SET)
+        self._data: _DataAppender | None = None  # opened with the first data byte, once the reservation is final
 
     def _entry(self, name: str, dtype: str, shape: list[int], size: int) -> str:
         info = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + size]}
@@ -310,10 +397,9 @@ class _ShardFile:
         if needed > self.reserve:  # only for a shard's first tensor (with a name of ~1/10 of the reservation)
             self._grow_reservation(needed)
         if size:
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            written = 0
-            while written < size:
-                written += os.write(self._fd, view[written : written + _WRITE_CHUNK])
+            if self._data is None:
+                self._data = _DataAppender(self.path, self._fd, 8 + self.reserve)
+            self._data.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self._entries.append(entry)
         self._header_bytes = needed
         self.names.append(name)
@@ -325,20 +411,23 @@ class _ShardFile:
         if needed > MAX_HEADER_BYTES:
             raise ValueError(f"a safetensors header of {needed} bytes is over the {MAX_HEADER_BYTES} that safetensors reads")
         self.reserve = _round_up(needed, 8)
-        os.lseek(self._fd, 8 + self.reserve, os.SEEK_SET)
 
     def close(self) -> None:
         """Write the header, padded with spaces to the reservation so the data starts where it was written."""
         header = ("{" + ",".join(self._entries) + "}").encode("ascii")
         header += b" " * (self.reserve - len(header))
         try:
-            written = os.pwrite(self._fd, struct.pack("<Q", self.reserve) + header, 0)
-            if written != 8 + self.reserve:
-                raise OSError(errno.EIO, f"short write of the header of {self.path}")
+            if self._data is not None:
+                self._data.finish()
+                self._data = None
+            _write_all(self._fd, memoryview(struct.pack("<Q", self.reserve) + header), 0)
         finally:
             os.close(self._fd)
 
     def discard(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
         os.close(self._fd)
 
 

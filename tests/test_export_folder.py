@@ -5,6 +5,7 @@ report, and written atomically — a killed export leaves the target absent or u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from safetensors import safe_open
 
 from bridge import export_metadata
 from bridge.export_metadata import ConfigMismatchError
-from bridge.hf_writer import ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
+from bridge.hf_writer import _STAGE_BYTES, ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
 from bridge.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
 from tests.edited_checkpoints import edited_copy
 
@@ -380,13 +381,13 @@ def test_writer_refuses_a_dtype_safetensors_cannot_name(tmp_path):
 
 
 def test_writer_streams_each_tensor_to_disk_when_added(tmp_path):
-    tensor = torch.arange(2**18, dtype=torch.float32)  # 1 MiB
+    tensor = torch.arange(10 * 2**20, dtype=torch.float32)  # 40 MiB: several times the staging buffer
     with HFFolderWriter(tmp_path / "out") as folder:
         folder.add("a", tensor)
         shard = folder.tmp_dir / "shard-0.tmp"
-        assert shard.stat().st_size >= tensor.nbytes, "the tensor was buffered instead of written"
+        assert shard.stat().st_size >= tensor.nbytes - _STAGE_BYTES, "the tensor was buffered instead of written"
         folder.add("b", tensor)
-        assert shard.stat().st_size >= 2 * tensor.nbytes
+        assert shard.stat().st_size >= 2 * tensor.nbytes - _STAGE_BYTES
         with pytest.raises(ValueError, match="tensor a was written twice"):
             folder.add("a", tensor)
         folder.finish(_CONFIG, {})
@@ -452,3 +453,64 @@ def test_many_tiny_tensors_outgrow_the_header_reservation(tmp_path):
     assert sorted(loaded) == sorted(tensors)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def _direct_io_tensors() -> dict[str, torch.Tensor]:
+    """Sizes that cross the staging buffer and block boundaries at odd places, and an empty tensor."""
+    generator = torch.Generator().manual_seed(3)
+    return {
+        "odd.weight": torch.randn(1001, 7, generator=generator),
+        "empty.weight": torch.zeros(0, 5),
+        "large.weight": torch.randn(5 * 2**20 + 3, generator=generator).to(torch.bfloat16),  # ~10 MiB
+        "more.weight": torch.randn(3 * 2**20 + 11, generator=generator),  # ~12 MiB: the stage fills mid-tensor, twice
+        "tail.weight": torch.arange(3, dtype=torch.int8),
+    }
+
+
+def _shard_bytes(out: Path) -> list[bytes]:
+    return [path.read_bytes() for path, _, _ in _shards_in_order(out)]
+
+
+def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import bridge.hf_writer as hf_writer
+
+    tensors = _direct_io_tensors()
+    used = []
+    original = hf_writer._DataAppender.finish
+    monkeypatch.setattr(hf_writer._DataAppender, "finish", lambda self: (used.append(self.direct), original(self))[1])
+    direct = _write_tensors(tmp_path / "direct", tensors, max_shard_size="20MB")
+    if hasattr(os, "O_DIRECT"):
+        assert any(used), "O_DIRECT was not used on this filesystem"
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    used.clear()
+    buffered = _write_tensors(tmp_path / "buffered", tensors, max_shard_size="20MB")
+    assert used and not any(used)
+    assert len(_shard_bytes(direct)) == 2 and _shard_bytes(direct) == _shard_bytes(buffered)
+    loaded = {}
+    for path, _, _ in _shards_in_order(direct):
+        loaded.update(load_file(path))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_filesystem_that_refuses_direct_writes_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    import fcntl
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    tensors = _direct_io_tensors()
+    reference = _write_tensors(tmp_path / "reference", tensors, max_shard_size="20MB")
+    refused = []
+    pwrite = os.pwrite
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    out = _write_tensors(tmp_path / "refused", tensors, max_shard_size="20MB")
+    assert refused
+    assert _shard_bytes(out) == _shard_bytes(reference)
