@@ -101,7 +101,9 @@ class AutoBridge:
     def export_hf_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream HF (name, tensor) pairs from the model. Every rank must iterate; only the writing rank gets pairs.
 
-        Tensors come in the source checkpoint's dtype for that name (or ``dtype`` when given).
+        Tensors come in the source checkpoint's dtype for that name (or ``dtype`` when given). Where
+        no conversion is needed (TP=1, same dtype) a tensor shares memory with the model's
+        parameter rather than copying it: ``clone()`` what you keep while training goes on.
         """
         plan = self.plan(model)
         source_dtypes = self.reader.dtypes() if dtype is None else {}

@@ -51,6 +51,14 @@ def read_all(src: TensorSource) -> torch.Tensor:
     return src.narrow(0, 0, src.shape[0]).contiguous()
 
 
+def join_shards(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """The TP shards of a parameter joined along ``dim``; with one shard (TP=1) the shard itself, not a copy.
+
+    Export hands each joined tensor straight to the writer, so a copy here is a copy of the model.
+    """
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=dim)
+
+
 def shard_rows(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
     """Contiguous shard ``rank`` of ``size`` equal parts of ``src`` along ``dim``."""
     total = src.shape[dim]

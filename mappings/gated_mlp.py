@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, shard_rows
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards, shard_rows
 
 
 class GatedMLPMapping(ParamMapping):
@@ -40,6 +40,6 @@ class GatedMLPMapping(ParamMapping):
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return {
-            self.hf_param["gate"]: torch.cat([g for g, _ in halves], dim=0).contiguous(),
-            self.hf_param["up"]: torch.cat([u for _, u in halves], dim=0).contiguous(),
+            self.hf_param["gate"]: join_shards([g for g, _ in halves], 0).contiguous(),
+            self.hf_param["up"]: join_shards([u for _, u in halves], 0).contiguous(),
         }

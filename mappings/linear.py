@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, read_all, shard_rows
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards, read_all, shard_rows
 
 
 class ColumnParallelMapping(ParamMapping):
@@ -18,7 +18,7 @@ class ColumnParallelMapping(ParamMapping):
         return shard_rows(self.single(hf), 0, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
-        return {self.hf_names[0]: torch.cat(list(shards), dim=0)}
+        return {self.hf_names[0]: join_shards(shards, 0)}
 
 
 class RowParallelMapping(ParamMapping):
@@ -39,7 +39,7 @@ class RowParallelMapping(ParamMapping):
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
         if shards[0].dim() == 1:
             return {self.hf_names[0]: shards[0]}
-        return {self.hf_names[0]: torch.cat(list(shards), dim=1)}
+        return {self.hf_names[0]: join_shards(shards, 1)}
 
 
 class ReplicatedMapping(ParamMapping):
@@ -80,4 +80,4 @@ class VocabParallelMapping(ParamMapping):
         return shard
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
-        return {self.hf_names[0]: torch.cat(list(shards), dim=0)[: ctx.vocab_size].contiguous()}
+        return {self.hf_names[0]: join_shards(shards, 0)[: ctx.vocab_size].contiguous()}

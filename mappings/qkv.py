@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource
+from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards
 
 
 class QKVMapping(ParamMapping):
@@ -59,7 +59,7 @@ class QKVMapping(ParamMapping):
         d = ctx.head_dim
         groups = ctx.num_query_groups
         heads_per_group = ctx.num_attention_heads // groups
-        full = torch.cat(list(shards), dim=0)
+        full = join_shards(shards, 0)
         rest = tuple(full.shape[1:])
         if full.shape[0] != groups * (heads_per_group + 2) * d:
             raise MappingError(
