@@ -284,15 +284,27 @@ def is_writer() -> bool:
     return dist.get_rank() == 0
 
 
+def _received(entry: PlanEntry, device: torch.device, src: int) -> torch.Tensor:
+    """One shard of ``entry`` received from global rank ``src``."""
+    shard = torch.empty(entry.local_shape, dtype=entry.dtype, device=device)
+    dist.recv(shard, src=src)
+    return shard
+
+
 def export_tensors(plan: TransferPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs in global order; every rank must drive it, only the writer gets pairs.
 
-    Each parameter's shards are gathered over its TP (or expert-TP) group to the owner, which sends
-    them to the writer; every other rank skips it.
+    Each parameter's shards are collected from its TP (or expert-TP) group by the owner, which sends
+    them to the writer; every other rank skips it. Point-to-point sends rather than ``gather``:
+    gloo's gather moved 1 GB/s where its send/recv moved 5 GB/s between two local ranks, and the
+    owner sends its shards one by one instead of stacking them into a copy.
     """
     writer = is_writer()
     roots = {False: _group_root(False), True: _group_root(True)}
-    groups = {False: parallel_state.get_tensor_model_parallel_group(), True: parallel_state.get_expert_tensor_parallel_group()}
+    members = {
+        False: dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()),
+        True: dist.get_process_group_ranks(parallel_state.get_expert_tensor_parallel_group()),
+    }
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for entry in _progress(plan.entries, "exporting"):
         mapping = plan.mapping(entry)
@@ -302,19 +314,17 @@ def export_tensors(plan: TransferPlan) -> Iterator[tuple[str, torch.Tensor]]:
         shards: list[torch.Tensor] | None = None
         if entry.name in plan.local and roots[entry.expert] == entry.owner:
             tensor = plan.local[entry.name].param.detach().contiguous()
-            if count > 1:
-                owner = dist.get_rank() == entry.owner
-                gathered = [torch.empty_like(tensor) for _ in range(count)] if owner else None
-                dist.gather(tensor, gathered, dst=entry.owner, group=groups[entry.expert])
-                shards = gathered
+            if dist.get_rank() != entry.owner:
+                if count > 1:  # a TP shard; a replicated parameter comes from the owner alone
+                    dist.send(tensor, dst=entry.owner)
             else:
-                shards = [tensor]
-            if dist.get_rank() == entry.owner and not writer:
-                dist.send(torch.stack(shards), dst=0)
+                group = members[entry.expert] if count > 1 else [entry.owner]
+                shards = [tensor if rank == entry.owner else _received(entry, device, rank) for rank in group]
+                if not writer:
+                    for shard in shards:
+                        dist.send(shard, dst=0)
         elif writer:
-            buffer = torch.empty((count, *entry.local_shape), dtype=entry.dtype, device=device)
-            dist.recv(buffer, src=entry.owner)
-            shards = list(buffer.unbind(0))
+            shards = [_received(entry, device, entry.owner) for _ in range(count)]
         if writer:
             converted = mapping.megatron_to_hf(shards, plan.context(entry, 0))
             shards = None  # the gathered shards go before the consumer writes: one full copy in flight, not two
