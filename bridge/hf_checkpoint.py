@@ -96,6 +96,11 @@ class LazyTensor:
         """A multi-dimensional slice, read from disk."""
         return self._reader.read(self, index)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor on disk."""
+        return self.shape.numel() * self.dtype.itemsize
+
     def __repr__(self) -> str:
         return f"LazyTensor({self.name}, {list(self.shape)}, {self.dtype})"
 
@@ -112,10 +117,6 @@ def _span_bytes(shape: torch.Size, itemsize: int, index: tuple[slice, ...]) -> i
         last += (start + (stop - start - 1) // step * step) * stride
         stride *= shape[dim]
     return last - first + itemsize
-
-
-def _nbytes(tensor: LazyTensor) -> int:
-    return tensor.shape.numel() * tensor.dtype.itemsize
 
 
 class SafetensorsReader:
@@ -159,7 +160,7 @@ class SafetensorsReader:
                 self._file_of[name] = path
                 part = handle.get_slice(name)
                 self._stored[name] = LazyTensor(name, path, torch.Size(part.get_shape()), _DTYPES[part.get_dtype()], self)
-        largest = max((_nbytes(t) for t in self._stored.values()), default=0)
+        largest = max((t.nbytes for t in self._stored.values()), default=0)
         self.reopen_bytes = reopen_bytes if reopen_bytes is not None else max(largest, MIN_REOPEN_BYTES)
         self._read_since_open = 0
         self._virtual: dict[str, object] = {}

@@ -68,7 +68,7 @@ class MemoryBudgetError(ValueError):
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _size_text(size: int) -> str:
@@ -124,7 +124,7 @@ def _entries_by_name(plan: TransferPlan) -> dict[str, PlanEntry]:
 
 
 def _hf_bytes(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader) -> int:
-    return sum(_nbytes(reader.lazy(name).shape, reader.lazy(name).dtype) for name in plan.mapping(entry).hf_names)
+    return sum(reader.lazy(name).nbytes for name in plan.mapping(entry).hf_names)
 
 
 class _HFSource:

@@ -165,9 +165,7 @@ _MEASURE = textwrap.dedent(
     import models.llama
     from bridge import cli, streaming_checkpoint, verify
 
-    def status(field):
-        with open("/proc/self/status") as lines:
-            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+    from tests.process_memory import proc_status_bytes as status
 
     baseline = status("VmRSS")
     code = cli.main(sys.argv[1:])

@@ -35,9 +35,10 @@ _MEASURE = textwrap.dedent(
     from bridge import AutoBridge, transfer
     from bridge.hf_checkpoint import LazyTensor
 
+    from tests.process_memory import proc_status_bytes
+
     def rss_file():
-        with open("/proc/self/status") as lines:
-            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("RssFile:"))
+        return proc_status_bytes("RssFile")
 
     samples = {"peak": 0}
     narrow, select, load = LazyTensor.narrow, LazyTensor.select_slice, transfer.load_checkpoint
