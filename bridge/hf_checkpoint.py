@@ -18,20 +18,21 @@ from safetensors import safe_open
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype name → torch dtype, as ``safetensors.torch`` names them (the writer uses it inverted).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    label: dtype
+    for label, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2"),
+        ("C64", "complex64"),
+    )
+    if (dtype := getattr(torch, attr, None)) is not None
 }
+# Names the reader refuses: F4's recorded shape counts 4-bit values, not torch elements.
+_UNREADABLE = frozenset({"F4"})
 # Files besides the weights that a complete HF folder carries and an export copies verbatim.
 SIDE_FILES = (
     "generation_config.json",
@@ -159,7 +160,10 @@ class SafetensorsReader:
                     raise CheckpointError(f"tensor {name} is in both {self._file_of[name].name} and {path.name}")
                 self._file_of[name] = path
                 part = handle.get_slice(name)
-                self._stored[name] = LazyTensor(name, path, torch.Size(part.get_shape()), _DTYPES[part.get_dtype()], self)
+                dtype = SAFETENSORS_DTYPES.get(part.get_dtype()) if part.get_dtype() not in _UNREADABLE else None
+                if dtype is None:
+                    raise CheckpointError(f"tensor {name} in {path.name} has the safetensors dtype {part.get_dtype()}, which the bridge cannot read")
+                self._stored[name] = LazyTensor(name, path, torch.Size(part.get_shape()), dtype, self)
         largest = max((t.nbytes for t in self._stored.values()), default=0)
         self.reopen_bytes = reopen_bytes if reopen_bytes is not None else max(largest, MIN_REOPEN_BYTES)
         self._read_since_open = 0

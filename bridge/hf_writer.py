@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from bridge.hf_checkpoint import INDEX_NAME
+from bridge.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -244,18 +244,7 @@ class HFFolderWriter:
 
 
 # torch dtype → safetensors dtype name, as ``safetensors.torch.save_file`` writes them.
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    dtype: label
-    for attr, label in (
-        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"),
-        ("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"),
-        ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"),
-        ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2", "F8_E5M2"),
-        ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("float8_e8m0fnu", "F8_E8M0"), ("float4_e2m1fn_x2", "F4"),
-        ("complex64", "C64"),
-    )
-    if (dtype := getattr(torch, attr, None)) is not None
-}
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: label for label, dtype in SAFETENSORS_DTYPES.items()}
 # The header size safetensors refuses to read beyond (its MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
 _MIN_RESERVE, _MAX_INITIAL_RESERVE = 4 * 2**10, 2**20

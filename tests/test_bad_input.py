@@ -117,3 +117,15 @@ def test_export_refuses_a_non_empty_target(tiny_checkpoints, tmp_path):
     error, message, _ = run_distributed(_convert, 1, str(tiny_checkpoints["llama"]), str(target))[0]
     assert error == "OutputFolderError" and "not empty" in message
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="no float4 in this torch")
+def test_a_tensor_of_an_unreadable_dtype_is_named(tiny_checkpoints, tmp_path):
+    from bridge.hf_checkpoint import SafetensorsReader
+
+    def add_fp4(tensors):
+        tensors["model.layers.0.mlp.packed.weight"] = torch.zeros(2, 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+
+    folder = edited_copy(tiny_checkpoints["llama"], tmp_path / "fp4", add_fp4)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.packed\.weight .* safetensors dtype F4"):
+        SafetensorsReader(folder)
