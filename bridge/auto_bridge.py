@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from transformers import AutoConfig, PretrainedConfig
 
-from bridge import export_metadata, megatron_builder, parallel, transfer
+from bridge import export_metadata, folder_export, megatron_builder, parallel, transfer
 from bridge.hf_checkpoint import SafetensorsReader, resolve_hf_folder
-from bridge.hf_writer import HFFolderWriter, check_output_folder
 from bridge.model_bridge import ModelBridge, bridge_for
 from bridge.parallel import ParallelSizes
 
@@ -113,26 +111,19 @@ class AutoBridge:
     def save_hf_pretrained(
         self, model, out_dir: str | Path, max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: torch.dtype | None = None
     ) -> None:
-        """Write a complete HF folder (weights, config, generation config, tokenizer files) atomically."""
-        out_dir = Path(out_dir)
-        writer = transfer.is_writer()
-        error = None
-        if writer:
-            try:
-                check_output_folder(out_dir, overwrite)
-            except ValueError as err:
-                error = err
-        flags = [error is not None]
-        dist.broadcast_object_list(flags, src=0)
-        if flags[0]:
-            raise error or ValueError(f"the writing rank refused the output folder {out_dir}")
-        if not writer:
-            for _ in self.export_hf_weights(model, dtype):
-                pass
-            dist.barrier()
-            return
-        with HFFolderWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite) as folder:
-            for name, tensor in self.export_hf_weights(model, dtype):
-                folder.add(name, tensor)
-            folder.finish(export_metadata.export_config(self.hf_folder, self.hf_config, dtype), export_metadata.side_files(self.hf_folder, self.hf_config))
-        dist.barrier()
+        """Write a complete HF folder (weights, config, generation config, tokenizer files) atomically.
+
+        All ranks call it. The ranks holding the model's shards write them in parallel when they
+        share a filesystem (``bridge.folder_export``); tensors are written in the source checkpoint's
+        dtype for that name (or ``dtype`` when given).
+        """
+        source_dtypes = self.reader.dtypes() if dtype is None else {}
+        folder_export.write_hf_folder(
+            self.plan(model),
+            out_dir,
+            config=export_metadata.export_config(self.hf_folder, self.hf_config, dtype),
+            side_files=export_metadata.side_files(self.hf_folder, self.hf_config),
+            target_dtype=lambda name, current: dtype or source_dtypes.get(name, current),
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )

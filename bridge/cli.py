@@ -316,6 +316,7 @@ def _agree(step: Callable[[], None]) -> None:
     import torch.distributed as dist
 
     from bridge.parallel import init_distributed
+    from bridge.rank_errors import raise_everywhere
 
     init_distributed()
     error: Exception | None = None
@@ -324,7 +325,7 @@ def _agree(step: Callable[[], None]) -> None:
             step()
         except Exception as err:
             error = err
-    _raise_everywhere(error, src=0)
+    raise_everywhere(error, src=0)
 
 
 def _vocab_divisor(padded_vocab: int, tp: int) -> int:
@@ -549,7 +550,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         how = f"streamed within --max-memory {args.max_memory or 'the default 4GB'}"
     else:
         model = _load_checkpoint_model(bridge, ckpt, info, args)
-        _write_hf_folder(bridge, model, out, model_dtype, target_dtype, config, side, check, args)
+        _write_hf_folder(bridge, model, out, target_dtype, config, side, check, args)
         checked, how = check is not None, f"read at {_layout(vars(args))}"
     if _rank() == 0:
         index = export_metadata.read_json(out / "model.safetensors.index.json")
@@ -613,61 +614,24 @@ def _load_checkpoint_model(bridge, ckpt: Path, info: dict, args: argparse.Namesp
     return model
 
 
-def _write_hf_folder(bridge, model, out: Path, model_dtype, target_dtype, config: dict, side: dict, check, args) -> None:
-    """Stream the model into an HF folder on the writing rank; all ranks call, and all raise the writer's error.
+def _write_hf_folder(bridge, model, out: Path, target_dtype, config: dict, side: dict, check, args) -> None:
+    """Stream the model into an HF folder, written by the ranks that hold it; all ranks call, and all raise any rank's error."""
+    from bridge.folder_export import write_hf_folder
 
-    Every rank drives the export to the end even when the writer failed, so that no rank is left
-    waiting for another.
-    """
-    import torch.distributed as dist
+    def ticking_check(folder: Path) -> None:
+        with _ticker("checking the folder (loading it in transformers)"):
+            check(folder)
 
-    from bridge.hf_writer import HFFolderWriter
-    from bridge.transfer import is_writer
-
-    writer = is_writer()
-    flags: list = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, writer)
-    error: Exception | None = None
-    folder: HFFolderWriter | None = None
-    if writer:
-        try:
-            folder = HFFolderWriter(out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-        except Exception as err:
-            error = err
-    try:
-        for name, tensor in bridge.export_hf_weights(model, dtype=model_dtype):
-            if folder is None:
-                continue
-            try:
-                folder.add(name, tensor.to(target_dtype(name, tensor.dtype)))
-            except Exception as err:
-                error = err
-                folder.abort()
-                folder = None
-        if folder is not None:
-            try:
-                with _ticker("checking the folder" + (" (loading it in transformers)" if check else "")):
-                    folder.finish(config, side, check=check)  # removes its temporary folder if it fails
-            except Exception as err:
-                error = err
-            folder = None
-    finally:
-        if folder is not None:  # the export itself failed under us
-            folder.abort()
-    _raise_everywhere(error, src=flags.index(True))
-
-
-def _raise_everywhere(error: Exception | None, src: int) -> None:
-    """Raise ``error`` (known on rank ``src`` only) on every rank: the original there, a copy elsewhere."""
-    import torch.distributed as dist
-
-    message: list[Any] = [None if error is None else (type(error), str(error))]
-    dist.broadcast_object_list(message, src=src)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        kind, text = message[0]
-        raise kind(text) if issubclass(kind, KNOWN_ERRORS) else RuntimeError(f"rank {src} failed: {kind.__name__}: {text}")
+    write_hf_folder(
+        bridge.plan(model),
+        out,
+        config=config,
+        side_files=side,
+        target_dtype=target_dtype,
+        check=ticking_check if check else None,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
 
 
 # ---------------------------------------------------------------- verify
@@ -685,6 +649,8 @@ def _on_rank0(fn: Callable[[], int]) -> int:
     """``fn()`` on rank 0 only (the other ranks of a torchrun world wait for its exit status)."""
     import torch.distributed as dist
 
+    from bridge.rank_errors import raise_everywhere
+
     if not dist.is_initialized():
         return fn()
     code: list[Any] = [None]
@@ -694,7 +660,7 @@ def _on_rank0(fn: Callable[[], int]) -> int:
             code = [fn()]
         except Exception as err:
             error = err
-    _raise_everywhere(error, src=0)
+    raise_everywhere(error, src=0)
     dist.broadcast_object_list(code, src=0)
     return code[0]
 

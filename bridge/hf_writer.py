@@ -26,12 +26,14 @@ import shutil
 import socket
 import struct
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from bridge.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES
+from mappings import JoinedShards
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +128,19 @@ def publish_folder(tmp_dir: Path, out_dir: Path) -> None:
     _fsync_dir(out_dir.parent)
 
 
-class HFFolderWriter:
-    """Streams (name, tensor) pairs into safetensors shards of at most ``max_shard_size`` data bytes.
+@dataclass
+class WrittenShards:
+    """What one ``ShardSequenceWriter`` wrote: its closed shard files (temporary names) and their tensors."""
+
+    files: list[str] = field(default_factory=list)
+    names: list[list[str]] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    total_bytes: int = 0
+    total_params: int = 0
+
+
+class ShardSequenceWriter:
+    """Streams (name, tensor) pairs into safetensors shards of at most ``max_shard_bytes`` data bytes.
 
     Each tensor's bytes go to the current shard file as soon as ``add`` receives it, straight from
     the tensor's memory (no ``bytes`` copy, no shard buffer), so memory stays at one tensor. A
@@ -135,37 +148,28 @@ class HFFolderWriter:
     shard therefore starts with a reserved header region, filled at the end with the exact header
     padded with spaces (the format allows trailing whitespace, and safetensors itself pads to keep
     the data 8-byte aligned). A tensor whose header entry would not fit the reservation starts a new
-    shard, and later shards reserve twice as much.
+    shard, and later shards reserve twice as much. Files are named ``{prefix}{i}.tmp`` until the
+    folder's writer gives them their final names; several writers (one per rank) may share a folder.
     """
 
-    def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", overwrite: bool = False):
-        self.out_dir = Path(out_dir).absolute()
-        self.overwrite = overwrite
-        check_output_folder(self.out_dir, overwrite)
-        self.max_shard_bytes = parse_size(max_shard_size)
-        remove_stale_temp_folders(self.out_dir)
-        self.tmp_dir = temp_folder_for(self.out_dir)
-        self.tmp_dir.mkdir(parents=True)
-        self._reserve = initial_header_reservation(self.max_shard_bytes)
+    def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "shard-"):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.prefix = prefix
+        self._reserve = initial_header_reservation(max_shard_bytes)
         self._shard: _ShardFile | None = None
-        self._shards: list[list[str]] = []
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._total_bytes = 0
-        self._total_params = 0
+        self.written = WrittenShards()
 
-    def __enter__(self) -> "HFFolderWriter":
-        return self
+    def add(self, name: str, tensor: torch.Tensor | JoinedShards) -> None:
+        """Write ``tensor`` to the current shard now (starting a new shard when it would not fit).
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` to the current shard now (starting a new shard when it would not fit)."""
-        if name in self._shapes:
+        A ``JoinedShards`` is written part by part, never joined in memory.
+        """
+        if name in self.written.shapes:
             raise ValueError(f"tensor {name} was written twice")
         dtype = safetensors_dtype(name, tensor)
-        tensor = _plain_cpu(name, tensor)
+        if isinstance(tensor, torch.Tensor):
+            tensor = _plain_cpu(name, tensor)
         shape = _header_shape(name, tensor)
         size = tensor.nbytes
         shard = self._shard
@@ -179,40 +183,94 @@ class HFFolderWriter:
         if self._shard is None:
             self._open_shard()
         self._shard.write(name, dtype, shape, tensor)
-        self._shapes[name] = tuple(tensor.shape)
-        self._total_bytes += size
-        self._total_params += tensor.numel()
+        self.written.shapes[name] = tuple(tensor.shape)
+        self.written.total_bytes += size
+        self.written.total_params += tensor.numel()
+
+    def close(self, keep_empty: bool = False) -> WrittenShards:
+        """Close the open shard; with ``keep_empty``, a writer that wrote nothing still leaves one empty shard."""
+        if self._shard is not None or (keep_empty and not self.written.files):
+            self._close_shard()
+        return self.written
+
+    def abort(self) -> None:
+        """Close the open shard without finishing it (the folder's writer removes the files)."""
+        if self._shard is not None:
+            with contextlib.suppress(OSError):
+                self._shard.discard()
+            self._shard = None
 
     def _open_shard(self) -> None:
-        self._shard = _ShardFile(self.tmp_dir / f"shard-{len(self._shards)}.tmp", self._reserve)
+        path = self.folder / f"{self.prefix}{len(self.written.files)}.tmp"
+        self._shard = _ShardFile(path, self._reserve)
 
     def _close_shard(self) -> None:
-        """Fill in the current shard's header and close it (an empty folder still gets one, empty, shard)."""
         if self._shard is None:
             self._open_shard()
         shard, self._shard = self._shard, None
         shard.close()
-        self._shards.append(shard.names)
+        self.written.files.append(shard.path.name)
+        self.written.names.append(shard.names)
+
+
+class HFFolderWriter:
+    """Writes an HF folder: shards streamed by ``add`` (and by other ranks' ``ShardSequenceWriter``s), then its index and config.
+
+    Everything is written into ``tmp_dir`` and moved into place by ``finish`` (see the module's
+    docstring); other ranks that see the same filesystem may write their own shards into
+    ``tmp_dir`` and hand what they wrote to ``finish``.
+    """
+
+    def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", overwrite: bool = False):
+        self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        check_output_folder(self.out_dir, overwrite)
+        self.max_shard_bytes = parse_size(max_shard_size)
+        remove_stale_temp_folders(self.out_dir)
+        self.tmp_dir = temp_folder_for(self.out_dir)
+        self.tmp_dir.mkdir(parents=True)
+        self._shards = ShardSequenceWriter(self.tmp_dir, self.max_shard_bytes)
+
+    def __enter__(self) -> "HFFolderWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, name: str, tensor: torch.Tensor | JoinedShards) -> None:
+        """Write ``tensor`` to the current shard now (starting a new shard when it would not fit)."""
+        self._shards.add(name, tensor)
 
     def finish(
-        self, config: dict, side_files: dict[str, Path | str] | None = None, check: Callable[[Path], None] | None = None
+        self,
+        config: dict,
+        side_files: dict[str, Path | str] | None = None,
+        check: Callable[[Path], None] | None = None,
+        others: Sequence[WrittenShards] = (),
     ) -> Path:
         """Name the shards, write side files, the index and config.json last, run ``check``, move into place.
 
-        ``check(folder)`` sees the finished folder before it is published; if it raises, the
-        temporary folder is removed and the target is left as it was.
+        ``others`` are the shards other writers put in ``tmp_dir``; they are numbered after this
+        writer's, in the order given. ``check(folder)`` sees the finished folder before it is
+        published; if it raises, the temporary folder is removed and the target is left as it was.
         """
         try:
             from bridge.export_metadata import check_weights_match_config
 
-            check_weights_match_config(config, self._shapes)
-            if self._shard is not None or not self._shards:
-                self._close_shard()
-            count = len(self._shards)
+            parts = [self._shards.close(keep_empty=not any(other.files for other in others)), *others]
+            shapes: dict[str, tuple[int, ...]] = {}
+            for part in parts:
+                twice = sorted(set(shapes) & set(part.shapes))
+                if twice:
+                    raise ValueError(f"tensors written twice: {', '.join(twice[:10])}")
+                shapes.update(part.shapes)
+            check_weights_match_config(config, shapes)
+            files = [(file, names) for part in parts for file, names in zip(part.files, part.names)]
             weight_map = {}
-            for index, names in enumerate(self._shards):
-                final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-                os.replace(self.tmp_dir / f"shard-{index}.tmp", self.tmp_dir / final)
+            for index, (file, names) in enumerate(files):
+                final = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+                os.replace(self.tmp_dir / file, self.tmp_dir / final)
                 weight_map.update({name: final for name in names})
             for name, source in (side_files or {}).items():
                 if isinstance(source, str):  # generated content
@@ -220,7 +278,7 @@ class HFFolderWriter:
                 else:
                     shutil.copyfile(source, self.tmp_dir / name)
             index_doc = {
-                "metadata": {"total_parameters": self._total_params, "total_size": self._total_bytes},
+                "metadata": {"total_parameters": sum(p.total_params for p in parts), "total_size": sum(p.total_bytes for p in parts)},
                 "weight_map": dict(sorted(weight_map.items())),
             }
             _write_text(self.tmp_dir / INDEX_NAME, json.dumps(index_doc, indent=2, sort_keys=True) + "\n")
@@ -231,15 +289,12 @@ class HFFolderWriter:
         except BaseException:
             self.abort()
             raise
-        logger.info("wrote %d tensors in %d shards to %s", len(weight_map), count, self.out_dir)
+        logger.info("wrote %d tensors in %d shards to %s", len(weight_map), len(files), self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
         """Drop everything written so far: close the open shard and remove the temporary folder."""
-        if self._shard is not None:
-            with contextlib.suppress(OSError):
-                self._shard.discard()
-            self._shard = None
+        self._shards.abort()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
@@ -378,8 +433,8 @@ class _ShardFile:
         """Whether the header entry of this tensor still fits the reservation."""
         return self._header_bytes + 1 + len(self._entry(name, dtype, shape, size)) <= self.reserve
 
-    def write(self, name: str, dtype: str, shape: list[int], tensor: torch.Tensor) -> None:
-        """Append the tensor's bytes to the file, straight from its memory, and record its header entry."""
+    def write(self, name: str, dtype: str, shape: list[int], tensor: torch.Tensor | JoinedShards) -> None:
+        """Append the tensor's bytes to the file, straight from its memory (part by part), and record its header entry."""
         size = tensor.nbytes
         entry = self._entry(name, dtype, shape, size)
         needed = self._header_bytes + 1 + len(entry)
@@ -388,7 +443,9 @@ class _ShardFile:
         if size:
             if self._data is None:
                 self._data = _DataAppender(self.path, self._fd, 8 + self.reserve)
-            self._data.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            blocks = tensor.blocks(_STAGE_BYTES) if isinstance(tensor, JoinedShards) else [tensor]
+            for block in blocks:
+                self._data.append(memoryview(_plain_cpu(name, block).reshape(-1).view(torch.uint8).numpy()))
         self._entries.append(entry)
         self._header_bytes = needed
         self.names.append(name)

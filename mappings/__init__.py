@@ -1,7 +1,7 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
 from mappings.auto import AutoMapping
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, materialize
 from mappings.gated_mlp import GatedMLPMapping
 from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 from mappings.qkv import QKVMapping
@@ -11,6 +11,7 @@ __all__ = [
     "AutoMapping",
     "ColumnParallelMapping",
     "GatedMLPMapping",
+    "JoinedShards",
     "MappingContext",
     "MappingError",
     "MappingRegistry",
@@ -20,4 +21,5 @@ __all__ = [
     "RowParallelMapping",
     "TensorSource",
     "VocabParallelMapping",
+    "materialize",
 ]

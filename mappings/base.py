@@ -4,7 +4,8 @@ A mapping names one Megatron parameter (pattern with ``*`` standing for a number
 and the HF tensor(s) it is made of. ``hf_to_megatron`` builds this TP rank's shard from the HF
 tensors; ``megatron_to_hf`` rebuilds the HF tensors from the shards of every TP rank. Nothing here
 knows about files, ranks or models: inputs are tensors (or lazy tensors that read only the slice
-asked for), outputs are contiguous tensors.
+asked for); outputs are contiguous tensors (``hf_to_megatron``) and, for export, contiguous tensors
+or ``JoinedShards`` that say how to join them without copying.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -51,12 +52,87 @@ def read_all(src: TensorSource) -> torch.Tensor:
     return src.narrow(0, 0, src.shape[0]).contiguous()
 
 
-def join_shards(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """The TP shards of a parameter joined along ``dim``; with one shard (TP=1) the shard itself, not a copy.
+class JoinedShards:
+    """A tensor given as the parts it is joined from along ``dim`` (TP shards, or row blocks of them), not yet joined.
+
+    Export hands these to the folder writer, which writes ``blocks()`` one after another: joins
+    along dim 0 are then never copied, and joins along another dim are copied a few MiB at a time
+    instead of into one full-size tensor (on the project's VMs, fresh memory for a full copy cost
+    more than writing it). ``materialize()`` is the plain ``torch.cat`` for everyone else.
+    """
+
+    def __init__(self, parts: Sequence[torch.Tensor], dim: int):
+        self.parts = list(parts)
+        self.dim = dim
+        shape = list(self.parts[0].shape)
+        shape[dim] = sum(part.shape[dim] for part in self.parts)
+        self.shape = torch.Size(shape)
+
+    def __repr__(self) -> str:
+        return f"JoinedShards({len(self.parts)} parts along dim {self.dim}, shape {list(self.shape)}, {self.dtype})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def numel(self) -> int:
+        return sum(part.numel() for part in self.parts)
+
+    def to(self, dtype: torch.dtype) -> "JoinedShards":
+        return self if dtype == self.dtype else JoinedShards([part.to(dtype) for part in self.parts], self.dim)
+
+    def first_rows(self, count: int) -> "JoinedShards | torch.Tensor":
+        """The first ``count`` rows (dim 0) of a join along dim 0, still unjoined."""
+        if self.dim != 0:
+            raise ValueError("first_rows of a join along a dim other than 0")
+        parts, left = [], count
+        for part in self.parts:
+            if left <= 0:
+                break
+            parts.append(part[:left])
+            left -= part.shape[0]
+        return join_shards(parts, 0)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim)
+
+    def blocks(self, max_bytes: int) -> Iterator[torch.Tensor]:
+        """Contiguous tensors whose bytes, one after another, are this tensor's bytes (row-major)."""
+        if self.dim == 0:
+            for part in self.parts:
+                yield part.contiguous()
+            return
+        row_bytes = max(1, self.nbytes // max(1, self.shape[0]))
+        step = max(1, max_bytes // row_bytes)
+        for start in range(0, self.shape[0], step):
+            rows = min(step, self.shape[0] - start)
+            yield torch.cat([part.narrow(0, start, rows) for part in self.parts], dim=self.dim)
+
+
+def join_shards(shards: Sequence[torch.Tensor], dim: int) -> "torch.Tensor | JoinedShards":
+    """The parts of a tensor joined along ``dim``, left unjoined (``JoinedShards``); a single part is returned itself.
 
     Export hands each joined tensor straight to the writer, so a copy here is a copy of the model.
     """
-    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=dim)
+    return shards[0] if len(shards) == 1 else JoinedShards(shards, dim)
+
+
+def first_rows(tensor: "torch.Tensor | JoinedShards", count: int) -> "torch.Tensor | JoinedShards":
+    """The first ``count`` rows of a tensor or of a join along dim 0, without copying."""
+    return tensor.first_rows(count) if isinstance(tensor, JoinedShards) else tensor[:count]
+
+
+def materialize(tensor: "torch.Tensor | JoinedShards") -> torch.Tensor:
+    """A plain tensor (joining the parts of a ``JoinedShards``)."""
+    return tensor.materialize() if isinstance(tensor, JoinedShards) else tensor
 
 
 def shard_rows(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
@@ -111,7 +187,7 @@ class ParamMapping:
     def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, "torch.Tensor | JoinedShards"]:
         raise NotImplementedError
 
 

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards, shard_rows
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, shard_rows
 
 
 class GatedMLPMapping(ParamMapping):
@@ -37,9 +37,9 @@ class GatedMLPMapping(ParamMapping):
             dim=0,
         )
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
-        halves = [shard.chunk(2, dim=0) for shard in shards]
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
+        halves = [shard.chunk(2, dim=0) for shard in shards]  # row blocks of a contiguous shard: contiguous views
         return {
-            self.hf_param["gate"]: join_shards([g for g, _ in halves], 0).contiguous(),
-            self.hf_param["up"]: join_shards([u for _, u in halves], 0).contiguous(),
+            self.hf_param["gate"]: join_shards([g for g, _ in halves], 0),
+            self.hf_param["up"]: join_shards([u for _, u in halves], 0),
         }

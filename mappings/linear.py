@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards, read_all, shard_rows
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, read_all, shard_rows
 
 
 class ColumnParallelMapping(ParamMapping):
@@ -17,7 +17,7 @@ class ColumnParallelMapping(ParamMapping):
     def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
         return shard_rows(self.single(hf), 0, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: join_shards(shards, 0)}
 
 
@@ -36,7 +36,7 @@ class RowParallelMapping(ParamMapping):
             return read_all(src)
         return shard_rows(src, 1, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         if shards[0].dim() == 1:
             return {self.hf_names[0]: shards[0]}
         return {self.hf_names[0]: join_shards(shards, 1)}
@@ -51,7 +51,7 @@ class ReplicatedMapping(ParamMapping):
     def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
         return read_all(self.single(hf))
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: shards[0]}
 
 
@@ -79,5 +79,5 @@ class VocabParallelMapping(ParamMapping):
             shard[: stop - start] = src.narrow(0, start, stop - start)
         return shard
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
-        return {self.hf_names[0]: join_shards(shards, 0)[: ctx.vocab_size].contiguous()}
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
+        return {self.hf_names[0]: first_rows(join_shards(shards, 0), ctx.vocab_size)}

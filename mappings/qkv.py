@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import MappingContext, MappingError, ParamMapping, TensorSource, join_shards
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards
 
 
 class QKVMapping(ParamMapping):
@@ -55,22 +55,20 @@ class QKVMapping(ParamMapping):
         )
         return fused.reshape(local_groups * (heads_per_group + 2) * d, *rest).contiguous()
 
-    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor]:
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         d = ctx.head_dim
         groups = ctx.num_query_groups
         heads_per_group = ctx.num_attention_heads // groups
-        full = join_shards(shards, 0)
-        rest = tuple(full.shape[1:])
-        if full.shape[0] != groups * (heads_per_group + 2) * d:
+        group_rows = (heads_per_group + 2) * d
+        rows = sum(shard.shape[0] for shard in shards)
+        if rows != groups * group_rows:
             raise MappingError(
-                f"{self.megatron_param}: has {full.shape[0]} rows, expected "
-                f"{groups * (heads_per_group + 2) * d} for {ctx.num_attention_heads} heads in {groups} groups of dim {d}"
+                f"{self.megatron_param}: has {rows} rows, expected "
+                f"{groups * group_rows} for {ctx.num_attention_heads} heads in {groups} groups of dim {d}"
             )
-        q, k, v = full.reshape(groups, (heads_per_group + 2) * d, *rest).split(
-            [heads_per_group * d, d, d], dim=1
-        )
-        return {
-            self.hf_param["q"]: q.reshape(groups * heads_per_group * d, *rest).contiguous(),
-            self.hf_param["k"]: k.reshape(groups * d, *rest).contiguous(),
-            self.hf_param["v"]: v.reshape(groups * d, *rest).contiguous(),
-        }
+        parts: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+        for shard in shards:  # each group's q, k and v rows are contiguous blocks of its shard
+            for group in shard.split(group_rows, dim=0):
+                for role, block in zip(("q", "k", "v"), group.split([heads_per_group * d, d, d], dim=0)):
+                    parts[role].append(block)
+        return {self.hf_param[role]: join_shards(blocks, 0) for role, blocks in parts.items()}

@@ -1,0 +1,34 @@
+"""One error, every rank: a rank that fails tells the others, so that none waits for it in a collective."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+# Errors a rank rebuilds from another rank's message with their own type (the rest become RuntimeError).
+_REBUILT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def raise_everywhere(error: Exception | None, src: int) -> None:
+    """Raise ``error`` (known on rank ``src`` only) on every rank: the original there, a copy elsewhere."""
+    message: list = [describe(error)]
+    dist.broadcast_object_list(message, src=src)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise rebuilt(src, message[0])
+
+
+def describe(error: BaseException | None) -> tuple[type, str] | None:
+    """What another rank needs to rebuild ``error``: its type and message (None for no error)."""
+    return None if error is None else (type(error), str(error))
+
+
+def rebuilt(rank: int, described: tuple[type, str]) -> Exception:
+    """The error rank ``rank`` described, as this rank raises it."""
+    kind, text = described
+    if issubclass(kind, _REBUILT_ERRORS):
+        try:
+            return kind(text)
+        except TypeError:  # a subclass that wants more than a message
+            pass
+    return RuntimeError(f"rank {rank} failed: {kind.__name__}: {text}")
