@@ -77,7 +77,9 @@ def write_hf_folder(
                 written = shards.close()
             except Exception as err:
                 error = err
-    except BaseException:  # the transfer itself failed: other ranks see a broken connection, not a hang
+    except Exception as err:  # raised by export_tensors after its transfers finished: report it like a write error
+        error = error or err
+    except BaseException:  # interrupted mid-transfer: other ranks see a broken connection, not a hang
         if shards is not None:
             shards.abort()
         if folder is not None:
@@ -102,4 +104,7 @@ def write_hf_folder(
 
 def sees_folder(folder: Path) -> bool:
     """Whether this rank sees rank 0's temporary folder: its name is random, so only a shared filesystem shows it."""
-    return folder.is_dir()
+    try:
+        return folder.is_dir()
+    except OSError:  # e.g. a parent this rank may not read
+        return False

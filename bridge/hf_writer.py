@@ -467,6 +467,7 @@ class _ShardFile:
                 self._data.finish()
                 self._data = None
             _write_all(self._fd, memoryview(struct.pack("<Q", self.reserve) + header), 0)
+            os.fsync(self._fd)  # by the writing process: on a cluster filesystem another client's fsync may not flush it
         finally:
             os.close(self._fd)
 

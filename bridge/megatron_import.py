@@ -108,6 +108,8 @@ class _HookedLoader:
         self._hook(self._loader.exec_module, module)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # e.g. copy/pickle probing before ``_loader`` exists
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -133,7 +135,7 @@ class _MegatronImportHook:
 
 def install_megatron_import_hook() -> None:
     """Install the hook unless Megatron-Core was imported already, the hook is installed, or ``HFMB_EAGER_MEGATRON_IMPORT`` is set."""
-    if os.environ.get("HFMB_EAGER_MEGATRON_IMPORT"):
+    if os.environ.get("HFMB_EAGER_MEGATRON_IMPORT", "0") not in ("", "0"):
         return
     if "megatron.core" not in sys.modules and not any(isinstance(f, _MegatronImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _MegatronImportHook())

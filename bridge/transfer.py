@@ -358,11 +358,14 @@ class _ReceiveBuffers:
         stack = self.free.get(nbytes)
         if stack:
             raw = stack.pop()
+            if not stack:
+                del self.free[nbytes]
         else:
             while self.allocated + nbytes > self.limit and self.free:
-                size = max(size for size, stack in self.free.items() if stack)
+                size = max(self.free)
                 self.free[size].pop()
-                self.free = {size: stack for size, stack in self.free.items() if stack}
+                if not self.free[size]:
+                    del self.free[size]
                 self.allocated -= size
             raw = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
             self.allocated += nbytes if self.reuse else 0
@@ -396,11 +399,13 @@ def export_tensors(
     rank = dist.get_rank()
     exported = plan.exported_entries()
     writers = writers or {entry.name: 0 for entry in exported}
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     window = max((plan.received_bytes(entry, writers[entry.name]) for entry in exported), default=0)
     buffers = _ReceiveBuffers(2 * window, device, reuse=joined)
     queue: deque[_Incoming] = deque()
     sends: list = []
+    failures: list[Exception] = []  # conversion errors, raised once every transfer is done
     queued_bytes = 0
 
     def post(tag: int, entry: PlanEntry) -> None:
@@ -426,7 +431,11 @@ def export_tensors(
         incoming = queue.popleft()
         for work in incoming.receives:
             work.wait()
-        converted = plan.mapping(incoming.entry).megatron_to_hf(incoming.shards, plan.context(incoming.entry, 0))
+        try:
+            converted = plan.mapping(incoming.entry).megatron_to_hf(incoming.shards, plan.context(incoming.entry, 0))
+        except Exception as err:  # keep the transfers going, so that no other rank waits for this one
+            failures.append(err)
+            converted = {}
         incoming.shards = []
         for name, tensor in converted.items():
             yield name, tensor if joined else materialize(tensor)
@@ -444,6 +453,8 @@ def export_tensors(
         yield from write_oldest()
     for work in sends:
         work.wait()
+    if failures:
+        raise failures[0]
 
 
 def _local_tensor(plan: TransferPlan, entry: PlanEntry) -> torch.Tensor:

@@ -63,9 +63,9 @@ class JoinedShards:
 
     def __init__(self, parts: Sequence[torch.Tensor], dim: int):
         self.parts = list(parts)
-        self.dim = dim
+        self.dim = dim % self.parts[0].dim()
         shape = list(self.parts[0].shape)
-        shape[dim] = sum(part.shape[dim] for part in self.parts)
+        shape[self.dim] = sum(part.shape[self.dim] for part in self.parts)
         self.shape = torch.Size(shape)
 
     def __repr__(self) -> str:

@@ -82,6 +82,19 @@ def parallel_export_cases(source: str, root: str) -> dict:
         result["errors"][f"fails_on_{failing}"] = _export(bridge, model, root / f"fails-on-{failing}")
         cls.add = add
 
+    from mappings import MappingError, QKVMapping
+
+    convert = QKVMapping.megatron_to_hf
+    if rank == 3:  # a conversion that fails on one writer, mid-transfer
+        def failing(self, shards, ctx, _convert=convert):
+            if ".3." in self.megatron_param:
+                raise MappingError(f"{self.megatron_param}: broken (test)")
+            return _convert(self, shards, ctx)
+
+        QKVMapping.megatron_to_hf = failing
+    result["errors"]["conversion_fails_on_3"] = _export(bridge, model, root / "fails-converting")
+    QKVMapping.megatron_to_hf = convert
+
     if rank == 0:
         for case in ("spread", "single", "small", "unshared"):
             result[case] = _folder_report(root / case, source)
@@ -122,4 +135,10 @@ def test_each_holding_rank_writes_its_own_shards(cases):
 def test_a_write_error_on_one_rank_is_raised_on_every_rank_and_leaves_no_folder(cases, failing):
     errors = [results["errors"][f"fails_on_{failing}"] for results in cases]
     assert errors == ["OSError: [Errno 28] No space left on device (test)"] * WORLD
+    assert cases[0]["failed_targets"] == []
+
+
+def test_a_conversion_error_on_one_writer_is_raised_everywhere_without_a_hang(cases):
+    errors = [results["errors"]["conversion_fails_on_3"] for results in cases]
+    assert errors == ["MappingError: decoder.layers.3.self_attention.linear_qkv.weight: broken (test)"] * WORLD
     assert cases[0]["failed_targets"] == []
