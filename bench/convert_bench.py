@@ -10,6 +10,8 @@ fresh processes (after an ``os.sync()``, so that none pays for the write-back of
 
 - raw:          one process mmaps each safetensors file and copies every tensor into preallocated
                 (``torch.empty``, not yet touched — like the bridge's unloaded parameters) memory;
+- raw write:    the same number of bytes written with O_DIRECT in 8 MiB blocks, by one process and
+                by two processes at once (half each): the disk's pace, and whether two writers share it;
 - transformers: one process, ``from_pretrained(dtype=bfloat16)`` then ``save_pretrained``;
 - bridge:       one process per rank, started like torchrun would (RANK, WORLD_SIZE, MASTER_*; torch
                 threads = cores // ranks as in ``bridge.local_launch``): ``initialize_parallel``
@@ -176,6 +178,32 @@ def worker_raw(args) -> None:
                     total += size
     rec.mark("load")
     rec.done(bytes=total, shard_bytes=total)
+
+
+def worker_rawwrite(args) -> None:
+    """The disk's own pace: this process's share (1/--layout) of the checkpoint's bytes written with O_DIRECT in
+    8 MiB blocks from one touched, aligned buffer, as the bridge's writer does; "export" times it."""
+    import mmap
+
+    rec = _Recorder(Path(args.result))
+    rec.mark("imports")
+    writers, rank = int(args.layout), int(os.environ.get("RANK", "0"))
+    total = sum(path.stat().st_size for path in Path(args.folder).glob("*.safetensors"))
+    block = 8 * MIB
+    stage = mmap.mmap(-1, block)
+    stage.write(b"\x01" * block)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"part-{rank}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
+    rec.mark("build")
+    share, done = -(-total // writers), 0
+    view = memoryview(stage)
+    while done < share:
+        done += os.pwrite(fd, view, done)
+    os.close(fd)
+    rec.mark("export")
+    rec.done(bytes=done, shard_bytes=done)
 
 
 def worker_transformers(args) -> None:
@@ -352,7 +380,7 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     name = kind if layout is None else f"{kind}-{layout}"
     out = work / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    world = 1 if layout is None else LAYOUTS[layout][0] * LAYOUTS[layout][1]
+    world = 1 if layout is None else int(layout) if kind == "rawwrite" else LAYOUTS[layout][0] * LAYOUTS[layout][1]
     results = [work / f"{name}-rank{r}.json" for r in range(world)]
     logs = [work / f"{name}-rank{r}.log" for r in range(world)]
     for path in results:
@@ -362,7 +390,7 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     # Write back what earlier measurements (or other users) left dirty, so that no measurement pays for another's.
     os.sync()
     launch = time.time()
-    if kind == "bridge":
+    if kind in ("bridge", "rawwrite"):
         port = _free_port()
         for rank in range(world):
             env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -513,6 +541,16 @@ def print_targets(results: dict[str, list[dict]], largest: int) -> bool:
         passed = value <= limit
         ok &= passed
         print(f"{what:<54}{value:>7.2f}{limit:>7.2f}  {'PASS' if passed else 'FAIL':<7}  {detail}")
+    one, two = results.get("raw write, 1 writer"), results.get("raw write, 2 writers")
+    if one and two:
+        alone, shared = one[0]["seconds"]["export"], worst(two, "export")
+        print(f"{'(info) disk: 2 writers of half / 1 writer of all':<54}{shared / alone:>7.2f}{'':>7}  {'':<7}  "
+              f"{shared:.2f} s / {alone:.2f} s (1.0: the disk's bandwidth is shared, ~0.5: it is per writer)")
+        for name, rows, reference, label in (("bridge tp1", tp1, alone, "1 writer"), ("bridge tp2", results.get("bridge tp2"), shared, "2 writers"),
+                                             ("bridge pp2", results.get("bridge pp2"), shared, "2 writers")):
+            if rows:
+                print(f"{f'(info) export {name[7:].upper()} (slowest rank) / raw write, {label}':<54}{worst(rows, 'export') / reference:>7.2f}"
+                      f"{'':>7}  {'':<7}  {worst(rows, 'export'):.2f} s / {reference:.2f} s")
     scatter, slice_ = results.get("bridge tp2-scatter"), results.get("bridge tp2")
     if scatter and slice_:
         print(f"{'(info) TP2 load: scatter / slice':<54}{worst(scatter, 'load') / worst(slice_, 'load'):>7.2f}"
@@ -545,12 +583,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layouts", default="tp1,tp2,pp2,tp2-scatter", help=f"comma-separated, from {', '.join(LAYOUTS)}")
-    parser.add_argument("--no-raw", action="store_true", help="skip the raw read+copy measurement")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw read+copy and raw write measurements")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers measurement")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the exported folders (bench/data/run/)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take")
     # worker-process options
-    parser.add_argument("--worker", choices=("raw", "transformers", "bridge", "generate"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("raw", "rawwrite", "transformers", "bridge", "generate"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -558,7 +596,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        {"raw": worker_raw, "transformers": worker_transformers, "bridge": worker_bridge, "generate": worker_generate}[args.worker](args)
+        workers = {"raw": worker_raw, "rawwrite": worker_rawwrite, "transformers": worker_transformers, "bridge": worker_bridge, "generate": worker_generate}
+        workers[args.worker](args)
         return
 
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
@@ -580,6 +619,8 @@ def main() -> None:
         plan.append(("raw read+copy", "raw", None))
     if not args.no_transformers:
         plan.append(("transformers", "transformers", None))
+    if not args.no_raw:
+        plan += [("raw write, 1 writer", "rawwrite", "1"), ("raw write, 2 writers", "rawwrite", "2")]
     plan += [(f"bridge {layout}", "bridge", layout) for layout in layouts]
     runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in plan}
     for repeat in range(args.repeats):

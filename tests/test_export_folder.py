@@ -381,13 +381,14 @@ def test_writer_refuses_a_dtype_safetensors_cannot_name(tmp_path):
 
 
 def test_writer_streams_each_tensor_to_disk_when_added(tmp_path):
-    tensor = torch.arange(10 * 2**20, dtype=torch.float32)  # 40 MiB: several times the staging buffer
+    tensor = torch.arange(10 * 2**20, dtype=torch.float32)  # 40 MiB: several times the staging buffers
+    held = 2 * _STAGE_BYTES  # one stage being filled, one being written
     with HFFolderWriter(tmp_path / "out") as folder:
         folder.add("a", tensor)
         shard = folder.tmp_dir / "shard-0.tmp"
-        assert shard.stat().st_size >= tensor.nbytes - _STAGE_BYTES, "the tensor was buffered instead of written"
+        assert shard.stat().st_size >= tensor.nbytes - held, "the tensor was buffered instead of written"
         folder.add("b", tensor)
-        assert shard.stat().st_size >= 2 * tensor.nbytes - _STAGE_BYTES
+        assert shard.stat().st_size >= 2 * tensor.nbytes - held
         with pytest.raises(ValueError, match="tensor a was written twice"):
             folder.add("a", tensor)
         folder.finish(_CONFIG, {})
@@ -514,3 +515,21 @@ def test_a_filesystem_that_refuses_direct_writes_falls_back_to_the_page_cache(tm
     out = _write_tensors(tmp_path / "refused", tensors, max_shard_size="20MB")
     assert refused
     assert _shard_bytes(out) == _shard_bytes(reference)
+
+
+def test_a_failed_background_write_fails_the_export_and_leaves_nothing(tmp_path, monkeypatch):
+    from bridge import hf_writer
+
+    calls = []
+    original = hf_writer._write_all
+
+    def disk_full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (test)")
+        return original(fd, data, offset)
+
+    monkeypatch.setattr(hf_writer, "_write_all", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _write_tensors(tmp_path / "out", {"a": torch.arange(6 * 2**20, dtype=torch.float32)})
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
