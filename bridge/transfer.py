@@ -333,7 +333,10 @@ class _Incoming:
     shards: list[torch.Tensor]
     receives: list  # the irecv works of the shards still arriving
     buffers: list[torch.Tensor]  # the shards received into ``_ReceiveBuffers``
-    received_bytes: int
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers)
 
 
 class _ReceiveBuffers:
@@ -368,7 +371,7 @@ class _ReceiveBuffers:
                     del self.free[size]
                 self.allocated -= size
             raw = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-            self.allocated += nbytes if self.reuse else 0
+            self.allocated += nbytes
         return raw.view(dtype).view(shape)
 
     def give(self, tensors: list[torch.Tensor]) -> None:
@@ -414,7 +417,7 @@ def export_tensors(
         if rank in holders and rank != writer:
             sends.append(dist.isend(_local_tensor(plan, entry), dst=writer, tag=tag))
         if rank == writer:
-            incoming = _Incoming(entry, [], [], [], plan.received_bytes(entry, rank))
+            incoming = _Incoming(entry, [], [], [])
             for holder in holders:
                 if holder == rank:
                     incoming.shards.append(_local_tensor(plan, entry))

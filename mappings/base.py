@@ -76,10 +76,6 @@ class JoinedShards:
         return self.parts[0].dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.parts[0].device
-
-    @property
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self.parts)
 
