@@ -1,29 +1,35 @@
 """Writing an HF folder from a model spread over ranks: the ranks that hold its shards write them.
 
-Rank 0 checks the target and makes the temporary folder (``HFFolderWriter``). When every rank can see
-that folder (one machine, or a shared filesystem), each parameter goes to one of the ranks holding
-its shards (``TransferPlan.assign_writers``), so a pipeline stage writes its own layers and the ranks
-of a TP group split the writing, each into shard files of its own; rank 0 then numbers all the
-shards, writes the index and config.json and publishes the folder. Where some rank cannot see the
-folder, rank 0 writes everything. A rank whose writing fails keeps driving the transfers to the end,
-so that no rank waits forever on it; then every rank raises the first error, and the target is left
-as it was.
+Rank 0 checks the target and makes the temporary folder (``HFFolderWriter``). Every rank computes the
+same ``ShardLayout`` (files, headers, each tensor's offset) and rank 0 creates its files. When every
+rank can see the folder (one machine, or a shared filesystem), the ranks holding a parameter's
+shards write it (``TransferPlan.assign_writers``): a join along dim 0 each holder its own part in
+place, anything else one holder after receiving the others' shards; so a pipeline stage writes its
+own layers, and the ranks of a TP group split the writing and send each other only row-parallel
+shards. Where some rank cannot see the folder, or a probe finds that bytes several ranks write into
+one file do not all arrive, rank 0 writes everything. Rank 0 then names the
+files, writes the index and config.json and publishes the folder. A rank whose writing fails keeps
+driving the transfers to the end, so that no rank waits forever on it; then every rank raises the
+first error, and the target is left as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from bridge.hf_writer import HFFolderWriter, ShardSequenceWriter, WrittenShards, parse_size
-from bridge.rank_errors import describe, raise_everywhere, rebuilt
+from bridge.hf_writer import HFFolderWriter, parse_size
+from bridge.rank_errors import describe, raise_everywhere, raise_first, rebuilt
+from bridge.shard_layout import LayoutWriter, ShardLayout
 from bridge.transfer import TransferPlan, export_tensors
 
 logger = logging.getLogger(__name__)
+
 
 def write_hf_folder(
     plan: TransferPlan,
@@ -44,27 +50,31 @@ def write_hf_folder(
     rank 0 write every tensor.
     """
     rank = dist.get_rank()
-    max_shard_bytes = parse_size(max_shard_size)
     error: Exception | None = None
     folder: HFFolderWriter | None = None
-    if rank == 0:
-        try:
-            folder = HFFolderWriter(out_dir, max_shard_size=max_shard_bytes, overwrite=overwrite)
-        except Exception as err:
-            error = err
-    raise_everywhere(error, src=0)
+    layout: ShardLayout | None = None
+    try:
+        layout = ShardLayout([(name, t.to(target_dtype(name, t.dtype))) for name, t in plan.exported_meta()], parse_size(max_shard_size))
+        if rank == 0:
+            folder = HFFolderWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite)
+            layout.create(folder.tmp_dir)
+    except Exception as err:
+        error = err
+    try:
+        raise_first(error)  # a mapping's meta export may fail on some ranks only
+    except Exception:
+        if folder is not None:
+            folder.abort()
+        raise
     tmp_dir = [str(folder.tmp_dir) if folder is not None else None]
     dist.broadcast_object_list(tmp_dir, src=0)
     seen: list = [None] * dist.get_world_size()
     dist.all_gather_object(seen, sees_folder(Path(tmp_dir[0])))
     if spread and not all(seen):
         logger.warning("ranks %s cannot see %s (no shared filesystem); rank 0 writes every tensor", [r for r, s in enumerate(seen) if not s], tmp_dir[0])
-    writers = plan.assign_writers(spread=spread and all(seen))
-    shards: ShardSequenceWriter | None = None
-    if rank != 0 and rank in writers.values():
-        shards = ShardSequenceWriter(Path(tmp_dir[0]), max_shard_bytes, prefix=f"shard-r{rank}-")
-    sink = folder or shards
-    written: WrittenShards | None = None
+    spread = spread and all(seen) and _writes_to_one_file_land(Path(tmp_dir[0]))
+    writers = plan.assign_writers(spread=spread)
+    sink = LayoutWriter(Path(tmp_dir[0]), layout) if seen[rank] else None
     try:
         for name, tensor in export_tensors(plan, writers, joined=True):
             if error is None:
@@ -72,34 +82,69 @@ def write_hf_folder(
                     sink.add(name, tensor.to(target_dtype(name, tensor.dtype)))
                 except Exception as err:
                     error = err
-        if shards is not None and error is None:
+        if sink is not None and error is None:
             try:
-                written = shards.close()
+                sink.close()
             except Exception as err:
                 error = err
     except Exception as err:  # raised by export_tensors after its transfers finished: report it like a write error
         error = error or err
     except BaseException:  # interrupted mid-transfer: other ranks see a broken connection, not a hang
-        if shards is not None:
-            shards.abort()
+        if sink is not None:
+            sink.abort()
         if folder is not None:
             folder.abort()
         raise
-    if shards is not None and error is not None:
-        shards.abort()
+    if sink is not None and error is not None:
+        sink.abort()
     reports: list | None = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object((describe(error), written), reports, dst=0)
+    dist.gather_object((describe(error), sink.written_bytes if sink is not None else {}), reports, dst=0)
     if folder is not None:
-        failed = next(((r, report[0]) for r, report in enumerate(reports) if report[0] is not None), None)
+        failed = next(((r, report) for r, (report, _) in enumerate(reports) if report is not None), None)
         if failed is not None:
             folder.abort()
             error = error or rebuilt(*failed)
         else:
             try:
-                folder.finish(config, side_files, check=check, others=[w for _, w in reports[1:] if w is not None])
+                layout.check_written([counts for _, counts in reports])
+                folder.finish(config, side_files, check=check, others=[layout.written()])
             except Exception as err:
                 error = err
     raise_everywhere(error, src=0)
+
+
+def _writes_to_one_file_land(folder: Path) -> bool:
+    """Whether a byte each rank writes into one shared file all arrive (all ranks call).
+
+    Ranks write their parts of a shard into the same file; a filesystem that keeps only the last
+    writer's copy of a file (some object-store mounts) would lose the others' bytes, so each rank
+    writes one byte at its own offset of a probe file, and rank 0 reads them back.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    probe = folder / ".write-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.pwrite(fd, bytes([1 + rank % 255]), rank)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        wrote = True
+    except OSError:
+        wrote = False
+    done: list = [None] * world
+    dist.all_gather_object(done, wrote)
+    verdict = [all(done)]
+    if rank == 0:
+        try:
+            verdict[0] = verdict[0] and probe.read_bytes()[:world] == bytes(1 + r % 255 for r in range(world))
+            probe.unlink(missing_ok=True)  # it must not be published with the folder
+        except OSError:
+            verdict[0] = False
+    dist.broadcast_object_list(verdict, src=0)
+    if not verdict[0]:
+        logger.warning("bytes written by several ranks into one file in %s did not all arrive; rank 0 writes every tensor", folder)
+    return verdict[0]
 
 
 def sees_folder(folder: Path) -> bool:

@@ -18,6 +18,15 @@ def raise_everywhere(error: Exception | None, src: int) -> None:
         raise rebuilt(src, message[0])
 
 
+def raise_first(error: Exception | None) -> None:
+    """Raise on every rank the error of the lowest rank that has one (the original there, a copy elsewhere)."""
+    described: list = [None] * dist.get_world_size()
+    dist.all_gather_object(described, describe(error))
+    failed = next(((rank, found) for rank, found in enumerate(described) if found is not None), None)
+    if failed is not None:
+        raise error if failed[0] == dist.get_rank() else rebuilt(*failed)
+
+
 def describe(error: BaseException | None) -> tuple[type, str] | None:
     """What another rank needs to rebuild ``error``: its type and message (None for no error)."""
     return None if error is None else (type(error), str(error))

@@ -141,13 +141,8 @@ class _HFSource:
     def build(self, entry: PlanEntry) -> torch.Tensor:
         mapping = self.plan.mapping(entry)
         sources = {role: self.reader.lazy(name) for role, name in mapping.hf_param.items()}
-        tensor = mapping.hf_to_megatron(sources, self.plan.context(entry))
-        if tuple(tensor.shape) != entry.local_shape:
-            raise MappingError(f"{entry.name}: built a tensor of shape {list(tensor.shape)} from {mapping.hf_names}, the parameter has {list(entry.local_shape)}")
-        tensor = tensor.to(entry.dtype).contiguous()
-        if not tensor.untyped_storage().resizable() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # a buffer of the reader's: own it, so that it can be freed after writing
-        return tensor
+        # A tensor of its own (not a view of the reader's maps), so that it can be freed after writing.
+        return mapping.hf_to_megatron(sources, self.plan.context(entry), out=torch.empty(entry.local_shape, dtype=entry.dtype))
 
 
 class _MaterialisingPlanner(MCoreSavePlanner):

@@ -5,7 +5,9 @@ stages) with its owner, local shape, dtype and mapping. Load: each rank builds i
 the HF tensors (reading only its slice, or one reader per TP group that scatters); each PP stage
 loads only its own layers. Export: each parameter has one writing rank (rank 0, or one of the ranks
 holding its shards, see ``TransferPlan.assign_writers``); the other holders send it their shards,
-and it turns them back into HF tensors and yields them.
+and it turns them back into HF tensors and yields them. A parameter whose HF tensors are joins along
+dim 0 of its shards may instead be ``COWRITTEN``: no shard moves, and each holder gets the HF
+tensors with its own parts real and the others' as meta tensors, to write its parts in place.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mappings.base import read_all
 logger = logging.getLogger(__name__)
 
 LOAD_STRATEGIES = ("slice", "scatter")
+COWRITTEN = -1  # the writer of a parameter that each holder of its shards writes itself (``TransferPlan.assign_writers``)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
@@ -191,12 +194,39 @@ class TransferPlan:
         """HF name → shape the model needs, computed by running every mapping's export on meta tensors."""
         expected: dict[str, torch.Size] = {}
         for entry in self.entries:
-            mapping = self.mapping(entry)
-            shards = [torch.empty(entry.local_shape, dtype=entry.dtype, device="meta")] * self.shard_count(entry)
-            for name, tensor in mapping.megatron_to_hf(shards, self.context(entry, 0)).items():
+            for name, tensor in self.meta_export(entry).items():
                 if expected.setdefault(name, tensor.shape) != tensor.shape:
                     raise MappingError(f"{name} is needed with shapes {list(expected[name])} and {list(tensor.shape)}")
         return expected
+
+    def meta_export(self, entry: PlanEntry, shards: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor | JoinedShards]:
+        """What export makes of ``entry``, on meta tensors (one per shard, or ``shards``): names, shapes, dtypes and how it is joined."""
+        if shards is None:
+            shards = [_meta_shard(entry) for _ in range(self.shard_count(entry))]
+        return self.mapping(entry).megatron_to_hf(shards, self.context(entry, 0))
+
+    def exported_meta(self) -> list[tuple[str, torch.Tensor | JoinedShards]]:
+        """Every HF tensor export writes, in the order it writes them, as meta tensors."""
+        return [item for entry in self.exported_entries() for item in self.meta_export(entry).items()]
+
+    def cowritable(self, entry: PlanEntry) -> bool:
+        """Whether each holder can write its own shard's bytes of ``entry``'s HF tensors where they belong, with no transfer.
+
+        True when every HF tensor made of it is a join along dim 0 of parts that each come from one
+        shard (column-parallel, QKV, gate/up, vocab), found by exporting meta shards and tracing each
+        part back to the shard it is a view of; a join along dim 1 (row-parallel) interleaves the
+        shards' bytes and is not.
+        """
+        if self.shard_count(entry) < 2:
+            return False
+        shards = [_meta_shard(entry) for _ in range(self.shard_count(entry))]
+        for tensor in self.meta_export(entry, shards).values():
+            if isinstance(tensor, JoinedShards) and tensor.dim != 0:
+                return False
+            parts = tensor.parts if isinstance(tensor, JoinedShards) else [tensor]
+            if not all(any(part is shard or part._base is shard for shard in shards) for part in parts):
+                return False
+        return True
 
     def local_entries(self) -> list[PlanEntry]:
         return [entry for entry in self.entries if entry.name in self.local]
@@ -214,21 +244,30 @@ class TransferPlan:
         return _shard_bytes(entry) * self.shard_count(entry)
 
     def received_bytes(self, entry: PlanEntry, writer: int) -> int:
-        """Bytes of ``entry`` that ``writer`` receives from the other holders."""
+        """Bytes of ``entry`` that ``writer`` receives from the other holders (none when ``COWRITTEN``)."""
+        if writer == COWRITTEN:
+            return 0
         return _shard_bytes(entry) * sum(1 for rank in self.shard_holders(entry) if rank != writer)
 
     def assign_writers(self, spread: bool) -> dict[str, int]:
-        """Which global rank writes each exported parameter: all rank 0, or, with ``spread``, a holder of its shards.
+        """Which global rank writes each exported parameter: all rank 0, or, with ``spread``, its holders.
 
-        Spread, every rank that holds shards writes about the same number of bytes (each parameter goes
-        to its least-loaded holder, in global order, so all ranks compute the same answer), and a
-        pipeline stage writes its own layers without sending them anywhere. A replicated parameter is
-        written by its owner, the copy single-writer export takes too.
+        Spread, a parameter whose shards each holder can write where they belong (``cowritable``) is
+        written by all its holders (``COWRITTEN``), each its own bytes, and nothing is sent; any
+        other goes to its least-loaded holder (in global order, so all ranks compute the same
+        answer), so that every rank holding shards writes about the same number of bytes and a
+        pipeline stage writes its own layers without sending them anywhere. A replicated parameter
+        is written by its owner, the copy single-writer export takes too.
         """
         writers: dict[str, int] = {}
         written: dict[int, int] = {}
         for entry in self.exported_entries():
             holders = self.shard_holders(entry) if spread else (0,)
+            if spread and self.cowritable(entry):
+                writers[entry.name] = COWRITTEN
+                for rank in holders:
+                    written[rank] = written.get(rank, 0) + _shard_bytes(entry)
+                continue
             writer = min(holders, key=lambda rank: (written.get(rank, 0), rank))
             written[writer] = written.get(writer, 0) + self.full_bytes(entry)
             writers[entry.name] = writer
@@ -293,36 +332,29 @@ def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, s
     param = plan.local[entry.name].param
     ctx = plan.context(entry)
     if strategy == "scatter" and ctx.tp_size > 1:
-        shard = _scatter_shard(plan, entry, reader, param)
+        _scatter_shard(plan, entry, reader, param.data)
     else:
         sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
-        shard = mapping.hf_to_megatron(sources, ctx)
-    if tuple(shard.shape) != tuple(param.shape):
-        raise MappingError(
-            f"{entry.name}: built a shard of shape {list(shard.shape)} from {mapping.hf_names}, the parameter has {list(param.shape)}"
-        )
-    with torch.no_grad():
-        param.copy_(shard)
+        with torch.no_grad():
+            mapping.hf_to_megatron(sources, ctx, out=param)  # straight from the file's map into the parameter
 
 
-def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor) -> torch.Tensor:
-    """One reader per TP group builds every rank's shard and scatters them."""
+def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor) -> None:
+    """One reader per TP group builds every rank's shard and scatters them into the parameters."""
     mapping = plan.mapping(entry)
     ctx = plan.context(entry)
     group = _tp_group(entry.expert)
     src = _group_root(entry.expert)
-    out = torch.empty_like(param)
     if ctx.tp_rank == 0:
         full = {role: read_all(reader.lazy(name)) for role, name in mapping.hf_param.items()}
         if not mapping.tp_sharded:
-            out.copy_(mapping.hf_to_megatron(full, ctx))
+            mapping.hf_to_megatron(full, ctx, out=param)
         else:
-            shards = [mapping.hf_to_megatron(full, plan.context(entry, r)).to(out.device, out.dtype) for r in range(ctx.tp_size)]
+            shards = [mapping.hf_to_megatron(full, plan.context(entry, r), out=torch.empty_like(param)) for r in range(ctx.tp_size)]
     if not mapping.tp_sharded:
-        dist.broadcast(out, src=src, group=group)
+        dist.broadcast(param, src=src, group=group)
     else:
-        dist.scatter(out, shards if ctx.tp_rank == 0 else None, src=src, group=group)
-    return out
+        dist.scatter(param, shards if ctx.tp_rank == 0 else None, src=src, group=group)
 
 
 @dataclass
@@ -388,7 +420,9 @@ def export_tensors(
     ``writers`` names each parameter's writing rank (``TransferPlan.assign_writers``); by default rank
     0 writes everything. With ``joined``, a tensor made of several shards comes as ``JoinedShards``
     (for a writer that writes the parts one after another) instead of being joined into a copy, and
-    a pair is valid only until the next one is asked for: its memory is reused.
+    a pair is valid only until the next one is asked for: its memory is reused. A ``COWRITTEN``
+    parameter (``joined`` only) comes to each of its holders, with the other holders' parts as meta
+    tensors: each writes its own.
 
     The holders of a parameter's shards send them straight to its writer, point-to-point (gloo's
     ``gather`` moved 1 GB/s where send/recv moved 5 GB/s between two local ranks). Every rank posts
@@ -402,6 +436,8 @@ def export_tensors(
     rank = dist.get_rank()
     exported = plan.exported_entries()
     writers = writers or {entry.name: 0 for entry in exported}
+    if not joined and COWRITTEN in writers.values():
+        raise ValueError("co-written parameters come with meta parts, as JoinedShards: pass joined=True")
     on_gpu = torch.cuda.is_available() and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     window = max((plan.received_bytes(entry, writers[entry.name]) for entry in exported), default=0)
@@ -414,6 +450,10 @@ def export_tensors(
     def post(tag: int, entry: PlanEntry) -> None:
         nonlocal queued_bytes
         writer, holders = writers[entry.name], plan.shard_holders(entry)
+        if writer == COWRITTEN:  # each holder converts its own shard, the others' as meta stand-ins, and writes its parts
+            own = [_local_tensor(plan, entry) if holder == rank else _meta_shard(entry) for holder in holders]
+            queue.append(_Incoming(entry, own, [], []))
+            return
         if rank in holders and rank != writer:
             sends.append(dist.isend(_local_tensor(plan, entry), dst=writer, tag=tag))
         if rank == writer:
@@ -458,6 +498,10 @@ def export_tensors(
         work.wait()
     if failures:
         raise failures[0]
+
+
+def _meta_shard(entry: PlanEntry) -> torch.Tensor:
+    return torch.empty(entry.local_shape, dtype=entry.dtype, device="meta")
 
 
 def _local_tensor(plan: TransferPlan, entry: PlanEntry) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The mapping base class: one object owns both directions of one parameter and its TP layout.
 
 A mapping names one Megatron parameter (pattern with ``*`` standing for a number, e.g. a layer index)
-and the HF tensor(s) it is made of. ``hf_to_megatron`` builds this TP rank's shard from the HF
-tensors; ``megatron_to_hf`` rebuilds the HF tensors from the shards of every TP rank. Nothing here
+and the HF tensor(s) it is made of. ``shard_parts`` names the row blocks of the HF tensors that
+this TP rank's shard is made of, and ``hf_to_megatron`` copies them into the parameter (or a new
+tensor); ``megatron_to_hf`` rebuilds the HF tensors from the shards of every TP rank. Nothing here
 knows about files, ranks or models: inputs are tensors (or lazy tensors that read only the slice
-asked for); outputs are contiguous tensors (``hf_to_megatron``) and, for export, contiguous tensors
-or ``JoinedShards`` that say how to join them without copying.
+asked for); a load writes into the parameter (``hf_to_megatron(..., out=param)``), and export returns
+contiguous tensors or ``JoinedShards`` that say how to join them without copying.
 """
 
 from __future__ import annotations
@@ -131,13 +132,39 @@ def materialize(tensor: "torch.Tensor | JoinedShards") -> torch.Tensor:
     return tensor.materialize() if isinstance(tensor, JoinedShards) else tensor
 
 
-def shard_rows(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
-    """Contiguous shard ``rank`` of ``size`` equal parts of ``src`` along ``dim``."""
+def tp_slice(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
+    """Part ``rank`` of ``size`` equal parts of ``src`` along ``dim``: a view, read from disk only when copied."""
     total = src.shape[dim]
     if total % size:
         raise MappingError(f"{name}: dimension {dim} of size {total} is not divisible by TP size {size}")
     part = total // size
-    return src.narrow(dim, rank * part, part).contiguous()
+    return src.narrow(dim, rank * part, part)
+
+
+def zero_rows(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``rows`` rows of zeros shaped like ``like``'s rows, as a view of one row (no memory of its own)."""
+    return torch.zeros((1, *like.shape[1:]), dtype=like.dtype).expand(rows, *like.shape[1:])
+
+
+def assemble_rows(parts: Sequence[torch.Tensor], out: torch.Tensor | None, name: str, sources: Sequence[str]) -> torch.Tensor:
+    """``torch.cat(parts, dim=0)``, written into ``out`` when given (converting the dtype as ``copy_`` does).
+
+    Loading passes the parameter itself as ``out``, so a shard is copied once, from the file's map
+    into the parameter, and no shard-sized temporary is made (fresh memory costs more to touch on
+    these VMs than the copy itself).
+    """
+    shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+    if out is None:
+        if len(parts) == 1:
+            return parts[0].contiguous()
+        out = torch.empty(shape, dtype=parts[0].dtype)
+    elif tuple(out.shape) != shape:
+        raise MappingError(f"{name}: built a shard of shape {list(shape)} from {list(sources)}, the parameter has {list(out.shape)}")
+    start = 0
+    for part in parts:
+        out.narrow(0, start, part.shape[0]).copy_(part)
+        start += part.shape[0]
+    return out
 
 
 _WILDCARD = re.compile(r"\\\*")
@@ -147,7 +174,7 @@ class ParamMapping:
     """One Megatron parameter ⇄ one or more HF tensors.
 
     ``hf_param`` is a single HF name or a dict role → HF name (e.g. ``{"q": ..., "k": ..., "v": ...}``).
-    Subclasses implement ``hf_to_megatron`` and ``megatron_to_hf``; ``tp_sharded`` says whether the
+    Subclasses implement ``shard_parts`` (load) and ``megatron_to_hf`` (export); ``tp_sharded`` says whether the
     parameter differs across TP ranks (and so must be gathered on export).
     """
 
@@ -180,7 +207,16 @@ class ParamMapping:
     def single(self, hf: Mapping[str, TensorSource]) -> TensorSource:
         return hf[""]
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This TP rank's shard, written into ``out`` when given (the parameter being loaded).
+
+        Without ``out``: a new tensor, or, for a shard that is one contiguous block, a view of the
+        source itself (of the file's map when reading a checkpoint): copy it to keep it.
+        """
+        return assemble_rows(self.shard_parts(hf, ctx), out, self.megatron_param, self.hf_names)
+
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
+        """The row blocks (along dim 0) that this TP rank's shard is made of, in order: views of the HF tensors."""
         raise NotImplementedError
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, "torch.Tensor | JoinedShards"]:

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, shard_rows
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, tp_slice
 
 
 class GatedMLPMapping(ParamMapping):
@@ -19,7 +19,7 @@ class GatedMLPMapping(ParamMapping):
     def __init__(self, megatron_param: str, *, gate: str, up: str):
         super().__init__(megatron_param, {"gate": gate, "up": up})
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         gate, up = hf["gate"], hf["up"]
         if tuple(gate.shape) != tuple(up.shape):
             raise MappingError(
@@ -29,13 +29,10 @@ class GatedMLPMapping(ParamMapping):
             raise MappingError(
                 f"{self.megatron_param}: the MLP size ({gate.shape[0]}) is not divisible by TP size ({ctx.tp_size})"
             )
-        return torch.cat(
-            [
-                shard_rows(gate, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["gate"]),
-                shard_rows(up, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["up"]),
-            ],
-            dim=0,
-        )
+        return [
+            tp_slice(gate, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["gate"]),
+            tp_slice(up, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["up"]),
+        ]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         halves = [shard.chunk(2, dim=0) for shard in shards]  # row blocks of a contiguous shard: contiguous views

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, read_all, shard_rows
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, zero_rows
 
 
 class ColumnParallelMapping(ParamMapping):
@@ -14,8 +14,8 @@ class ColumnParallelMapping(ParamMapping):
 
     kind = "column"
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
-        return shard_rows(self.single(hf), 0, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
+        return [tp_slice(self.single(hf), 0, ctx.tp_rank, ctx.tp_size, self.hf_names[0])]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: join_shards(shards, 0)}
@@ -30,11 +30,11 @@ class RowParallelMapping(ParamMapping):
     def tp_sharded(self) -> bool:  # type: ignore[override]
         return not self.megatron_param.endswith(".bias")
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         src = self.single(hf)
         if len(src.shape) == 1:
-            return read_all(src)
-        return shard_rows(src, 1, ctx.tp_rank, ctx.tp_size, self.hf_names[0])
+            return [src.narrow(0, 0, src.shape[0])]
+        return [tp_slice(src, 1, ctx.tp_rank, ctx.tp_size, self.hf_names[0])]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         if shards[0].dim() == 1:
@@ -48,8 +48,9 @@ class ReplicatedMapping(ParamMapping):
     kind = "replicated"
     tp_sharded = False
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
-        return read_all(self.single(hf))
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
+        src = self.single(hf)
+        return [src.narrow(0, 0, src.shape[0])]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: shards[0]}
@@ -64,7 +65,7 @@ class VocabParallelMapping(ParamMapping):
 
     kind = "vocab"
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         src = self.single(hf)
         rows = src.shape[0]
         if rows != ctx.vocab_size:
@@ -72,12 +73,8 @@ class VocabParallelMapping(ParamMapping):
         local_rows = ctx.padded_vocab_size // ctx.tp_size
         start = ctx.tp_rank * local_rows
         stop = min(start + local_rows, rows)
-        if stop - start == local_rows:
-            return src.narrow(0, start, local_rows).contiguous()
-        shard = torch.zeros((local_rows, *src.shape[1:]), dtype=src.dtype)
-        if stop > start:
-            shard[: stop - start] = src.narrow(0, start, stop - start)
-        return shard
+        real = src.narrow(0, min(start, rows), max(0, stop - start))
+        return [real] if stop - start == local_rows else [real, zero_rows(local_rows - real.shape[0], real)]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: first_rows(join_shards(shards, 0), ctx.vocab_size)}

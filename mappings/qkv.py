@@ -35,25 +35,19 @@ class QKVMapping(ParamMapping):
                 "choose a TP size that divides the number of key/value heads"
             )
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> torch.Tensor:
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         self._check(hf, ctx)
         d = ctx.head_dim
-        heads_per_group = ctx.num_attention_heads // ctx.num_query_groups
+        q_rows = ctx.num_attention_heads // ctx.num_query_groups * d
         local_groups = ctx.num_query_groups // ctx.tp_size
         first = ctx.tp_rank * local_groups
-        q = hf["q"].narrow(0, first * heads_per_group * d, local_groups * heads_per_group * d)
+        q = hf["q"].narrow(0, first * q_rows, local_groups * q_rows)
         k = hf["k"].narrow(0, first * d, local_groups * d)
         v = hf["v"].narrow(0, first * d, local_groups * d)
-        rest = tuple(q.shape[1:])
-        fused = torch.cat(
-            [
-                q.reshape(local_groups, heads_per_group * d, *rest),
-                k.reshape(local_groups, d, *rest),
-                v.reshape(local_groups, d, *rest),
-            ],
-            dim=1,
-        )
-        return fused.reshape(local_groups * (heads_per_group + 2) * d, *rest).contiguous()
+        parts = []
+        for group in range(local_groups):
+            parts += [q.narrow(0, group * q_rows, q_rows), k.narrow(0, group * d, d), v.narrow(0, group * d, d)]
+        return parts
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         d = ctx.head_dim

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from bridge import export_metadata
 from bridge.export_metadata import ConfigMismatchError
-from bridge.hf_writer import _STAGE_BYTES, ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
+from bridge.hf_writer import STAGE_BYTES, ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
 from bridge.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
 from tests.edited_checkpoints import edited_copy
 
@@ -382,7 +382,7 @@ def test_writer_refuses_a_dtype_safetensors_cannot_name(tmp_path):
 
 def test_writer_streams_each_tensor_to_disk_when_added(tmp_path):
     tensor = torch.arange(10 * 2**20, dtype=torch.float32)  # 40 MiB: several times the staging buffers
-    held = 2 * _STAGE_BYTES  # one stage being filled, one being written
+    held = 2 * STAGE_BYTES  # one stage being filled, one being written
     with HFFolderWriter(tmp_path / "out") as folder:
         folder.add("a", tensor)
         shard = folder.tmp_dir / "shard-0.tmp"
@@ -479,8 +479,8 @@ def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypat
 
     tensors = _direct_io_tensors()
     used = []
-    original = hf_writer._DataAppender.finish
-    monkeypatch.setattr(hf_writer._DataAppender, "finish", lambda self: (used.append(self.direct), original(self))[1])
+    original = hf_writer.DataAppender.finish
+    monkeypatch.setattr(hf_writer.DataAppender, "finish", lambda self: (used.append(self.direct), original(self))[1])
     direct = _write_tensors(tmp_path / "direct", tensors, max_shard_size="20MB")
     if hasattr(os, "O_DIRECT"):
         assert any(used), "O_DIRECT was not used on this filesystem"
@@ -521,7 +521,7 @@ def test_a_failed_background_write_fails_the_export_and_leaves_nothing(tmp_path,
     from bridge import hf_writer
 
     calls = []
-    original = hf_writer._write_all
+    original = hf_writer.write_all
 
     def disk_full(fd, data, offset):
         calls.append(offset)
@@ -529,7 +529,7 @@ def test_a_failed_background_write_fails_the_export_and_leaves_nothing(tmp_path,
             raise OSError(28, "No space left on device (test)")
         return original(fd, data, offset)
 
-    monkeypatch.setattr(hf_writer, "_write_all", disk_full)
+    monkeypatch.setattr(hf_writer, "write_all", disk_full)
     with pytest.raises(OSError, match="No space left"):
         _write_tensors(tmp_path / "out", {"a": torch.arange(6 * 2**20, dtype=torch.float32)})
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
