@@ -553,6 +553,10 @@ def print_targets(results: dict[str, list[dict]], largest: int) -> bool:
             if rows:
                 print(f"{f'(info) export {name[7:].upper()} (slowest rank) / raw write, {label}':<54}{worst(rows, 'export') / reference:>7.2f}"
                       f"{'':>7}  {'':<7}  {worst(rows, 'export'):.2f} s / {reference:.2f} s")
+    tp2, pp2 = results.get("bridge tp2"), results.get("bridge pp2")
+    if tp2 and pp2:  # the same bytes per rank into the same files: what TP2's row-parallel transfers cost
+        print(f"{'(info) export TP2 / PP2 (slowest ranks)':<54}{worst(tp2, 'export') / worst(pp2, 'export'):>7.2f}"
+              f"{'':>7}  {'':<7}  {worst(tp2, 'export'):.2f} s / {worst(pp2, 'export'):.2f} s (PP2 sends nothing)")
     scatter, slice_ = results.get("bridge tp2-scatter"), results.get("bridge tp2")
     if scatter and slice_:
         print(f"{'(info) TP2 load: scatter / slice':<54}{worst(scatter, 'load') / worst(slice_, 'load'):>7.2f}"

@@ -415,7 +415,10 @@ class _ReceiveBuffers:
 def export_tensors(
     plan: TransferPlan, writers: Mapping[str, int] | None = None, joined: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | JoinedShards]]:
-    """HF (name, tensor) pairs in global order; every rank must drive it to the end, and each gets the pairs it writes.
+    """HF (name, tensor) pairs; every rank must drive it to the end, and each gets the pairs it writes.
+
+    Pairs come in global order, except that a parameter whose shards are all at hand goes ahead of
+    one whose shards are still arriving.
 
     ``writers`` names each parameter's writing rank (``TransferPlan.assign_writers``); by default rank
     0 writes everything. With ``joined``, a tensor made of several shards comes as ``JoinedShards``
@@ -429,7 +432,8 @@ def export_tensors(
     its sends and receives in the one global order, so that NCCL's in-order streams pair them up.
     Sends go out at once (they are the parameters themselves, no copies); receives run ahead of the
     writing within a window of the most bytes one parameter needs received (half the largest
-    parameter at TP2), so that the next parameters arrive while this one is written. Memory beyond
+    parameter at TP2), so that the next parameters arrive while this one is written, and parameters
+    that wait for nothing (held here, or ``COWRITTEN``) are written while one arrives. Memory beyond
     the model: twice the window (the receive buffers, in flight or kept for reuse), plus one joined
     copy unless ``joined``.
     """
@@ -469,9 +473,10 @@ def export_tensors(
             queue.append(incoming)
             queued_bytes += incoming.received_bytes
 
-    def write_oldest() -> Iterator[tuple[str, torch.Tensor | JoinedShards]]:
+    def write(index: int) -> Iterator[tuple[str, torch.Tensor | JoinedShards]]:
         nonlocal queued_bytes
-        incoming = queue.popleft()
+        incoming = queue[index]
+        del queue[index]
         for work in incoming.receives:
             work.wait()
         try:
@@ -486,14 +491,20 @@ def export_tensors(
         buffers.give(incoming.buffers)
         queued_bytes -= incoming.received_bytes
 
+    def ready() -> int | None:
+        """The oldest queued parameter whose shards are all here, if any."""
+        return next((i for i, incoming in enumerate(queue) if all(work.is_completed() for work in incoming.receives)), None)
+
     steps = [(tag, entry) for tag, entry in enumerate(exported) if rank == writers[entry.name] or rank in plan.shard_holders(entry)]
     for tag, entry in _progress(steps, "exporting"):
         need = plan.received_bytes(entry, rank) if rank == writers[entry.name] else 0
-        while queue and (queued_bytes + need > window or not queue[0].receives):  # write what has no more to wait for
-            yield from write_oldest()
+        while queue and queued_bytes + need > window:  # room for this parameter's receives
+            yield from write(0)
         post(tag, entry)
+        while (index := ready()) is not None:  # write what waits for nothing, even past a parameter still arriving
+            yield from write(index)
     while queue:
-        yield from write_oldest()
+        yield from write(0)
     for work in sends:
         work.wait()
     if failures:
