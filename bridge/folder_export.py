@@ -7,10 +7,10 @@ shards write it (``TransferPlan.assign_writers``): a join along dim 0 each holde
 place, anything else one holder after receiving the others' shards; so a pipeline stage writes its
 own layers, and the ranks of a TP group split the writing and send each other only row-parallel
 shards. Where some rank cannot see the folder, or a probe finds that bytes several ranks write into
-one file do not all arrive, rank 0 writes everything. Rank 0 then names the
-files, writes the index and config.json and publishes the folder. A rank whose writing fails keeps
-driving the transfers to the end, so that no rank waits forever on it; then every rank raises the
-first error, and the target is left as it was.
+one file do not all arrive, rank 0 writes everything. Rank 0 then checks that the ranks' bytes add up
+to every file, names the files, writes the index and config.json and publishes the folder. A rank
+whose writing fails keeps driving the transfers to the end, so that no rank waits forever on it;
+then every rank raises the first error, and the target is left as it was.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def write_hf_folder(
                 layout.check_written([counts for _, counts in reports])
                 folder.finish(config, side_files, check=check, others=[layout.written()])
             except Exception as err:
+                folder.abort()  # finish removes its folder itself; a failed check of the written bytes does not get there
                 error = err
     raise_everywhere(error, src=0)
 
