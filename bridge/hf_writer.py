@@ -149,14 +149,13 @@ class ShardSequenceWriter:
     shard therefore starts with a reserved header region, filled at the end with the exact header
     padded with spaces (the format allows trailing whitespace, and safetensors itself pads to keep
     the data 8-byte aligned). A tensor whose header entry would not fit the reservation starts a new
-    shard, and later shards reserve twice as much. Files are named ``{prefix}{i}.tmp`` until the
-    folder's writer gives them their final names; several writers (one per rank) may share a folder.
+    shard, and later shards reserve twice as much. Files are named ``shard-{i}.tmp`` until the
+    folder's writer gives them their final names.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "shard-"):
+    def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.prefix = prefix
         self._reserve = initial_header_reservation(max_shard_bytes)
         self._shard: _ShardFile | None = None
         self.written = WrittenShards()
@@ -202,7 +201,7 @@ class ShardSequenceWriter:
             self._shard = None
 
     def _open_shard(self) -> None:
-        path = self.folder / f"{self.prefix}{len(self.written.files)}.tmp"
+        path = self.folder / f"shard-{len(self.written.files)}.tmp"
         self._shard = _ShardFile(path, self._reserve)
 
     def _close_shard(self) -> None:
