@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from bridge.gc_freeze import frozen_heap
 from bridge.hf_writer import HFFolderWriter, parse_size
 from bridge.rank_errors import describe, raise_everywhere, raise_first, rebuilt
 from bridge.shard_layout import LayoutWriter, ShardLayout
@@ -31,6 +32,7 @@ from bridge.transfer import TransferPlan, export_tensors
 logger = logging.getLogger(__name__)
 
 
+@frozen_heap()
 def write_hf_folder(
     plan: TransferPlan,
     out_dir: str | Path,

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from bridge.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES
-from mappings import JoinedShards
+from mappings import JoinedShards, copy_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ class ShardSequenceWriter:
         if name in self.written.shapes:
             raise ValueError(f"tensor {name} was written twice")
         dtype = safetensors_dtype(name, tensor)
-        if isinstance(tensor, torch.Tensor):
-            tensor = plain_cpu(name, tensor)
+        tensor = check_writable(name, tensor)
         shape = header_shape(name, tensor)
         size = tensor.nbytes
         shard = self._shard
@@ -359,6 +358,7 @@ class DataAppender:
                 self._direct_fd = None
         self._stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT needs
         self._views = [memoryview(stage) for stage in self._stages]
+        self._bytes = [torch.frombuffer(stage, dtype=torch.uint8) for stage in self._stages]  # the same memory, to copy tensors into
         self._writing: list[Future | None] = [None, None]  # each stage's write in flight
         self._current = 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -368,16 +368,19 @@ class DataAppender:
     def direct(self) -> bool:
         return self._direct_fd is not None
 
-    def append(self, data: memoryview, offset: int | None = None) -> None:
-        """Write ``data`` at ``offset``, or right after the bytes written last; an offset elsewhere starts a new run."""
+    def append(self, data: torch.Tensor | JoinedShards, offset: int | None = None) -> None:
+        """Write the bytes of ``data`` at ``offset``, or right after the bytes written last; an offset elsewhere starts a new run.
+
+        The bytes are copied from the tensor (or the parts of a ``JoinedShards``) straight into the
+        stages (``copy_bytes``); ``check_writable`` says what can be given.
+        """
         if offset is not None and offset != self._offset + self._fill:
             self._submit()
             self._start_run(offset)
-        done = 0
-        while done < len(data):
-            view = self._views[self._current]
-            count = min(len(data) - done, STAGE_BYTES - self._fill)
-            view[self._fill : self._fill + count] = data[done : done + count]
+        done, total = 0, data.nbytes
+        while done < total:
+            count = min(total - done, STAGE_BYTES - self._fill)
+            copy_bytes(data, self._bytes[self._current][self._fill : self._fill + count], done)
             self._fill += count
             done += count
             if self._fill == STAGE_BYTES:
@@ -401,6 +404,7 @@ class DataAppender:
         if self._direct_fd is not None:
             os.close(self._direct_fd)
             self._direct_fd = None
+        self._bytes = []
         for view, stage in zip(self._views, self._stages):
             with contextlib.suppress(BufferError):  # a failed write's traceback may still hold a slice; GC frees it
                 view.release()
@@ -484,9 +488,7 @@ class _ShardFile:
         if size:
             if self._data is None:
                 self._data = DataAppender(self.path, self._fd, 8 + self.reserve)
-            blocks = tensor.blocks(STAGE_BYTES) if isinstance(tensor, JoinedShards) else [tensor]
-            for block in blocks:
-                self._data.append(memoryview(plain_cpu(name, block).reshape(-1).view(torch.uint8).numpy()))
+            self._data.append(check_writable(name, tensor))
         self._entries.append(entry)
         self._header_bytes = needed
         self.names.append(name)
@@ -519,13 +521,20 @@ class _ShardFile:
         os.close(self._fd)
 
 
-def plain_cpu(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as a dense, contiguous CPU tensor whose memory holds exactly its values (a copy only where needed)."""
+def check_writable(name: str, tensor: torch.Tensor | JoinedShards) -> torch.Tensor | JoinedShards:
+    """``tensor`` (each part of a ``JoinedShards``) with its values resolved, as ``DataAppender.append`` takes it.
+
+    Refuses what safetensors cannot store (sparse layouts) and what has no values (meta tensors);
+    conjugate and negative bits are applied, so the bytes in memory are the values. Device tensors
+    stay where they are: the appender copies them to the host a stage at a time.
+    """
+    if isinstance(tensor, JoinedShards):
+        return JoinedShards([check_writable(name, part) for part in tensor.parts], tensor.dim)
     if tensor.layout != torch.strided:
         raise ValueError(f"tensor {name} is {tensor.layout}; safetensors stores dense (strided) tensors only")
     if tensor.is_meta:
         raise ValueError(f"tensor {name} is on the meta device and has no values to write")
-    return tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    return tensor.detach().resolve_conj().resolve_neg()
 
 
 def header_shape(name: str, tensor: torch.Tensor) -> list[int]:

@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer import TransformerConfig
 
 from bridge import cpu_mode
+from bridge.gc_freeze import frozen_heap
 from bridge.model_bridge import ModelBridge
 from bridge.norms import use_torch_norms_with_sequence_parallel
 from bridge.parallel import ParallelConfigError, ParallelSizes
@@ -120,6 +121,7 @@ def decoder_spec(config: TransformerConfig, vp_stage: int | None):
     return spec if te else use_torch_norms_with_sequence_parallel(spec)
 
 
+@frozen_heap()
 def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one when VPP is off)."""
     vpp = config.virtual_pipeline_model_parallel_size

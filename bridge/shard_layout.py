@@ -26,12 +26,11 @@ from bridge.hf_writer import (
     DIRECT_BLOCK,
     MAX_HEADER_BYTES,
     METADATA_ENTRY,
-    STAGE_BYTES,
     DataAppender,
     WrittenShards,
+    check_writable,
     header_entry,
     header_shape,
-    plain_cpu,
     round_up,
     safetensors_dtype,
     write_all,
@@ -141,18 +140,18 @@ class LayoutWriter:
             raise ValueError(f"tensor {name} is not among the tensors the export planned")
         if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise ValueError(f"tensor {name} is {list(tensor.shape)} {tensor.dtype}; the export planned {list(slot.shape)} {slot.dtype}")
-        if isinstance(tensor, JoinedShards):
-            if tensor.dim != 0 and any(part.is_meta for part in tensor.parts):
-                raise ValueError(f"tensor {name}: a join along dim {tensor.dim} cannot be written part by part; it needs every part")
-            blocks = tensor.blocks(STAGE_BYTES)
+        if isinstance(tensor, JoinedShards) and tensor.dim == 0:
+            pieces = tensor.parts  # consecutive byte ranges: each written where it goes, the meta ones by their holders
+        elif isinstance(tensor, JoinedShards) and any(part.is_meta for part in tensor.parts):
+            raise ValueError(f"tensor {name}: a join along dim {tensor.dim} cannot be written part by part; it needs every part")
         else:
-            blocks = [tensor]
+            pieces = [tensor]
         offset = slot.offset
-        for block in blocks:
-            if block.nbytes and not block.is_meta:
-                self._appender(slot.file).append(memoryview(plain_cpu(name, block).reshape(-1).view(torch.uint8).numpy()), offset)
-                self.written_bytes[slot.file] = self.written_bytes.get(slot.file, 0) + block.nbytes
-            offset += block.nbytes
+        for piece in pieces:
+            if piece.nbytes and not (isinstance(piece, torch.Tensor) and piece.is_meta):
+                self._appender(slot.file).append(check_writable(name, piece), offset)
+                self.written_bytes[slot.file] = self.written_bytes.get(slot.file, 0) + piece.nbytes
+            offset += piece.nbytes
 
     def close(self) -> None:
         try:

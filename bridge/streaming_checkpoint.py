@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from tqdm import tqdm
 
 from bridge import megatron_checkpoint as mc
+from bridge.gc_freeze import frozen_heap
 from bridge.hf_checkpoint import SafetensorsReader
 from bridge.hf_writer import HFFolderWriter, parse_size
 from bridge.transfer import PlanEntry, TransferPlan, validate_checkpoint
@@ -229,6 +230,7 @@ def _chunk_index(sharded_state_dict: dict, params: dict[str, tuple[PlanEntry, to
     return index
 
 
+@frozen_heap()
 def import_checkpoint(bridge, root: str | Path, *, max_memory: int | str = DEFAULT_MAX_MEMORY, vocab_divisible_by: int = 128) -> int:
     """Write ``bridge``'s HF checkpoint as a Megatron-LM checkpoint at ``root`` (iteration "release") within ``max_memory``.
 
@@ -357,6 +359,7 @@ def _batches(entries: list[PlanEntry], room: int) -> Iterator[list[PlanEntry]]:
         yield batch
 
 
+@frozen_heap()
 def export_hf_folder(
     bridge,
     root: str | Path,

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from bridge.gc_freeze import frozen_heap
 from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
 from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, materialize
 from mappings.base import read_all
@@ -310,6 +311,7 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, unit="tensor", delay=2.0, disable=dist.get_rank() != 0)
 
 
+@frozen_heap()
 def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice") -> None:
     """Copy the HF checkpoint into this rank's parameters (all ranks call this together).
 

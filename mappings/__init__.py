@@ -1,7 +1,7 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
 from mappings.auto import AutoMapping
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, materialize
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, copy_bytes, materialize
 from mappings.gated_mlp import GatedMLPMapping
 from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 from mappings.qkv import QKVMapping
@@ -21,5 +21,6 @@ __all__ = [
     "RowParallelMapping",
     "TensorSource",
     "VocabParallelMapping",
+    "copy_bytes",
     "materialize",
 ]

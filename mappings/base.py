@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -56,10 +56,10 @@ def read_all(src: TensorSource) -> torch.Tensor:
 class JoinedShards:
     """A tensor given as the parts it is joined from along ``dim`` (TP shards, or row blocks of them), not yet joined.
 
-    Export hands these to the folder writer, which writes ``blocks()`` one after another: joins
-    along dim 0 are then never copied, and joins along another dim are copied a few MiB at a time
-    instead of into one full-size tensor (on the project's VMs, fresh memory for a full copy cost
-    more than writing it). ``materialize()`` is the plain ``torch.cat`` for everyone else.
+    Export hands these to the folder writer, which copies their bytes (``copy_bytes``) from the
+    parts straight into its staging buffers: the join is never made in memory (on the project's
+    VMs, fresh memory for a copy cost more than writing it). ``materialize()`` is the plain
+    ``torch.cat`` for everyone else.
     """
 
     def __init__(self, parts: Sequence[torch.Tensor], dim: int):
@@ -86,32 +86,33 @@ class JoinedShards:
     def to(self, dtype: torch.dtype) -> "JoinedShards":
         return self if dtype == self.dtype else JoinedShards([part.to(dtype) for part in self.parts], self.dim)
 
+    def rows(self, start: int, count: int) -> "JoinedShards | torch.Tensor":
+        """Rows ``[start, start + count)`` (dim 0), still unjoined: views of the parts."""
+        if self.dim != 0:
+            return JoinedShards([part.narrow(0, start, count) for part in self.parts], self.dim)
+        parts, offset = [], 0
+        for part in self.parts:
+            lo, hi = max(start, offset), min(start + count, offset + part.shape[0])
+            if lo < hi:
+                parts.append(part.narrow(0, lo - offset, hi - lo))
+            offset += part.shape[0]
+        return join_shards(parts, 0)
+
     def first_rows(self, count: int) -> "JoinedShards | torch.Tensor":
         """The first ``count`` rows (dim 0) of a join along dim 0, still unjoined."""
         if self.dim != 0:
             raise ValueError("first_rows of a join along a dim other than 0")
-        parts, left = [], count
+        return self.rows(0, count)
+
+    def copy_to(self, out: torch.Tensor) -> None:
+        """Each part into its place in ``out`` (a tensor of this shape): the join, with no copy in between."""
+        offset = 0
         for part in self.parts:
-            if left <= 0:
-                break
-            parts.append(part[:left])
-            left -= part.shape[0]
-        return join_shards(parts, 0)
+            out.narrow(self.dim, offset, part.shape[self.dim]).copy_(part)
+            offset += part.shape[self.dim]
 
     def materialize(self) -> torch.Tensor:
         return torch.cat(self.parts, dim=self.dim)
-
-    def blocks(self, max_bytes: int) -> Iterator[torch.Tensor]:
-        """Contiguous tensors whose bytes, one after another, are this tensor's bytes (row-major)."""
-        if self.dim == 0:
-            for part in self.parts:
-                yield part.contiguous()
-            return
-        row_bytes = max(1, self.nbytes // max(1, self.shape[0]))
-        step = max(1, max_bytes // row_bytes)
-        for start in range(0, self.shape[0], step):
-            rows = min(step, self.shape[0] - start)
-            yield torch.cat([part.narrow(0, start, rows) for part in self.parts], dim=self.dim)
 
 
 def join_shards(shards: Sequence[torch.Tensor], dim: int) -> "torch.Tensor | JoinedShards":
@@ -130,6 +131,44 @@ def first_rows(tensor: "torch.Tensor | JoinedShards", count: int) -> "torch.Tens
 def materialize(tensor: "torch.Tensor | JoinedShards") -> torch.Tensor:
     """A plain tensor (joining the parts of a ``JoinedShards``)."""
     return tensor.materialize() if isinstance(tensor, JoinedShards) else tensor
+
+
+def copy_bytes(tensor: "torch.Tensor | JoinedShards", dest: torch.Tensor, start: int = 0) -> None:
+    """Bytes ``[start, start + dest.numel())`` of ``tensor``, row-major as a file stores it, into the uint8 tensor ``dest``.
+
+    Whole rows go from the tensor (or each part of a ``JoinedShards``) straight into ``dest``, viewed
+    as rows of the tensor's dtype; only a row cut by either end of the range is copied through a
+    one-row temporary. So a writer fills its buffers from non-contiguous views and unjoined TP
+    shards with one copy per byte, and a device tensor is copied to the host piece by piece.
+    """
+    if dest.numel() == 0:
+        return
+    if not isinstance(tensor, JoinedShards) and tensor.is_contiguous():
+        dest.copy_(tensor.reshape(-1).view(torch.uint8)[start : start + dest.numel()])
+        return
+    row = tensor.nbytes // tensor.shape[0]
+    end, pos = start + dest.numel(), start
+    while pos < end:
+        index, within = divmod(pos, row)
+        whole, at = (end - pos) // row if within == 0 else 0, pos - start
+        if whole and (dest.data_ptr() + at) % tensor.dtype.itemsize == 0:
+            out = dest[at : at + whole * row].view(tensor.dtype).view(whole, *tensor.shape[1:])
+            _copy_rows(tensor, index, whole, out)
+            pos += whole * row
+        else:
+            count = min(row - within, end - pos)
+            one = torch.empty((1, *tensor.shape[1:]), dtype=tensor.dtype, device=dest.device)
+            _copy_rows(tensor, index, 1, one)
+            dest[at : at + count].copy_(one.reshape(-1).view(torch.uint8)[within : within + count])
+            pos += count
+
+
+def _copy_rows(tensor: "torch.Tensor | JoinedShards", start: int, count: int, out: torch.Tensor) -> None:
+    block = tensor.rows(start, count) if isinstance(tensor, JoinedShards) else tensor.narrow(0, start, count)
+    if isinstance(block, JoinedShards):
+        block.copy_to(out)
+    else:
+        out.copy_(block)
 
 
 def tp_slice(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mappings import ColumnParallelMapping, GatedMLPMapping, JoinedShards, MappingContext, QKVMapping, RowParallelMapping, VocabParallelMapping, materialize
+from mappings import ColumnParallelMapping, GatedMLPMapping, JoinedShards, MappingContext, QKVMapping, RowParallelMapping, VocabParallelMapping, copy_bytes, materialize
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -19,18 +19,38 @@ def _shards(shape: tuple[int, ...], count: int, dim: int, dtype=torch.bfloat16) 
     return full, [part.contiguous() for part in full.chunk(count, dim=dim)]
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-@pytest.mark.parametrize("max_bytes", [1, 100, 10**9])
-def test_blocks_are_the_joined_bytes_in_order(dim, max_bytes):
-    full, shards = _shards((37, 12), 3 if dim == 0 else 4, dim)
+def _copied(tensor, piece: int, skew: int = 0) -> bytes:
+    """The tensor's bytes as a writer copies them: ranges of ``piece`` bytes into a buffer starting ``skew`` bytes in."""
+    buffer = torch.full((tensor.nbytes + skew,), 0xAB, dtype=torch.uint8)
+    for start in range(0, tensor.nbytes, piece):
+        copy_bytes(tensor, buffer[skew + start : skew + min(start + piece, tensor.nbytes)], start)
+    return buffer[skew:].numpy().tobytes()
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("piece", [1, 3, 100, 10**9])
+@pytest.mark.parametrize("skew", [0, 1])
+def test_copy_bytes_gives_the_joined_bytes_in_order(dim, piece, skew):
+    """Ranges cut rows anywhere, and a buffer offset by one byte cannot be viewed as bf16 rows: every path must give the same bytes."""
+    full, shards = _shards((37, 12, 2), 3 if dim == 0 else 4 if dim == 1 else 2, dim)
     joined = JoinedShards(shards, dim)
     assert joined.shape == full.shape and joined.nbytes == full.nbytes and joined.numel() == full.numel()
     assert torch.equal(joined.materialize(), full)
-    blocks = list(joined.blocks(max_bytes))
-    assert all(block.is_contiguous() for block in blocks)
-    assert b"".join(_bytes(block) for block in blocks) == _bytes(full)
-    if dim == 0:  # parts of a dim-0 join are written as they are, never copied
-        assert [block.data_ptr() for block in blocks] == [shard.data_ptr() for shard in shards]
+    assert _copied(joined, piece, skew) == _bytes(full)
+    strided = full.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous view of the same values
+    assert _copied(strided, piece, skew) == _bytes(full)
+    assert _copied(full, piece, skew) == _bytes(full)
+
+
+def test_rows_of_a_join_are_views_of_its_parts():
+    full, shards = _shards((40, 6), 4, 0)
+    joined = JoinedShards(shards, 0)
+    middle = joined.rows(7, 20)  # across three parts
+    assert isinstance(middle, JoinedShards) and torch.equal(middle.materialize(), full[7:27])
+    assert [part.data_ptr() for part in middle.parts] == [shards[0][7:].data_ptr(), shards[1].data_ptr(), shards[2][:7].data_ptr()]
+    assert joined.rows(12, 5).data_ptr() == shards[1][2:].data_ptr()  # within one part: the part's own view
+    columns = JoinedShards([shard.T.contiguous() for shard in shards], 1)
+    assert torch.equal(columns.rows(2, 3).materialize(), full.T[2:5])
 
 
 def test_first_rows_and_dtype_conversion_stay_unjoined():
@@ -65,8 +85,7 @@ def test_every_mapping_exports_the_tensors_it_imported(tp):
         shards = [mapping.hf_to_megatron(hf, replace(_ctx(tp), tp_rank=r)) for r in range(tp)]
         for name, tensor in mapping.megatron_to_hf(shards, _ctx(tp)).items():
             assert torch.equal(materialize(tensor), sources[name]), (mapping, name, tp)
-            blocks = tensor.blocks(64) if isinstance(tensor, JoinedShards) else [tensor]
-            assert b"".join(_bytes(block) for block in blocks) == _bytes(sources[name]), (mapping, name, tp)
+            assert _copied(tensor, 64) == _bytes(sources[name]), (mapping, name, tp)
 
 
 def test_the_writer_writes_joined_shards_as_the_joined_tensor(tmp_path):

@@ -64,7 +64,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
 
     written, sent = [0], [0]
     append, isend = DataAppender.append, dist.isend
-    DataAppender.append = lambda self, data, offset=None: (written.__setitem__(0, written[0] + len(data)), append(self, data, offset))[1]
+    DataAppender.append = lambda self, data, offset=None: (written.__setitem__(0, written[0] + data.nbytes), append(self, data, offset))[1]
     dist.isend = lambda tensor, *args, **kwargs: (sent.__setitem__(0, sent[0] + tensor.nbytes), isend(tensor, *args, **kwargs))[1]
     result["errors"]["spread"] = _export(bridge, model, root / "spread")
     DataAppender.append, dist.isend = append, isend
@@ -85,7 +85,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
                 return len(data)
 
         folder_export.os = LosingOS()
-    DataAppender.append = lambda self, data, offset=None: (written.__setitem__(0, written[0] + len(data)), append(self, data, offset))[1]
+    DataAppender.append = lambda self, data, offset=None: (written.__setitem__(0, written[0] + data.nbytes), append(self, data, offset))[1]
     written[0] = 0
     result["errors"]["lost_writes"] = _export(bridge, model, root / "lost")
     DataAppender.append, folder_export.os = append, real_os
