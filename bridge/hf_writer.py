@@ -488,7 +488,7 @@ class _ShardFile:
         if size:
             if self._data is None:
                 self._data = DataAppender(self.path, self._fd, 8 + self.reserve)
-            self._data.append(check_writable(name, tensor))
+            self._data.append(tensor)  # checked by ShardSequenceWriter.add
         self._entries.append(entry)
         self._header_bytes = needed
         self.names.append(name)

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from bridge.gc_freeze import frozen_heap
 from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
 from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, materialize
-from mappings.base import read_all
 
 logger = logging.getLogger(__name__)
 
@@ -347,12 +346,12 @@ def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsRead
     ctx = plan.context(entry)
     group = _tp_group(entry.expert)
     src = _group_root(entry.expert)
-    if ctx.tp_rank == 0:
-        full = {role: read_all(reader.lazy(name)) for role, name in mapping.hf_param.items()}
+    if ctx.tp_rank == 0:  # each shard straight from the file's map, with no copy of the whole tensor in between
+        sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
         if not mapping.tp_sharded:
-            mapping.hf_to_megatron(full, ctx, out=param)
+            mapping.hf_to_megatron(sources, ctx, out=param)
         else:
-            shards = [mapping.hf_to_megatron(full, plan.context(entry, r), out=torch.empty_like(param)) for r in range(ctx.tp_size)]
+            shards = [mapping.hf_to_megatron(sources, plan.context(entry, r), out=torch.empty_like(param)) for r in range(ctx.tp_size)]
     if not mapping.tp_sharded:
         dist.broadcast(param, src=src, group=group)
     else:

@@ -48,11 +48,6 @@ class MappingContext:
     padded_vocab_size: int
 
 
-def read_all(src: TensorSource) -> torch.Tensor:
-    """The whole tensor behind a source."""
-    return src.narrow(0, 0, src.shape[0]).contiguous()
-
-
 class JoinedShards:
     """A tensor given as the parts it is joined from along ``dim`` (TP shards, or row blocks of them), not yet joined.
 
