@@ -146,7 +146,7 @@ def copy_bytes(tensor: "torch.Tensor | JoinedShards", dest: torch.Tensor, start:
     while pos < end:
         index, within = divmod(pos, row)
         whole, at = (end - pos) // row if within == 0 else 0, pos - start
-        if whole and (dest.data_ptr() + at) % tensor.dtype.itemsize == 0:
+        if whole and (dest.storage_offset() + at) % tensor.dtype.itemsize == 0:  # where ``view(dtype)`` allows it
             out = dest[at : at + whole * row].view(tensor.dtype).view(whole, *tensor.shape[1:])
             _copy_rows(tensor, index, whole, out)
             pos += whole * row
