@@ -169,7 +169,10 @@ class LayoutWriter:
                 os.close(fd)
 
     def _finish_below(self, file: int) -> None:
-        """Finish the open files numbered below ``file``: tensors come in layout order, so they get nothing more."""
+        """Finish the open files numbered below ``file``: tensors come nearly in layout order, so they rarely get more.
+
+        (A tensor written ahead of one still arriving may open the next file first; the earlier file
+        is then opened again for the late tensor, and finished again.)"""
         for index in sorted(i for i in self._open if i < file):
             fd, appender = self._open.pop(index)
             try:

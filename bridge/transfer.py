@@ -124,6 +124,7 @@ class TransferPlan:
         self.ctx = ctx
         self.expert_ctx = expert_ctx
         self._mappings: dict[str, ParamMapping] = {}
+        self._meta_exports: dict[str, tuple[list[torch.Tensor], dict[str, torch.Tensor | JoinedShards]]] = {}
 
     @classmethod
     def build(cls, model, registry: MappingRegistry, hf_vocab_size: int) -> "TransferPlan":
@@ -199,11 +200,17 @@ class TransferPlan:
                     raise MappingError(f"{name} is needed with shapes {list(expected[name])} and {list(tensor.shape)}")
         return expected
 
-    def meta_export(self, entry: PlanEntry, shards: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor | JoinedShards]:
-        """What export makes of ``entry``, on meta tensors (one per shard, or ``shards``): names, shapes, dtypes and how it is joined."""
-        if shards is None:
+    def meta_export(self, entry: PlanEntry) -> dict[str, torch.Tensor | JoinedShards]:
+        """What export makes of ``entry``, on meta tensors: names, shapes, dtypes and how it is joined."""
+        return self._traced_meta_export(entry)[1]
+
+    def _traced_meta_export(self, entry: PlanEntry) -> tuple[list[torch.Tensor], dict[str, torch.Tensor | JoinedShards]]:
+        """``entry``'s export of one meta tensor per shard, with those shards (to trace parts back to them); made once per plan."""
+        found = self._meta_exports.get(entry.name)
+        if found is None:
             shards = [_meta_shard(entry) for _ in range(self.shard_count(entry))]
-        return self.mapping(entry).megatron_to_hf(shards, self.context(entry, 0))
+            found = self._meta_exports[entry.name] = (shards, self.mapping(entry).megatron_to_hf(shards, self.context(entry, 0)))
+        return found
 
     def exported_meta(self) -> list[tuple[str, torch.Tensor | JoinedShards]]:
         """Every HF tensor export writes, in the order it writes them, as meta tensors."""
@@ -219,8 +226,8 @@ class TransferPlan:
         """
         if self.shard_count(entry) < 2:
             return False
-        shards = [_meta_shard(entry) for _ in range(self.shard_count(entry))]
-        for tensor in self.meta_export(entry, shards).values():
+        shards, exported = self._traced_meta_export(entry)
+        for tensor in exported.values():
             if isinstance(tensor, JoinedShards) and tensor.dim != 0:
                 return False
             parts = tensor.parts if isinstance(tensor, JoinedShards) else [tensor]

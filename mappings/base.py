@@ -166,6 +166,11 @@ def _copy_rows(tensor: "torch.Tensor | JoinedShards", start: int, count: int, ou
         out.copy_(block)
 
 
+def whole(src: TensorSource) -> torch.Tensor:
+    """All of ``src`` as a view (of the file's map, for a lazy tensor): read only when copied."""
+    return src.narrow(0, 0, src.shape[0])
+
+
 def tp_slice(src: TensorSource, dim: int, rank: int, size: int, name: str) -> torch.Tensor:
     """Part ``rank`` of ``size`` equal parts of ``src`` along ``dim``: a view, read from disk only when copied."""
     total = src.shape[dim]

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, zero_rows
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, whole, zero_rows
 
 
 class ColumnParallelMapping(ParamMapping):
@@ -33,7 +33,7 @@ class RowParallelMapping(ParamMapping):
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         src = self.single(hf)
         if len(src.shape) == 1:
-            return [src.narrow(0, 0, src.shape[0])]
+            return [whole(src)]
         return [tp_slice(src, 1, ctx.tp_rank, ctx.tp_size, self.hf_names[0])]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
@@ -49,8 +49,7 @@ class ReplicatedMapping(ParamMapping):
     tp_sharded = False
 
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
-        src = self.single(hf)
-        return [src.narrow(0, 0, src.shape[0])]
+        return [whole(self.single(hf))]
 
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
         return {self.hf_names[0]: shards[0]}
