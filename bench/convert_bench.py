@@ -19,6 +19,10 @@ fresh processes (after an ``os.sync()``, so that none pays for the write-back of
                 it calls ``load_hf_weights`` ("build"), the load itself ("load"), then
                 ``save_hf_pretrained`` to a fresh folder ("export").
 
+On a machine with GPUs the bridge's model lives on them (one GPU per rank: layouts that need more
+are skipped) and is loaded through pinned buffers; each bridge process then also measures the card's
+host→device bandwidth from pinned memory, after its export, and the load's GB/s are printed against it.
+
 Every process records ``ru_maxrss`` (peak RSS so far) at the end of each phase, its RSS right after
 its imports (the baseline), and the wall clock when its folder is written; "e2e" is that moment minus
 the moment the parent started the process ("process start → exported folder", interpreter start and
@@ -252,9 +256,25 @@ def worker_bridge(args) -> None:
     bridge.save_hf_pretrained(model, args.out)
     rec.mark("export")
     shard = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
-    rec.done(shard_bytes=shard, rank=dist.get_rank())
+    gpu = {"h2d_gbps": pinned_h2d_gbps(torch), "device": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
+    rec.done(shard_bytes=shard, rank=dist.get_rank(), **gpu)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def pinned_h2d_gbps(torch, nbytes: int = 256 * MIB, repeats: int = 5) -> float:
+    """The card's host→device bandwidth from pinned memory (the best of ``repeats`` copies), GB/s: the load's ceiling."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
 
 
 # Where the bridge's time goes, per phase: (module, owner path, attribute, label). Nested probes overlap
@@ -445,6 +465,8 @@ def summarise(runs: list[list[dict]]) -> list[dict]:
         row["probes"] = probes
         if "t_done" in recs[0]:
             row["e2e"] = med([r["t_done"] - r["launch"] for r in recs])
+        if "h2d_gbps" in recs[0]:
+            row["h2d_gbps"], row["device"] = med([r["h2d_gbps"] for r in recs]), recs[0]["device"]
         summary.append(row)
     return summary
 
@@ -557,11 +579,22 @@ def print_targets(results: dict[str, list[dict]], largest: int) -> bool:
     if tp2 and pp2:  # the same bytes per rank into the same files: what TP2's row-parallel transfers cost
         print(f"{'(info) export TP2 / PP2 (slowest ranks)':<54}{worst(tp2, 'export') / worst(pp2, 'export'):>7.2f}"
               f"{'':>7}  {'':<7}  {worst(tp2, 'export'):.2f} s / {worst(pp2, 'export'):.2f} s (PP2 sends nothing)")
+    for name, rows in results.items():  # on a GPU: the load's pace against the card's own host→device pace
+        if name.startswith("bridge") and "h2d_gbps" in rows[0]:
+            load = min(row["shard"] / row["seconds"]["load"] / 1e9 for row in rows)
+            print(f"{f'(info) load GB/s / pinned host→device GB/s, {name[7:]}':<54}{load / rows[0]['h2d_gbps']:>7.2f}{'':>7}  {'':<7}  "
+                  f"{load:.1f} GB/s (slowest rank) / {rows[0]['h2d_gbps']:.1f} GB/s on {rows[0]['device']}")
     scatter, slice_ = results.get("bridge tp2-scatter"), results.get("bridge tp2")
     if scatter and slice_:
         print(f"{'(info) TP2 load: scatter / slice':<54}{worst(scatter, 'load') / worst(slice_, 'load'):>7.2f}"
               f"{'':>7}  {'':<7}  {worst(scatter, 'load'):.2f} s / {worst(slice_, 'load'):.2f} s (slowest rank)")
     return ok
+
+
+def cuda_device_count() -> int:
+    """GPUs the workers will see (0 on a CPU machine), asked of a child so that this process never imports torch."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() or 0)
 
 
 def machine() -> str:
@@ -627,6 +660,12 @@ def main() -> None:
         plan.append(("transformers", "transformers", None))
     if not args.no_raw:
         plan += [("raw write, 1 writer", "rawwrite", "1"), ("raw write, 2 writers", "rawwrite", "2")]
+    gpus = cuda_device_count()
+    if gpus:  # one GPU per rank, as NCCL needs
+        too_big = [layout for layout in layouts if LAYOUTS[layout][0] * LAYOUTS[layout][1] > gpus]
+        if too_big:
+            print(f"{gpus} GPU(s): skipping {', '.join(too_big)} (one GPU per rank)")
+        layouts = [layout for layout in layouts if layout not in too_big]
     plan += [(f"bridge {layout}", "bridge", layout) for layout in layouts]
     runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in plan}
     for repeat in range(args.repeats):

@@ -24,9 +24,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from bridge.device_upload import PinnedUpload
 from bridge.gc_freeze import frozen_heap
 from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
-from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, materialize
+from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, RowCopy, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -318,36 +319,45 @@ def _progress(items, desc: str):
 
 
 @frozen_heap()
-def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice") -> None:
+def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice", staged: bool | None = None) -> None:
     """Copy the HF checkpoint into this rank's parameters (all ranks call this together).
 
-    The reader's maps are closed at the end (it re-opens them on its next read), so that the
-    checkpoint's pages do not stay in this rank's resident memory beside the model.
+    Parameters on a GPU are filled through pinned host buffers with non-blocking copies
+    (``PinnedUpload``); ``staged=True`` sends CPU parameters that way too (tests run that path on
+    the CPU), ``False`` none. The reader's maps are closed at the end (it re-opens them on its next
+    read), so that the checkpoint's pages do not stay in this rank's resident memory beside the model.
     """
     if strategy not in LOAD_STRATEGIES:
         raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
+    accelerator = next((local.param.device for local in plan.local.values() if local.param.device.type != "cpu"), None)
+    if staged is None:
+        staged = accelerator is not None
+    upload = PinnedUpload.for_device(accelerator or torch.device("cpu")) if staged else None
     try:
         for entry in _progress(plan.local_entries(), "loading"):
-            _load_one(plan, entry, reader, strategy)
+            _load_one(plan, entry, reader, strategy, upload)
     finally:
+        if upload is not None:
+            upload.finish()
         reader.release()  # the pages read would otherwise stay resident for as long as the reader lives
 
 
-def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str) -> None:
+def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str, upload: PinnedUpload | None) -> None:
     """Build and copy in one parameter's shard. Its own function so that the views of the files' maps die on return,
     letting the reader's next re-open release the pages they span."""
     mapping = plan.mapping(entry)
     param = plan.local[entry.name].param
     ctx = plan.context(entry)
+    copy = upload.copy if upload is not None else None
     if strategy == "scatter" and ctx.tp_size > 1:
-        _scatter_shard(plan, entry, reader, param.data)
+        _scatter_shard(plan, entry, reader, param.data, copy)
     else:
         sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
         with torch.no_grad():
-            mapping.hf_to_megatron(sources, ctx, out=param)  # straight from the file's map into the parameter
+            mapping.hf_to_megatron(sources, ctx, out=param, copy=copy)  # straight from the file's map into the parameter
 
 
-def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor) -> None:
+def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor, copy: RowCopy | None) -> None:
     """One reader per TP group builds every rank's shard and scatters them into the parameters."""
     mapping = plan.mapping(entry)
     ctx = plan.context(entry)
@@ -356,9 +366,11 @@ def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsRead
     if ctx.tp_rank == 0:  # each shard straight from the file's map, with no copy of the whole tensor in between
         sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
         if not mapping.tp_sharded:
-            mapping.hf_to_megatron(sources, ctx, out=param)
+            mapping.hf_to_megatron(sources, ctx, out=param, copy=copy)
         else:
-            shards = [mapping.hf_to_megatron(sources, plan.context(entry, r), out=torch.empty_like(param)) for r in range(ctx.tp_size)]
+            shards = [
+                mapping.hf_to_megatron(sources, plan.context(entry, r), out=torch.empty_like(param), copy=copy) for r in range(ctx.tp_size)
+            ]
     if not mapping.tp_sharded:
         dist.broadcast(param, src=src, group=group)
     else:

@@ -1,7 +1,7 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
 from mappings.auto import AutoMapping
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, copy_bytes, materialize
+from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
 from mappings.gated_mlp import GatedMLPMapping
 from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 from mappings.qkv import QKVMapping
@@ -18,6 +18,7 @@ __all__ = [
     "ParamMapping",
     "QKVMapping",
     "ReplicatedMapping",
+    "RowCopy",
     "RowParallelMapping",
     "TensorSource",
     "VocabParallelMapping",

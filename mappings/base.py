@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -33,6 +33,10 @@ class TensorSource(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+RowCopy = Callable[[torch.Tensor, torch.Tensor], None]
+"""``copy(dest, src)``: copies ``src`` into ``dest`` (rows of the tensor being built), as ``dest.copy_(src)`` does."""
 
 
 @dataclass(frozen=True)
@@ -185,12 +189,15 @@ def zero_rows(rows: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((1, *like.shape[1:]), dtype=like.dtype).expand(rows, *like.shape[1:])
 
 
-def assemble_rows(parts: Sequence[torch.Tensor], out: torch.Tensor | None, name: str, sources: Sequence[str]) -> torch.Tensor:
+def assemble_rows(
+    parts: Sequence[torch.Tensor], out: torch.Tensor | None, name: str, sources: Sequence[str], copy: RowCopy | None = None
+) -> torch.Tensor:
     """``torch.cat(parts, dim=0)``, written into ``out`` when given (converting the dtype as ``copy_`` does).
 
     Loading passes the parameter itself as ``out``, so a shard is copied once, from the file's map
     into the parameter, and no shard-sized temporary is made (fresh memory costs more to touch on
-    these VMs than the copy itself).
+    these VMs than the copy itself). ``copy(rows_of_out, part)`` does each copy into ``out`` (default
+    ``rows_of_out.copy_(part)``): a parameter on a GPU is filled through pinned buffers that way.
     """
     shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
     if out is None:
@@ -201,7 +208,11 @@ def assemble_rows(parts: Sequence[torch.Tensor], out: torch.Tensor | None, name:
         raise MappingError(f"{name}: built a shard of shape {list(shape)} from {list(sources)}, the parameter has {list(out.shape)}")
     start = 0
     for part in parts:
-        out.narrow(0, start, part.shape[0]).copy_(part)
+        rows = out.narrow(0, start, part.shape[0])
+        if copy is None:
+            rows.copy_(part)
+        else:
+            copy(rows, part)
         start += part.shape[0]
     return out
 
@@ -246,13 +257,15 @@ class ParamMapping:
     def single(self, hf: Mapping[str, TensorSource]) -> TensorSource:
         return hf[""]
 
-    def hf_to_megatron(self, hf: Mapping[str, TensorSource], ctx: MappingContext, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This TP rank's shard, written into ``out`` when given (the parameter being loaded).
+    def hf_to_megatron(
+        self, hf: Mapping[str, TensorSource], ctx: MappingContext, out: torch.Tensor | None = None, copy: RowCopy | None = None
+    ) -> torch.Tensor:
+        """This TP rank's shard, written into ``out`` when given (the parameter being loaded), by ``copy`` when given.
 
         Without ``out``: a new tensor, or, for a shard that is one contiguous block, a view of the
         source itself (of the file's map when reading a checkpoint): copy it to keep it.
         """
-        return assemble_rows(self.shard_parts(hf, ctx), out, self.megatron_param, self.hf_names)
+        return assemble_rows(self.shard_parts(hf, ctx), out, self.megatron_param, self.hf_names, copy)
 
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         """The row blocks (along dim 0) that this TP rank's shard is made of, in order: views of the HF tensors."""

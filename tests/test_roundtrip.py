@@ -22,10 +22,17 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from bridge import AutoBridge
+    from bridge import AutoBridge, device_upload, transfer
     from bridge.verify import compare_tensors, load_hf_tensors
     from tests.checks import check_model_shards
 
+    def fill_nan(model) -> None:
+        with torch.no_grad():
+            for chunk in model:
+                for param in chunk.parameters():
+                    param.fill_(float("nan"))
+
+    device_upload.BLOCK_BYTES = 1000  # many blocks per tensor, some of a single row (a row of the tiny models is up to 1 KiB)
     results = {}
     for tp, pp, vpp in LAYOUTS:
         for name, src in checkpoints.items():
@@ -34,19 +41,21 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
             model = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp)
             hf = load_hf_tensors(src)
             shard_problems, kinds = check_model_shards(model, bridge, hf)
-            with torch.no_grad():
-                for chunk in model:
-                    for param in chunk.parameters():
-                        param.fill_(float("nan"))
+            fill_nan(model)
             bridge.load_hf_weights(model, strategy="scatter")
             scatter_problems, _ = check_model_shards(model, bridge, hf)
+            staged_problems = []
+            for strategy in transfer.LOAD_STRATEGIES:  # the GPU path (pinned blocks of rows), on the CPU, in blocks of a few rows
+                fill_nan(model)
+                transfer.load_checkpoint(bridge.plan(model), bridge.reader, strategy=strategy, staged=True)
+                staged_problems += [f"{strategy}: {problem}" for problem in check_model_shards(model, bridge, hf)[0]]
             out = Path(out_root) / f"{name}-tp{tp}-pp{pp}-vpp{vpp}"
             bridge.save_hf_pretrained(model, out)
             roundtrip = None
             if dist.get_rank() == 0:
                 roundtrip = compare_tensors(hf, load_hf_tensors(out))
                 roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
-            results[(name, tp, pp, vpp)] = {"shards": shard_problems, "scatter": scatter_problems, "kinds": kinds, "roundtrip": roundtrip}
+            results[(name, tp, pp, vpp)] = {"shards": shard_problems, "scatter": scatter_problems, "staged": staged_problems, "kinds": kinds, "roundtrip": roundtrip}
     return results
 
 
@@ -80,6 +89,7 @@ def test_every_shard_is_the_expected_slice(matrix, name, tp, pp, vpp):
         result = results[(name, tp, pp, vpp)]
         assert result["shards"] == [], f"rank {rank}"
         assert result["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
+        assert result["staged"] == [], f"rank {rank}, staged load (the GPU path, on the CPU)"
     # every rank checked something, and across ranks every mapping kind was checked
     kinds = set().union(*(r[(name, tp, pp, vpp)]["kinds"] for r in matrix))
     assert {"vocab", "qkv", "row", "gated_mlp", "replicated"} <= kinds
