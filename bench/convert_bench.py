@@ -240,6 +240,10 @@ def worker_bridge(args) -> None:
     tp, pp, strategy = LAYOUTS[args.layout]
     initialize_parallel(ParallelSizes(tp=tp, pp=pp))
     dist.barrier()
+    if torch.cuda.is_available():  # NCCL makes a group's communicator at its first collective: not inside the load
+        from megatron.core import parallel_state
+
+        dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
     rec.mark("init")
     bridge = AutoBridge.from_hf_pretrained(args.folder)
     load = bridge.load_hf_weights
@@ -250,6 +254,8 @@ def worker_bridge(args) -> None:
 
     bridge.load_hf_weights = timed_load
     model = bridge.to_megatron_model(tp=tp, pp=pp, load_weights=True, load_strategy=strategy)
+    if torch.cuda.is_available():  # collectives queued on the GPU (scatter) may still be running
+        torch.cuda.synchronize()
     rec.mark("load")
     dist.barrier()
     rec.restart()

@@ -3,11 +3,13 @@
 A parameter on a GPU filled with ``param.copy_(view_of_the_file_map)`` copies from pageable
 memory: the driver bounces it through a small pinned buffer of its own and the call returns only
 when the copy is done, so reading the files and the transfer take turns. ``PinnedUpload`` instead
-copies each block of rows (at most ``block_bytes``) from the file's map into one of ``depth``
-pinned host buffers, starts its host→device copy with ``non_blocking=True`` and goes on reading the
-next block into the other buffer while the DMA runs. A buffer is refilled only after the event
-recorded behind its last copy has completed, and ``finish`` waits for all of them, so a load that
-returns has its parameters in place. Host memory: ``depth`` buffers, whatever the model's size.
+copies each block of rows (at most ``block_bytes``) from the file's map into the free end of one of
+``depth`` pinned host buffers, starts its host→device copy with ``non_blocking=True`` and goes on
+reading the next block while the DMA runs; small blocks (a QKV shard is one per query group and
+projection) share a buffer. When a buffer is full the next one is used, once the event recorded
+behind its last copy has completed; ``finish`` waits for all of them, so a load that returns has its
+parameters in place. Host memory: ``depth`` buffers, whatever the model's size; torch keeps the
+pinned pages in its host cache after the load, for the next one.
 
 Parameters on the CPU do not come here (the load copies into them directly); tests force this path
 on the CPU, where the buffers are plain memory and each copy completes at once.
@@ -20,6 +22,7 @@ import math
 import torch
 
 BLOCK_BYTES = 64 * 2**20
+_ALIGN = 64  # where a block starts in a buffer: any dtype can be viewed there
 
 
 class PinnedUpload:
@@ -29,8 +32,9 @@ class PinnedUpload:
         self.pin = pin
         self.block_bytes = block_bytes or BLOCK_BYTES
         self._buffers: list[torch.Tensor | None] = [None] * depth
-        self._events: list[torch.cuda.Event | None] = [None] * depth
-        self._next = 0
+        self._events: list[torch.cuda.Event | None] = [None] * depth  # behind each buffer's last copy
+        self._current = -1  # the buffer being filled (none yet)
+        self._used = 0  # its bytes in use
         self.uploaded = 0  # bytes copied to the device so far
 
     @classmethod
@@ -47,7 +51,7 @@ class PinnedUpload:
         per_block = max(1, self.block_bytes // max(row_bytes, 1))
         for start in range(0, rows, per_block):
             count = min(per_block, rows - start)
-            host = self._take(count * row_bytes).view(dest.dtype).view(count, *dest.shape[1:])
+            host = self._space(count * row_bytes).view(dest.dtype).view(count, *dest.shape[1:])
             host.copy_(src.narrow(0, start, count))
             dest.narrow(0, start, count).copy_(host, non_blocking=self.pin)
             self._record(dest)
@@ -55,27 +59,30 @@ class PinnedUpload:
 
     def finish(self) -> None:
         """Wait until every copy started here is done (the buffers may then be reused or freed)."""
-        for index, event in enumerate(self._events):
+        for event in self._events:
             if event is not None:
                 event.synchronize()
-                self._events[index] = None
+        self._current, self._used = -1, 0
 
-    def _take(self, nbytes: int) -> torch.Tensor:
-        """The next buffer in turn, once its last copy is done, with at least ``nbytes`` bytes."""
-        index = self._next
-        event = self._events[index]
-        if event is not None:
-            event.synchronize()
-            self._events[index] = None
-        buffer = self._buffers[index]
-        if buffer is None or buffer.numel() < nbytes:  # a block, or one row larger than a block
-            buffer = self._buffers[index] = torch.empty(max(nbytes, self.block_bytes), dtype=torch.uint8, pin_memory=self.pin)
-        return buffer[:nbytes]
+    def _space(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of free space: after what the current buffer holds, or in the next one once its copies are done."""
+        offset = -(-self._used // _ALIGN) * _ALIGN
+        buffer = self._buffers[self._current] if self._current >= 0 else None
+        if buffer is None or offset + nbytes > buffer.numel():
+            self._current = (self._current + 1) % len(self._buffers)
+            event = self._events[self._current]
+            if event is not None:
+                event.synchronize()
+            buffer = self._buffers[self._current]
+            if buffer is None or buffer.numel() < nbytes:  # a block, or one row larger than a block
+                buffer = self._buffers[self._current] = torch.empty(max(nbytes, self.block_bytes), dtype=torch.uint8, pin_memory=self.pin)
+            offset = 0
+        self._used = offset + nbytes
+        return buffer[offset : offset + nbytes]
 
     def _record(self, dest: torch.Tensor) -> None:
-        """Mark the buffer just used busy until the copy into ``dest`` (queued on the current stream) completes."""
+        """Mark the current buffer busy until the copy into ``dest`` just queued on its device's current stream completes."""
         if dest.is_cuda and self.pin:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(dest.device))
-            self._events[self._next] = event
-        self._next = (self._next + 1) % len(self._buffers)
+            if self._events[self._current] is None:
+                self._events[self._current] = torch.cuda.Event()
+            self._events[self._current].record(torch.cuda.current_stream(dest.device))

@@ -322,17 +322,17 @@ def _progress(items, desc: str):
 def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str = "slice", staged: bool | None = None) -> None:
     """Copy the HF checkpoint into this rank's parameters (all ranks call this together).
 
-    Parameters on a GPU are filled through pinned host buffers with non-blocking copies
+    Parameters on a CUDA device are filled through pinned host buffers with non-blocking copies
     (``PinnedUpload``); ``staged=True`` sends CPU parameters that way too (tests run that path on
     the CPU), ``False`` none. The reader's maps are closed at the end (it re-opens them on its next
     read), so that the checkpoint's pages do not stay in this rank's resident memory beside the model.
     """
     if strategy not in LOAD_STRATEGIES:
         raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
-    accelerator = next((local.param.device for local in plan.local.values() if local.param.device.type != "cpu"), None)
+    gpu = next((local.param.device for local in plan.local.values() if local.param.device.type == "cuda"), None)
     if staged is None:
-        staged = accelerator is not None
-    upload = PinnedUpload.for_device(accelerator or torch.device("cpu")) if staged else None
+        staged = gpu is not None
+    upload = PinnedUpload.for_device(gpu or torch.device("cpu")) if staged else None
     try:
         for entry in _progress(plan.local_entries(), "loading"):
             _load_one(plan, entry, reader, strategy, upload)

@@ -33,6 +33,20 @@ def test_blocks_of_rows_land_where_they_belong(block_bytes):
     assert max(buffer.numel() for buffer in upload._buffers if buffer is not None) == max(block_bytes, 20)  # a block, or a row
 
 
+def test_small_blocks_share_a_buffer_and_full_ones_alternate():
+    upload = PinnedUpload(pin=False, block_bytes=1000)
+    sources = [_source(3, 10) for _ in range(6)]  # 60 bytes each, placed 64 bytes apart: 15 to a buffer
+    dests = [torch.empty(3, 10, dtype=torch.bfloat16) for _ in sources]
+    for dest, src in zip(dests, sources):
+        upload.copy(dest, src)
+    assert upload._buffers[1] is None  # all in the first buffer
+    big = _source(40, 10)  # 800 bytes: no room left in the first, so into the second
+    upload.copy(torch.empty(40, 10, dtype=torch.bfloat16), big)
+    assert upload._buffers[1] is not None and upload._current == 1
+    upload.finish()
+    assert all(torch.equal(dest, src) for dest, src in zip(dests, sources))
+
+
 def test_views_conversions_and_expanded_rows():
     upload = PinnedUpload(pin=False, block_bytes=64)
     base = _source(12, 9, torch.float32)
