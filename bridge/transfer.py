@@ -103,11 +103,6 @@ def _tp_group(expert: bool):
     return parallel_state.get_expert_tensor_parallel_group() if expert else parallel_state.get_tensor_model_parallel_group()
 
 
-def _group_root(expert: bool) -> int:
-    """Global rank of TP (or expert-TP) rank 0 in this rank's group."""
-    return dist.get_process_group_ranks(_tp_group(expert))[0]
-
-
 def _is_source(expert: bool) -> bool:
     """Whether this rank speaks for its parameters: TP (ETP) rank 0 of data-parallel (expert-DP) replica 0."""
     if expert:
@@ -333,16 +328,19 @@ def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str
     if staged is None:
         staged = gpu is not None
     upload = PinnedUpload.for_device(gpu or torch.device("cpu")) if staged else None
+    spare = _ShardBuffer()
     try:
         for entry in _progress(plan.local_entries(), "loading"):
-            _load_one(plan, entry, reader, strategy, upload)
+            _load_one(plan, entry, reader, strategy, upload, spare)
     finally:
         if upload is not None:
             upload.finish()
         reader.release()  # the pages read would otherwise stay resident for as long as the reader lives
 
 
-def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str, upload: PinnedUpload | None) -> None:
+def _load_one(
+    plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str, upload: PinnedUpload | None, spare: _ShardBuffer
+) -> None:
     """Build and copy in one parameter's shard. Its own function so that the views of the files' maps die on return,
     letting the reader's next re-open release the pages they span."""
     mapping = plan.mapping(entry)
@@ -350,31 +348,50 @@ def _load_one(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, s
     ctx = plan.context(entry)
     copy = upload.copy if upload is not None else None
     if strategy == "scatter" and ctx.tp_size > 1:
-        _scatter_shard(plan, entry, reader, param.data, copy)
+        _scatter_shard(plan, entry, reader, param.data, copy, spare)
     else:
         sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
         with torch.no_grad():
             mapping.hf_to_megatron(sources, ctx, out=param, copy=copy)  # straight from the file's map into the parameter
 
 
-def _scatter_shard(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor, copy: RowCopy | None) -> None:
-    """One reader per TP group builds every rank's shard and scatters them into the parameters."""
+def _scatter_shard(
+    plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor, copy: RowCopy | None, spare: "_ShardBuffer"
+) -> None:
+    """One reader per TP group builds every rank's shard and sends each rank its own, one at a time.
+
+    The other ranks' shards are built in one reused buffer (``spare``), so the reader holds one
+    shard beside its parameters, not the whole tensor (a ``dist.scatter`` needs every shard at once).
+    """
     mapping = plan.mapping(entry)
     ctx = plan.context(entry)
     group = _tp_group(entry.expert)
-    src = _group_root(entry.expert)
+    ranks = dist.get_process_group_ranks(group)
     if ctx.tp_rank == 0:  # each shard straight from the file's map, with no copy of the whole tensor in between
         sources = {role: reader.lazy(name) for role, name in mapping.hf_param.items()}
-        if not mapping.tp_sharded:
-            mapping.hf_to_megatron(sources, ctx, out=param, copy=copy)
-        else:
-            shards = [
-                mapping.hf_to_megatron(sources, plan.context(entry, r), out=torch.empty_like(param), copy=copy) for r in range(ctx.tp_size)
-            ]
+        mapping.hf_to_megatron(sources, ctx, out=param, copy=copy)
+        if mapping.tp_sharded:
+            for tp_rank in range(1, ctx.tp_size):
+                shard = mapping.hf_to_megatron(sources, plan.context(entry, tp_rank), out=spare.like(param), copy=copy)
+                dist.send(shard, dst=ranks[tp_rank], group=group)  # returns once the buffer may be refilled
     if not mapping.tp_sharded:
-        dist.broadcast(param, src=src, group=group)
-    else:
-        dist.scatter(param, shards if ctx.tp_rank == 0 else None, src=src, group=group)
+        dist.broadcast(param, src=ranks[0], group=group)
+    elif ctx.tp_rank != 0:
+        dist.recv(param, src=ranks[0], group=group)
+
+
+class _ShardBuffer:
+    """Memory for the shard being sent, grown to the largest one and reused for all."""
+
+    def __init__(self) -> None:
+        self._raw: torch.Tensor | None = None
+
+    def like(self, param: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``param``'s shape, dtype and device, in the reused memory."""
+        if self._raw is None or self._raw.numel() < param.nbytes or self._raw.device != param.device:
+            self._raw = None  # freed before the larger one is allocated
+            self._raw = torch.empty(param.nbytes, dtype=torch.uint8, device=param.device)
+        return self._raw[: param.nbytes].view(param.dtype).view(param.shape)
 
 
 @dataclass

@@ -49,7 +49,13 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
             model = bridge.to_megatron_model(**sizes)
             hf = load_hf_tensors(src)
             shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
-            result = {"shards": shards, "kinds": kinds}
+            with torch.no_grad():
+                for chunk in model:
+                    for param in chunk.parameters():
+                        param.fill_(float("nan"))
+            bridge.load_hf_weights(model, strategy="scatter")  # one reader per TP (expert-TP) group sends the shards
+            scatter, _ = check_model_shards(model, bridge, hf, _moe_names(name))
+            result = {"shards": shards, "scatter": scatter, "kinds": kinds}
             if layout in FUSED_LAYOUTS:
                 before = {n: p.detach().clone() for chunk in model for n, p in chunk.named_parameters()}
                 fused_bridge = AutoBridge.from_hf_pretrained(fused[name])
@@ -111,6 +117,7 @@ def test_moe_roundtrip_is_bit_exact(results, name, layout):
 def test_every_expert_shard_is_the_expected_slice(results, name, layout):
     for rank, per_rank in enumerate(results):
         assert per_rank[(name, layout)]["shards"] == [], f"rank {rank}"
+        assert per_rank[(name, layout)]["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
     kinds = set().union(*(r[(name, layout)]["kinds"] for r in results))
     assert {"expert_fc1", "expert_fc2", "router"} <= kinds
 
