@@ -137,8 +137,8 @@ class _Recorder:
     def restart(self) -> None:
         self._start = time.perf_counter()
 
-    def done(self, **extra) -> None:
-        self.data["t_done"] = time.time()
+    def done(self, t_done: float | None = None, **extra) -> None:
+        self.data["t_done"] = t_done or time.time()
         self.data.update(extra)
         tmp = self.result.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
@@ -262,8 +262,9 @@ def worker_bridge(args) -> None:
     bridge.save_hf_pretrained(model, args.out)
     rec.mark("export")
     shard = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
+    written = time.time()  # e2e ends here, before the bandwidth probe
     gpu = {"h2d_gbps": pinned_h2d_gbps(torch), "device": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
-    rec.done(shard_bytes=shard, rank=dist.get_rank(), **gpu)
+    rec.done(t_done=written, shard_bytes=shard, rank=dist.get_rank(), **gpu)
     dist.barrier()
     dist.destroy_process_group()
 
