@@ -335,6 +335,7 @@ def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str
     finally:
         if upload is not None:
             upload.finish()
+            logger.debug("%.2f GB copied to the GPU through pinned buffers", upload.uploaded / 1e9)
         reader.release()  # the pages read would otherwise stay resident for as long as the reader lives
 
 
@@ -356,7 +357,7 @@ def _load_one(
 
 
 def _scatter_shard(
-    plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor, copy: RowCopy | None, spare: "_ShardBuffer"
+    plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, param: torch.Tensor, copy: RowCopy | None, spare: _ShardBuffer
 ) -> None:
     """One reader per TP group builds every rank's shard and sends each rank its own, one at a time.
 

@@ -118,3 +118,11 @@ def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE
             if param.dtype != want.dtype or not torch.equal(param.detach(), want):
                 problems.append(f"{names[local_name]} ({kind})")
     return problems, kinds
+
+
+def fill_nan(model) -> None:
+    """Overwrite every parameter with NaN, so that a load that misses one shows in ``check_model_shards``."""
+    with torch.no_grad():
+        for chunk in model:
+            for param in chunk.parameters():
+                param.fill_(float("nan"))

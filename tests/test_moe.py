@@ -39,7 +39,7 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
 
     from bridge.forward import megatron_logits
     from bridge.verify import compare_tensors, load_hf_tensors
-    from tests.checks import check_model_shards
+    from tests.checks import check_model_shards, fill_nan
 
     results = {}
     for layout, sizes in LAYOUTS.items():
@@ -49,10 +49,7 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
             model = bridge.to_megatron_model(**sizes)
             hf = load_hf_tensors(src)
             shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
-            with torch.no_grad():
-                for chunk in model:
-                    for param in chunk.parameters():
-                        param.fill_(float("nan"))
+            fill_nan(model)
             bridge.load_hf_weights(model, strategy="scatter")  # one reader per TP (expert-TP) group sends the shards
             scatter, _ = check_model_shards(model, bridge, hf, _moe_names(name))
             result = {"shards": shards, "scatter": scatter, "kinds": kinds}

@@ -24,13 +24,7 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
 
     from bridge import AutoBridge, device_upload, transfer
     from bridge.verify import compare_tensors, load_hf_tensors
-    from tests.checks import check_model_shards
-
-    def fill_nan(model) -> None:
-        with torch.no_grad():
-            for chunk in model:
-                for param in chunk.parameters():
-                    param.fill_(float("nan"))
+    from tests.checks import check_model_shards, fill_nan
 
     device_upload.BLOCK_BYTES = 1000  # many blocks per tensor, some of a single row (a row of the tiny models is up to 1 KiB)
     results = {}
