@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from bridge import export_metadata, folder_export, megatron_builder, parallel, transfer
-from bridge.hf_checkpoint import SafetensorsReader, resolve_hf_folder
+from bridge.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_folder
 from bridge.model_bridge import ModelBridge, bridge_for
 from bridge.parallel import ParallelSizes
 
@@ -43,7 +43,7 @@ class AutoBridge:
     def from_hf_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> "AutoBridge":
         """A bridge for a local HF folder or a Hub repo id; ``dtype`` defaults to the checkpoint config's."""
         folder = resolve_hf_folder(path_or_id)
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        hf_config = read_hf_config(folder, trust_remote_code=trust_remote_code)
         return cls(folder, hf_config, bridge_for(hf_config), dtype or _config_dtype(hf_config))
 
     @property

@@ -32,9 +32,10 @@ EXAMPLES = {
     "plan": """examples:
   hfmb plan meta-llama/Llama-3.2-1B --tp 2 --pp 2
   hfmb plan ./my-hf-model                     # TP=PP=1
-No weights are read: prints the architecture, the derived Megatron config and every HF tensor →
-Megatron parameter with its mapping kind, shapes and ranks. Exits 1 on missing, unused, wrongly
-shaped or unmapped tensors.""",
+No weights move: prints the architecture, the derived Megatron config and every HF tensor →
+Megatron parameter with its mapping kind, shapes and ranks, and warns of NaN/Inf values (each tensor
+is read once, streaming, to count them). Exits 1 on missing, unused, wrongly shaped, non-float or
+unmapped tensors.""",
     "import": """examples:
   hfmb import ./my-hf-model ./ckpt --tp 2 --pp 2 --dtype bfloat16
   hfmb import ./my-hf-model ./ckpt --max-memory 8GB     # a checkpoint larger than this machine's RAM
@@ -64,7 +65,7 @@ state differences, logits max abs diff, top-1 / top-5 agreement and KL(p_hf || p
 Fails (exit 1) when logits max abs diff > --max-logits-diff (default 1e-4), top-1 agreement
 < --min-top1 (default 100%), or the largest per-token KL > --max-kl (default 1e-6); top-5 and
 hidden states fail only when --min-top5 / --max-hidden-diff are given. Two HF folders must be
-identical bit for bit (names, dtypes, shapes, values) and the second must load in transformers
+identical bit for bit (names, dtypes, shapes, bytes) and the second must load in transformers
 with an empty load report.""",
 }
 
@@ -229,14 +230,31 @@ def run_command(args: argparse.Namespace) -> int:
     created_group = not dist.is_initialized()
     try:
         return COMMANDS[args.command](args)
-    except KNOWN_ERRORS as err:
-        if os.environ.get("HFMB_TRACEBACK"):
+    except BaseException as err:
+        message = _bad_input_message(err, args)
+        if message is None or os.environ.get("HFMB_TRACEBACK"):
             raise
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"hfmb {args.command}: error: {err}", file=sys.stderr)
+            print(f"hfmb {args.command}: error: {message}", file=sys.stderr)
         return BAD_INPUT
     finally:
         _teardown(created_group)
+
+
+def _bad_input_message(err: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line a bad input gets (exit 2), or None for an error that keeps its traceback.
+
+    A full disk or a folder this process may not write is bad input too, however deep a library
+    wrapped its OSError (torch's checkpoint writer, ``torch.save``): the line names the path.
+    """
+    from bridge.write_errors import cause, describe
+
+    if isinstance(err, KNOWN_ERRORS):
+        return str(err)
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return None
+    found = cause(err)
+    return None if found is None else describe(found, getattr(args, "out", None))
 
 
 def _teardown(created_group: bool) -> None:
@@ -328,6 +346,24 @@ def _agree(step: Callable[[], None]) -> None:
     raise_everywhere(error, src=0)
 
 
+def _claim_target(claim: contextlib.ExitStack, out: Path, overwrite: bool, kind, check_first: Callable[[], None] | None = None):
+    """Rank 0 claims ``out`` for the command's length (``bridge.output_folder``); every rank raises a refusal.
+
+    Returns the claimed ``OutputTarget`` on rank 0, None elsewhere. ``check_first`` runs before the claim.
+    """
+    from bridge.output_folder import claimed_target
+
+    target: list = [None]
+
+    def step() -> None:
+        if check_first is not None:
+            check_first()
+        target[0] = claim.enter_context(claimed_target(out, overwrite=overwrite, kind=kind))
+
+    _agree(step)
+    return target[0]
+
+
 def _vocab_divisor(padded_vocab: int, tp: int) -> int:
     """``make_vocab_size_divisible_by`` that gives exactly ``padded_vocab`` rows at this TP size."""
     from bridge.megatron_checkpoint import MegatronCheckpointError
@@ -345,6 +381,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from bridge import AutoBridge, cpu_mode
+    from bridge.hf_checkpoint import non_float_weights
+    from bridge.transfer import NOT_FLOAT, count_nonfinite_weights
     from mappings import MappingError
 
     bridge = AutoBridge.from_hf_pretrained(args.hf)
@@ -361,6 +399,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     held: list = [None] * dist.get_world_size()  # rank → the global names of the parameters it holds
     dist.all_gather_object(held, set(plan.local))
     expected = plan.expected_hf_shapes()
+    nonfinite = count_nonfinite_weights(plan, bridge.reader)
     if dist.get_rank() != 0:
         return OK
     on_disk = bridge.reader.shapes()
@@ -391,15 +430,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
         problems.append(f"unused HF tensors (no mapping reads them): {', '.join(unused)}")
     if wrong:
         problems.append("wrongly shaped HF tensors: " + "; ".join(f"{n} is {list(on_disk[n])}, needs {list(expected[n])}" for n in wrong))
+    if not_float := non_float_weights(bridge.reader, expected):
+        problems.append(f"{NOT_FLOAT}: " + "; ".join(not_float))
     _out("")
     _out(_table(("HF tensor", "HF shape", "Megatron parameter", "kind", "shape per rank", "held by", ""), rows))
     if ignored:
         _out(f"\nignored (not weights): {', '.join(ignored)}")
+    _out_nonfinite(nonfinite)
     if problems:
         _out("\nPLAN FAILED:\n  " + "\n  ".join(problems))
         return CHECK_FAILED
     _out(f"\nplan OK: {len(on_disk) - len(ignored)} HF tensors → {len(plan.entries)} Megatron parameters on {len(held)} rank(s)")
     return OK
+
+
+def _out_nonfinite(counts: dict) -> None:
+    """A warning line per HF tensor holding NaN/Inf (``NonFinite`` counts): not a failure, but the forward check
+    may never touch them (an embedding row no verify prompt uses)."""
+    for name, count in sorted(counts.items()):
+        _out(f"WARNING: {name} holds {count.nan:,} NaN and {count.inf:,} Inf of {count.total:,} values")
 
 
 def _describe_model(bridge, model, args: argparse.Namespace) -> str:
@@ -450,27 +499,29 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as claim:
+        return _import(args, claim)
+
+
+def _import(args: argparse.Namespace, claim: contextlib.ExitStack) -> int:
     import torch.distributed as dist
 
     from bridge import AutoBridge, export_metadata, megatron_checkpoint as mc
-    from bridge.hf_writer import check_output_folder, publish_folder, remove_stale_temp_folders, temp_folder_for
+    from bridge.output_folder import MEGATRON_CHECKPOINT
+    from bridge.transfer import count_nonfinite_weights
 
+    target = _claim_target(claim, args.out, args.overwrite, MEGATRON_CHECKPOINT)
     out = args.out.absolute()
-
-    def check_target() -> None:
-        check_output_folder(out, args.overwrite, replaceable=lambda p: mc.is_checkpoint(p) or (p / mc.SOURCE_INFO).exists())
-        remove_stale_temp_folders(out)
-
-    _agree(check_target)
     start = time.time()
     bridge = AutoBridge.from_hf_pretrained(args.hf, dtype=_dtype(args.dtype))
     streams = _streams(args)
     model = None if streams else bridge.to_megatron_model(**_sizes(args))
-    tmp: list[Any] = [temp_folder_for(out) if _rank() == 0 else None]
+    tmp: list[Any] = [target.temp_path() if target is not None else None]
     if not streams:
         dist.broadcast_object_list(tmp, src=0)
     root = Path(tmp[0])
     padded_vocab = [None if model is None else model[0].vocab_size]
+    nonfinite: dict = {}  # HF tensor → its NaN/Inf counts, for the report
 
     def finish() -> None:
         info = {
@@ -486,20 +537,21 @@ def cmd_import(args: argparse.Namespace) -> int:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         mc.write_source_info(root, bridge.hf_folder, export_metadata.side_files(bridge.hf_folder, bridge.hf_config), info)
-        publish_folder(root, out)
+        target.publish(root)
 
     try:
         if streams:
             from bridge.streaming_checkpoint import DEFAULT_MAX_MEMORY, import_checkpoint
 
             budget = args.max_memory or DEFAULT_MAX_MEMORY
-            padded_vocab[0] = import_checkpoint(bridge, root, max_memory=budget, vocab_divisible_by=128 * args.tp)
+            padded_vocab[0] = import_checkpoint(bridge, root, max_memory=budget, vocab_divisible_by=128 * args.tp, nonfinite=nonfinite)
             how = f"streamed in one process within --max-memory {budget}, loads at any layout (vocabulary padded for tp={args.tp})"
         else:
             state = mc.model_state_dict(model)
             state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
             with _ticker("saving Megatron checkpoint"):
                 mc.save_checkpoint(root, state)
+            nonfinite = count_nonfinite_weights(bridge.plan(model), bridge.reader)
             how = f"at {_layout(vars(args))} on {dist.get_world_size()} rank(s)"
         _agree(finish)
     except BaseException:
@@ -513,6 +565,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"dtype {bridge.dtype}, {time.time() - start:.1f}s\n"
         f"  Megatron-LM resumes from it with --load {out} (iteration 'release'); `hfmb export {out} OUT` turns it back into HF"
     )
+    _out_nonfinite(nonfinite)
     return OK
 
 
@@ -520,20 +573,26 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as claim:
+        return _export(args, claim)
+
+
+def _export(args: argparse.Namespace, claim: contextlib.ExitStack) -> int:
     from bridge import AutoBridge, export_metadata, megatron_checkpoint as mc
-    from bridge.hf_writer import OutputFolderError, check_output_folder, parse_size
+    from bridge.hf_writer import parse_size
+    from bridge.output_folder import HF_MODEL_FOLDER, OutputFolderError, real_target
     from bridge.verify import check_loads_in_transformers
 
     ckpt, out = args.ckpt.absolute(), args.out.absolute()
     parse_size(args.max_shard_size)  # a typo fails before anything runs
 
-    def check_target() -> None:
+    def check_sources() -> None:
         mc.read_source_info(ckpt)
-        if out == ckpt or out in ckpt.parents or ckpt in out.parents:
+        real_ckpt, real_out = ckpt.resolve(), real_target(out)  # through symbolic links too
+        if real_out == real_ckpt or real_out in real_ckpt.parents or real_ckpt in real_out.parents:
             raise OutputFolderError(f"the output {out} overlaps the checkpoint {ckpt}")
-        check_output_folder(out, args.overwrite)
 
-    _agree(check_target)
+    _claim_target(claim, out, args.overwrite, HF_MODEL_FOLDER, check_sources)
     start = time.time()
     info = mc.read_source_info(ckpt)
     model_dtype = _dtype(info["params_dtype"])

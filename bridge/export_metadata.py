@@ -9,14 +9,12 @@ config read by v4 silently gets rope_theta=10000. The export carries both spelli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from bridge.hf_checkpoint import SIDE_FILES
+from bridge.hf_checkpoint import SIDE_FILES, read_json  # read_json: also for the callers that read JSON through here
 
 # Keys that differ between two configs of the same model without changing it.
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash"})
@@ -33,7 +31,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 def export_config(source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None) -> dict:
     """The source config.json, verbatim but for the dtype when the export changes it, with old and new key spellings."""
     source = Path(source_folder) / "config.json"
-    config = json.loads(source.read_text()) if source.exists() else hf_config.to_dict()
+    config = read_json(source) if source.exists() else hf_config.to_dict()
     if not config.get("architectures") and getattr(hf_config, "architectures", None):
         config["architectures"] = list(hf_config.architectures)
     # Explicit, so that a reader never falls back on a class default that disagrees with the weights.
@@ -104,7 +102,3 @@ def side_files(source_folder: Path, hf_config: PretrainedConfig) -> dict[str, Pa
 
 def generation_config_text(hf_config: PretrainedConfig) -> str:
     return GenerationConfig.from_model_config(hf_config).to_json_string(use_diff=True)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -28,6 +28,7 @@ from bridge.hf_writer import HFFolderWriter, parse_size
 from bridge.rank_errors import describe, raise_everywhere, raise_first, rebuilt
 from bridge.shard_layout import LayoutWriter, ShardLayout
 from bridge.transfer import TransferPlan, export_tensors
+from bridge.write_errors import as_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def write_hf_folder(
             except Exception as err:
                 folder.abort()  # finish removes its folder itself; a failed check of the written bytes does not get there
                 error = err
+    if error is not None and layout is not None:
+        error = as_disk_full(error, Path(out_dir), needed=sum(file.size for file in layout.files))
     raise_everywhere(error, src=0)
 
 

@@ -19,7 +19,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
+    from bridge.process_lifetime import die_with_parent
+
+    die_with_parent(parent)  # a killed launcher must not leave ranks that go on (and publish their output)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch
 
@@ -44,7 +47,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, os.getpid(), fn, args, queue)) for r in range(world_size)]
     for proc in procs:
         proc.start()
     results: dict[int, Any] = {}

@@ -27,10 +27,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonSaveStrategy
 
+from bridge.hf_checkpoint import dtype_named, read_json
+from bridge.process_lifetime import checkpoint_helpers_die_with_this_process
 from bridge.transfer import unwrap_chunks
+from bridge.write_errors import disk_full_reported
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +60,12 @@ def latest_iteration(root: str | Path) -> int | None:
     tracker = Path(root) / TRACKER
     if not tracker.exists():
         raise MegatronCheckpointError(f"{root} is not a Megatron checkpoint: no {TRACKER}")
-    text = tracker.read_text().strip()
-    return None if text == "release" else int(text)
+    text = tracker.read_text(errors="replace").strip()
+    if text == "release":
+        return None
+    if not text.isdecimal():
+        raise MegatronCheckpointError(f"{tracker} says {text[:80]!r}; expected an iteration number or 'release'")
+    return int(text)
 
 
 def model_state_dict(model) -> dict:
@@ -76,17 +86,39 @@ def check_writer_dependencies() -> None:
 def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = None) -> Path:
     """Save ``state_dict`` (sharded entries from every rank) and point the tracker at it. All ranks call."""
     check_writer_dependencies()
+    checkpoint_helpers_die_with_this_process()
     folder = iteration_dir(root, iteration)
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(state_dict, str(folder))
+    save_dist_checkpoint(state_dict, folder)
     dist.barrier()
     if dist.get_rank() == 0:
         write_tracker(root, iteration)
     dist.barrier()
     logger.info("saved Megatron checkpoint %s", folder)
     return folder
+
+
+class _PythonFileCommonSave(TorchCommonSaveStrategy):
+    """Megatron's save of the common state (``common.pt``), through a Python file.
+
+    ``torch.save`` to a path writes through a C++ stream that drops the errno, so a full disk became
+    "unexpected pos 704 vs 598" or "iostream error"; through a Python file the OSError itself is raised.
+    """
+
+    def save_common(self, common_state_dict: dict, checkpoint_dir: str | Path) -> None:
+        if dist.get_rank() == 0:
+            with open(Path(checkpoint_dir) / COMMON_STATE_FNAME, "wb") as handle:
+                torch.save(common_state_dict, handle)
+
+
+def save_dist_checkpoint(state_dict: dict, folder: Path, sharded_strategy=None, needed: int | None = None) -> None:
+    """``dist_checkpointing.save`` into ``folder``; a full disk raises ``DiskFullError`` (saying ``needed`` bytes when known). All ranks call."""
+    # dist_checkpointing.save accepts no common strategy but its default: make this one the default.
+    register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, _PythonFileCommonSave("torch", 1))
+    with disk_full_reported(folder, needed, partial=folder):
+        dist_checkpointing.save(state_dict, str(folder), sharded_strategy=sharded_strategy)
 
 
 def write_tracker(root: str | Path, iteration: int | None) -> None:
@@ -145,10 +177,24 @@ def read_source_info(root: str | Path) -> dict[str, Any]:
             f"{root} has no {SOURCE_INFO} / {HF_CONFIG_DIR}/config.json: it was not written by `hfmb import`, "
             "so the HF config it belongs to is unknown"
         )
-    info = json.loads(path.read_text())
+    info = read_json(path, MegatronCheckpointError)
     if info.get("format") != SOURCE_INFO_FORMAT:
         raise MegatronCheckpointError(f"{path} has format {info.get('format')!r}; this version reads {SOURCE_INFO_FORMAT!r}")
+    _check_source_info(path, info)
     return info
+
+
+def _check_source_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse values of ``bridge.json`` that the export would otherwise trip over with a message naming neither file nor key."""
+    dtypes = info.get("hf_dtypes", {})
+    if not isinstance(dtypes, dict):
+        raise MegatronCheckpointError(f"{path}: hf_dtypes is {type(dtypes).__name__}; expected an object of HF tensor name → dtype")
+    for key, value in [("params_dtype", info.get("params_dtype")), *((f"hf_dtypes[{json.dumps(name)}]", d) for name, d in dtypes.items())]:
+        if dtype_named(value) is None:
+            raise MegatronCheckpointError(f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
+    padded = info.get("padded_vocab_size")
+    if type(padded) is not int or padded < 1:
+        raise MegatronCheckpointError(f"{path}: padded_vocab_size is {json.dumps(padded)}; it must be a positive integer")
 
 
 def hf_config_folder(root: str | Path) -> Path:

@@ -27,17 +27,20 @@ def raise_first(error: Exception | None) -> None:
         raise error if failed[0] == dist.get_rank() else rebuilt(*failed)
 
 
-def describe(error: BaseException | None) -> tuple[type, str] | None:
-    """What another rank needs to rebuild ``error``: its type and message (None for no error)."""
-    return None if error is None else (type(error), str(error))
+def describe(error: BaseException | None) -> tuple[type, str, tuple | None] | None:
+    """What another rank needs to rebuild ``error``: its type, message and, for an OSError, its errno, text and file (None for no error)."""
+    if error is None:
+        return None
+    os_args = (error.errno, error.strerror, error.filename) if isinstance(error, OSError) and error.errno is not None else None
+    return type(error), str(error), os_args
 
 
-def rebuilt(rank: int, described: tuple[type, str]) -> Exception:
-    """The error rank ``rank`` described, as this rank raises it."""
-    kind, text = described
+def rebuilt(rank: int, described: tuple[type, str, tuple | None]) -> Exception:
+    """The error rank ``rank`` described, as this rank raises it (an OSError keeps its errno: the CLI tells a full disk by it)."""
+    kind, text, os_args = described
     if issubclass(kind, _REBUILT_ERRORS):
         try:
-            return kind(text)
+            return kind(*os_args) if os_args else kind(text)
         except TypeError:  # a subclass that wants more than a message
             pass
     return RuntimeError(f"rank {rank} failed: {kind.__name__}: {text}")

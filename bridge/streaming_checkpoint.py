@@ -16,7 +16,8 @@ Peak memory is then about the largest parameter (a few copies of it while conver
 writer's shard buffer, whatever the model size. ``max_memory`` bounds what the conversion itself
 adds: the shard buffer is capped to fit, a parameter that cannot be converted within the budget is
 refused before anything is written, and the HF files are re-opened often enough that their
-memory-mapped pages (which count as resident memory) stay within the budget too.
+memory-mapped pages (which count as resident memory) stay within the budget too. Their parsed
+headers count against it as well: headers too large for it are refused before any is parsed.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import contextlib
 import ctypes
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -48,9 +49,10 @@ from tqdm import tqdm
 
 from bridge import megatron_checkpoint as mc
 from bridge.gc_freeze import frozen_heap
-from bridge.hf_checkpoint import SafetensorsReader
+from bridge.hf_checkpoint import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
 from bridge.hf_writer import HFFolderWriter, parse_size
 from bridge.transfer import PlanEntry, TransferPlan, validate_checkpoint
+from bridge.write_errors import disk_full_reported, size_text as _size_text
 from mappings import MappingError
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,6 @@ class MemoryBudgetError(ValueError):
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
-
-
-def _size_text(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -124,23 +122,51 @@ def _entries_by_name(plan: TransferPlan) -> dict[str, PlanEntry]:
 # ---------------------------------------------------------------- import
 
 
+def _import_budget(need: int) -> int:
+    """The smallest ``--max-memory`` whose share beside the HF files' mapped pages is ``need``."""
+    return need * _MAPPED_SHARE // (_MAPPED_SHARE - 1) + 1
+
+
+def _header_memory(folder: Path, budget: int) -> int:
+    """Memory the HF files' headers take once parsed (the readers keep them), from their lengths alone.
+
+    Headers that would not fit what the budget leaves beside the mapped pages are refused before any is parsed.
+    """
+    lengths = {path: header_bytes(path) for path in weight_files(folder)}
+    memory = HEADER_MEMORY_FACTOR * sum(lengths.values())
+    if memory > budget - budget // _MAPPED_SHARE:
+        largest = max(lengths, key=lengths.__getitem__)
+        raise MemoryBudgetError(
+            f"the safetensors headers of {folder} take about {_size_text(memory)} of memory once parsed ({largest.name}'s header "
+            f"alone is {lengths[largest]:,} bytes), more than --max-memory {_size_text(budget)} leaves for the conversion; "
+            f"raise --max-memory to at least {_size_text(_import_budget(memory))}"
+        )
+    return memory
+
+
 def _hf_bytes(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader) -> int:
     return sum(reader.lazy(name).nbytes for name in plan.mapping(entry).hf_names)
 
 
 class _HFSource:
-    """Builds one TP=1 parameter at a time from the HF files.
+    """Builds one TP=1 parameter at a time from the HF files, counting the NaN/Inf of each HF tensor it reads.
 
     Its reader closes and re-opens the files' maps after ``reopen_bytes`` read, so that their
-    resident pages stay within that share of the budget (see ``SafetensorsReader``).
+    resident pages stay within that share of the budget (see ``SafetensorsReader``). Counting reads
+    each tensor in small blocks just before it is built, while its pages are being faulted in anyway.
     """
 
-    def __init__(self, bridge, plan: TransferPlan, reopen_bytes: int):
+    def __init__(self, bridge, plan: TransferPlan, reopen_bytes: int, nonfinite: dict[str, NonFinite]):
         self.plan = plan
         self.reader = SafetensorsReader(bridge.hf_folder, bridge.model_bridge.hf_views, reopen_bytes=reopen_bytes)
+        self.nonfinite = nonfinite
+        self._counted: set[str] = set()
 
     def build(self, entry: PlanEntry) -> torch.Tensor:
         mapping = self.plan.mapping(entry)
+        fresh = [name for name in mapping.hf_names if name not in self._counted]
+        self._counted.update(fresh)
+        self.nonfinite.update(nonfinite_counts(self.reader, fresh))
         sources = {role: self.reader.lazy(name) for role, name in mapping.hf_param.items()}
         # A tensor of its own (not a view of the reader's maps), so that it can be freed after writing.
         return mapping.hf_to_megatron(sources, self.plan.context(entry), out=torch.empty(entry.local_shape, dtype=entry.dtype))
@@ -204,7 +230,11 @@ class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         with tqdm(total=len(chunks), desc="writing Megatron checkpoint", unit="tensor", delay=2.0) as progress:
             planner = _MaterialisingPlanner(chunks, self.source, progress)
             try:
-                torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner)
+                # no_dist (one process anyway): a failure is not pickled between ranks, which would drop its
+                # cause, e.g. the OSError of a full disk under torch.save's "unexpected pos 704 vs 598".
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
             finally:
                 planner.release()
 
@@ -231,24 +261,34 @@ def _chunk_index(sharded_state_dict: dict, params: dict[str, tuple[PlanEntry, to
 
 
 @frozen_heap()
-def import_checkpoint(bridge, root: str | Path, *, max_memory: int | str = DEFAULT_MAX_MEMORY, vocab_divisible_by: int = 128) -> int:
+def import_checkpoint(
+    bridge,
+    root: str | Path,
+    *,
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    vocab_divisible_by: int = 128,
+    nonfinite: dict[str, NonFinite] | None = None,
+) -> int:
     """Write ``bridge``'s HF checkpoint as a Megatron-LM checkpoint at ``root`` (iteration "release") within ``max_memory``.
 
     ``vocab_divisible_by`` is Megatron-LM's ``make_vocab_size_divisible_by`` × the TP size the
     checkpoint is meant for, so that the padded vocabulary is the one that layout would have.
-    One process; returns the padded vocabulary size.
+    ``nonfinite``, when given, receives the NaN/Inf counts of the HF tensors that hold any, counted
+    as they stream. One process; returns the padded vocabulary size.
     """
     budget = parse_size(max_memory)
+    reopen = budget // _MAPPED_SHARE
+    headers = _header_memory(Path(bridge.hf_folder), budget)  # before any header is parsed
     model, plan, state = meta_model(bridge, vocab_divisible_by=vocab_divisible_by)
     validate_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
-    reopen = budget // _MAPPED_SHARE
+    room = budget - reopen - headers
     for entry in plan.entries:
         need = 2 * (_hf_bytes(plan, entry, bridge.reader) + _nbytes(entry.local_shape, entry.dtype))
-        if need > budget - reopen:
+        if need > room:
             raise MemoryBudgetError(
                 f"{entry.name} (from {', '.join(plan.mapping(entry).hf_names)}) needs about {_size_text(need)} to convert, but "
-                f"--max-memory {_size_text(budget)} leaves {_size_text(budget - reopen)} for it (1/{_MAPPED_SHARE} goes to the HF files' "
-                f"mapped pages); raise --max-memory to at least {_size_text(need * _MAPPED_SHARE // (_MAPPED_SHARE - 1) + 1)}"
+                f"--max-memory {_size_text(budget)} leaves {_size_text(room)} for it (1/{_MAPPED_SHARE} goes to the HF files' "
+                f"mapped pages, {_size_text(headers)} to their parsed headers); raise --max-memory to at least {_size_text(_import_budget(need + headers))}"
             )
     params = {name: (entry, plan.local[name].param) for name, entry in _entries_by_name(plan).items()}
     state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
@@ -256,8 +296,8 @@ def import_checkpoint(bridge, root: str | Path, *, max_memory: int | str = DEFAU
     folder.mkdir(parents=True, exist_ok=True)
     mc.check_writer_dependencies()
     with _returned_to_the_os():
-        strategy = _StreamingSaveStrategy(params, _HFSource(bridge, plan, reopen))
-        dist_checkpointing.save(state, str(folder), sharded_strategy=strategy)
+        strategy = _StreamingSaveStrategy(params, _HFSource(bridge, plan, reopen, {} if nonfinite is None else nonfinite))
+        mc.save_dist_checkpoint(state, folder, strategy, needed=sum(_nbytes(entry.local_shape, entry.dtype) for entry in plan.entries))
     mc.write_tracker(root, None)
     logger.info("saved Megatron checkpoint %s (streamed, --max-memory %s)", folder, _size_text(budget))
     return model[0].vocab_size
@@ -420,7 +460,8 @@ def export_hf_folder(
         checked.append(tmp_dir)
 
     checked: list[Path] = []
-    with _returned_to_the_os(), HFFolderWriter(out_dir, max_shard_size=shard, overwrite=overwrite) as writer:
+    needed = sum(t.to(t.dtype if target_dtype is None else target_dtype(name, t.dtype)).nbytes for name, t in plan.exported_meta())
+    with disk_full_reported(Path(out_dir), needed), _returned_to_the_os(), HFFolderWriter(out_dir, max_shard_size=shard, overwrite=overwrite) as writer:
         with tqdm(total=len(entries), desc="exporting", unit="tensor", delay=2.0) as progress:
             for batch in _batches(entries, room):
                 loaded = _read_parameters(reader, batch, chunks, params)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bridge.device_upload import PinnedUpload
 from bridge.gc_freeze import frozen_heap
-from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
+from bridge.hf_checkpoint import CheckpointError, NonFinite, SafetensorsReader, non_float_weights, nonfinite_counts
 from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, RowCopy, materialize
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,11 @@ LOAD_STRATEGIES = ("slice", "scatter")
 COWRITTEN = -1  # the writer of a parameter that each holder of its shards writes itself (``TransferPlan.assign_writers``)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+# How validation and ``hfmb plan`` name tensors stored in a dtype that is not a float weight's (``non_float_weights``).
+NOT_FLOAT = (
+    "tensors not stored as float weights (float32, bfloat16, float16 or float64; the bridge does not cast them, "
+    "and quantized checkpoints are not supported)"
+)
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,10 @@ def _shard_bytes(entry: PlanEntry) -> int:
 
 
 def validate_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = ()) -> None:
-    """Every tensor the model needs is on disk with the right shape, and nothing else is. Raises before any weight moves."""
+    """Every tensor the model needs is on disk with the right shape and a float dtype, and nothing else is.
+
+    Raises before any weight moves.
+    """
     expected = plan.expected_hf_shapes()
     on_disk = reader.shapes()
     ignored = [re.compile(pattern) for pattern in ignore]
@@ -299,14 +307,35 @@ def validate_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: S
         if name in on_disk and on_disk[name] != shape
     ]
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else ""))
+        problems.append("wrong shapes: " + _first(wrong))
+    not_float = non_float_weights(reader, expected)
+    if not_float:
+        problems.append(f"{NOT_FLOAT}: " + _first(not_float))
     if problems:
         raise CheckpointError(f"checkpoint {reader.folder} does not match the model: " + " | ".join(problems))
+
+
+def count_nonfinite_weights(plan: TransferPlan, reader: SafetensorsReader) -> dict[str, NonFinite]:
+    """NaN/Inf counts of the HF tensors the model reads, those that hold any; all ranks call and get them all.
+
+    Each rank counts the tensors of the parameters it speaks for (``PlanEntry.owner``), so the
+    checkpoint is read once over the pipeline stages and expert ranks, one tensor at a time.
+    """
+    rank = dist.get_rank()
+    mine = nonfinite_counts(reader, dict.fromkeys(name for entry in plan.entries if entry.owner == rank for name in plan.mapping(entry).hf_names))
+    reader.release()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {name: count for found in gathered for name, count in found.items()}
 
 
 def _listing(names: list[str], limit: int = 10) -> str:
     shown = ", ".join(sorted(names)[:limit])
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _first(lines: list[str], limit: int = 10) -> str:
+    return "; ".join(lines[:limit]) + (f"; and {len(lines) - limit} more" if len(lines) > limit else "")
 
 
 def _progress(items, desc: str):

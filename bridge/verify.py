@@ -28,16 +28,43 @@ def load_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def compare_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
-    """Every difference in names, dtypes, shapes or values (bit for bit); empty when identical."""
+    """Every difference in names, dtypes, shapes or bytes; empty when identical.
+
+    Bytes, not values: ``torch.equal`` says that a NaN differs from itself and that +0.0 equals
+    -0.0, so two identical folders holding a NaN would differ and a sign flip would pass.
+    """
     problems = [f"missing {n}" for n in sorted(set(expected) - set(actual))]
     problems += [f"extra {n}" for n in sorted(set(actual) - set(expected))]
     for name in sorted(set(expected) & set(actual)):
         a, b = expected[name], actual[name]
         if a.dtype != b.dtype or a.shape != b.shape:
             problems.append(f"{name}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
-        elif not torch.equal(a, b):
-            problems.append(f"{name}: values differ (max abs diff {(a.double() - b.double()).abs().max().item():.3g})")
+        elif not torch.equal(_element_bytes(a), _element_bytes(b)):
+            problems.append(f"{name}: {_describe_difference(a, b)}")
     return problems
+
+
+def _element_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as ``[elements, itemsize]`` uint8, so that comparing them compares bit patterns."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).view(-1, tensor.element_size())
+
+
+def _describe_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two tensors of one dtype and shape whose bytes differ differ, in numbers where numbers tell it."""
+    differ = (_element_bytes(a) != _element_bytes(b)).any(-1)
+    if a.is_complex():
+        return f"values differ ({int(differ.sum())} of {a.numel()} elements)"
+    x, y = a.reshape(-1)[differ].double(), b.reshape(-1)[differ].double()
+    diff = (x - y).abs()
+    numeric = diff[~diff.isnan()]
+    details = []
+    if numeric.numel() and numeric.max().item() > 0:
+        details.append(f"max abs diff {numeric.max().item():.3g}")
+    if (lonely_nans := int((x.isnan() != y.isnan()).sum())):
+        details.append(f"NaN on one side only in {lonely_nans} elements")
+    if not details:
+        details.append(f"{int(differ.sum())} elements equal as numbers but not in their bits: +0.0 vs -0.0 or NaN payloads")
+    return f"values differ ({', '.join(details)})"
 
 
 def compare_hf_folders(expected: str | Path, actual: str | Path) -> list[str]:

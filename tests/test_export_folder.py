@@ -21,7 +21,8 @@ from safetensors import safe_open
 
 from bridge import export_metadata
 from bridge.export_metadata import ConfigMismatchError
-from bridge.hf_writer import STAGE_BYTES, ExportCheckError, HFFolderWriter, OutputFolderError, temp_folder_for
+from bridge.hf_writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
+from bridge.output_folder import OutputFolderError, temp_name
 from bridge.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
 from tests.edited_checkpoints import edited_copy
 
@@ -173,7 +174,7 @@ def test_a_failed_check_publishes_nothing(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("atomic_swap", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_overwrite_replaces_the_whole_folder_and_refuses_unrelated_ones(tiny_checkpoints, tmp_path, monkeypatch, atomic_swap):
     if not atomic_swap:  # platforms without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr("bridge.hf_writer._exchange", lambda a, b: False)
+        monkeypatch.setattr("bridge.output_folder._exchange", lambda a, b: False)
     source = tiny_checkpoints["llama"]
     out = _write(source, tmp_path / "out", max_shard_size="20KB")
     assert len(list(out.glob("*.safetensors"))) > 5
@@ -186,7 +187,7 @@ def test_overwrite_replaces_the_whole_folder_and_refuses_unrelated_ones(tiny_che
     unrelated = tmp_path / "home"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep")
-    with pytest.raises(OutputFolderError, match="does not look like"):
+    with pytest.raises(OutputFolderError, match="holds 'notes.txt'"):
         _write(source, unrelated, overwrite=True)
     assert (unrelated / "notes.txt").read_text() == "keep"
     (tmp_path / "file").write_text("x")
@@ -198,8 +199,8 @@ def test_leftovers_of_dead_processes_are_removed(tiny_checkpoints, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "out"
-    stale = Path(str(temp_folder_for(out)).replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
-    live = temp_folder_for(out)  # named after this (running) process: another export in progress
+    stale = Path(str(temp_name(out)).replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    live = temp_name(out)  # named after this (running) process: another export in progress
     for folder in (stale, live):
         folder.mkdir()
         (folder / "shard-0.tmp").write_bytes(b"partial")
