@@ -14,7 +14,7 @@ fresh processes (after an ``os.sync()``, so that none pays for the write-back of
                 by two processes at once (half each): the disk's pace, and whether two writers share it;
 - transformers: one process, ``from_pretrained(dtype=bfloat16)`` then ``save_pretrained``;
 - bridge:       one process per rank, started like torchrun would (RANK, WORLD_SIZE, MASTER_*; torch
-                threads = cores // ranks as in ``bridge.local_launch``): ``initialize_parallel``
+                threads = cores // ranks as in ``bridge.runtime.local_launch``): ``initialize_parallel``
                 ("init"), ``AutoBridge.from_hf_pretrained`` + ``to_megatron_model`` up to the moment
                 it calls ``load_hf_weights`` ("build"), the load itself ("load"), then
                 ``save_hf_pretrained`` to a fresh folder ("export").
@@ -229,11 +229,11 @@ def worker_bridge(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as bridge.local_launch does
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as bridge.runtime.local_launch does
     import torch.distributed as dist
 
     from bridge.auto_bridge import AutoBridge
-    from bridge.parallel import ParallelSizes, initialize_parallel
+    from bridge.megatron.parallel import ParallelSizes, initialize_parallel
 
     rec.mark("imports")
     _install_bridge_probes(rec)
@@ -288,20 +288,20 @@ def pinned_h2d_gbps(torch, nbytes: int = 256 * MIB, repeats: int = 5) -> float:
 # (the collectives happen inside "export_tensors"); the breakdown lists them side by side, not summed.
 BRIDGE_PROBES = (
     ("bridge.auto_bridge", "AutoBridge", "from_hf_pretrained", "AutoBridge.from_hf_pretrained"),
-    ("bridge.megatron_builder", "", "build_transformer_config", "TransformerConfig"),
-    ("bridge.megatron_builder", "", "build_gpt_chunks", "GPTModel construction"),
-    ("bridge.transfer", "TransferPlan", "build", "TransferPlan.build"),
-    ("bridge.transfer", "", "validate_checkpoint", "validate_checkpoint"),
-    ("bridge.hf_checkpoint", "SafetensorsReader", "__init__", "open safetensors"),
-    ("bridge.hf_checkpoint", "LazyTensor", "narrow", "read slice (narrow)"),
-    ("bridge.hf_checkpoint", "LazyTensor", "select_slice", "read slice (select)"),
-    ("bridge.transfer", "", "export_tensors", "export_tensors steps"),
-    ("bridge.shard_layout", "LayoutWriter", "add", "writer.add"),
-    ("bridge.hf_writer", "DataAppender", "append", "writer staging"),
-    ("bridge.shard_layout", "LayoutWriter", "close", "writer close"),
-    ("bridge.shard_layout", "ShardLayout", "__init__", "ShardLayout (plan)"),
-    ("bridge.shard_layout", "ShardLayout", "create", "ShardLayout.create"),
-    ("bridge.hf_writer", "", "_fsync_files", "fsync files"),
+    ("bridge.megatron.builder", "", "build_transformer_config", "TransformerConfig"),
+    ("bridge.megatron.builder", "", "build_gpt_chunks", "GPTModel construction"),
+    ("bridge.engine.transfer", "TransferPlan", "build", "TransferPlan.build"),
+    ("bridge.engine.transfer", "", "validate_checkpoint", "validate_checkpoint"),
+    ("bridge.hf.reader", "SafetensorsReader", "__init__", "open safetensors"),
+    ("bridge.hf.reader", "LazyTensor", "narrow", "read slice (narrow)"),
+    ("bridge.hf.reader", "LazyTensor", "select_slice", "read slice (select)"),
+    ("bridge.engine.transfer", "", "export_tensors", "export_tensors steps"),
+    ("bridge.hf.layout", "LayoutWriter", "add", "writer.add"),
+    ("bridge.hf.writer", "DataAppender", "append", "writer staging"),
+    ("bridge.hf.layout", "LayoutWriter", "close", "writer close"),
+    ("bridge.hf.layout", "ShardLayout", "__init__", "ShardLayout (plan)"),
+    ("bridge.hf.layout", "ShardLayout", "create", "ShardLayout.create"),
+    ("bridge.hf.writer", "", "_fsync_files", "fsync files"),
     ("torch.distributed", "", "gather", "dist.gather"),
     ("torch.distributed", "", "send", "dist.send"),
     ("torch.distributed", "", "recv", "dist.recv"),

@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 
 def _time_loads(folder: str, tp: int, strategies: list[str], repeats: int) -> dict[str, list[float]]:

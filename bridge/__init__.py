@@ -1,8 +1,8 @@
 """HF ⇄ Megatron-Core checkpoint bridge.
 
-The public names are imported lazily, so that ``import bridge.cpu_mode`` (or a spawned rank's
+The public names are imported lazily, so that ``import bridge.runtime.cpu_mode`` (or a spawned rank's
 launcher) does not pay for transformers before it needs it. Importing the package installs
-``bridge.megatron_import``'s hook, which makes a later ``import megatron.core`` ~1.3 s cheaper.
+``bridge.runtime.megatron_import``'s hook, which makes a later ``import megatron.core`` ~1.3 s cheaper.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bridge.megatron_import import install_megatron_import_hook
+from bridge.runtime.megatron_import import install_megatron_import_hook
 
 _PUBLIC = {
     "AutoBridge": "bridge.auto_bridge",
     "ModelBridge": "bridge.model_bridge",
     "UnsupportedArchitectureError": "bridge.model_bridge",
-    "register_bridge": "bridge.model_bridge",
-    "supported_architectures": "bridge.model_bridge",
+    "register_bridge": "bridge.models.registry",
+    "supported_architectures": "bridge.models",
 }
 __all__ = list(_PUBLIC)
 

@@ -9,10 +9,19 @@ from typing import Iterator
 import torch
 from transformers import PretrainedConfig
 
-from bridge import export_metadata, folder_export, megatron_builder, parallel, transfer
-from bridge.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_folder
-from bridge.model_bridge import ModelBridge, bridge_for
-from bridge.parallel import ParallelSizes
+from bridge.hf import metadata as export_metadata
+
+from bridge.engine import folder_export
+
+from bridge.megatron import builder as megatron_builder
+
+from bridge.megatron import parallel
+
+from bridge.engine import transfer
+from bridge.hf.reader import SafetensorsReader, read_hf_config, resolve_hf_folder
+from bridge.model_bridge import ModelBridge
+from bridge.models import bridge_for
+from bridge.megatron.parallel import ParallelSizes
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +123,7 @@ class AutoBridge:
         """Write a complete HF folder (weights, config, generation config, tokenizer files) atomically.
 
         All ranks call it. The ranks holding the model's shards write them in parallel when they
-        share a filesystem (``bridge.folder_export``); tensors are written in the source checkpoint's
+        share a filesystem (``bridge.engine.folder_export``); tensors are written in the source checkpoint's
         dtype for that name (or ``dtype`` when given).
         """
         source_dtypes = self.reader.dtypes() if dtype is None else {}

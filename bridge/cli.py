@@ -151,7 +151,7 @@ def _memory_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> str:
-    from bridge.hf_writer import parse_size
+    from bridge.hf.writer import parse_size
 
     try:
         parse_size(text)
@@ -199,7 +199,7 @@ def _world_needed(args: argparse.Namespace) -> int:
 
 
 def _spawn(args: argparse.Namespace, world: int) -> int:
-    from bridge.local_launch import run_distributed
+    from bridge.runtime.local_launch import run_distributed
 
     print(f"hfmb: starting {world} local ranks (use torchrun for several machines)", file=sys.stderr)
     # The children import Megatron-Core afresh: keep its notices about optional packages out of the report.
@@ -247,7 +247,7 @@ def _bad_input_message(err: BaseException, args: argparse.Namespace) -> str | No
     A full disk or a folder this process may not write is bad input too, however deep a library
     wrapped its OSError (torch's checkpoint writer, ``torch.save``): the line names the path.
     """
-    from bridge.write_errors import cause, describe
+    from bridge.runtime.write_errors import cause, describe
 
     if isinstance(err, KNOWN_ERRORS):
         return str(err)
@@ -333,8 +333,8 @@ def _agree(step: Callable[[], None]) -> None:
     """Run ``step`` on rank 0 and raise its error on every rank (so that no rank waits for one that gave up)."""
     import torch.distributed as dist
 
-    from bridge.parallel import init_distributed
-    from bridge.rank_errors import raise_everywhere
+    from bridge.megatron.parallel import init_distributed
+    from bridge.runtime.rank_errors import raise_everywhere
 
     init_distributed()
     error: Exception | None = None
@@ -347,11 +347,11 @@ def _agree(step: Callable[[], None]) -> None:
 
 
 def _claim_target(claim: contextlib.ExitStack, out: Path, overwrite: bool, kind, check_first: Callable[[], None] | None = None):
-    """Rank 0 claims ``out`` for the command's length (``bridge.output_folder``); every rank raises a refusal.
+    """Rank 0 claims ``out`` for the command's length (``bridge.hf.output_folder``); every rank raises a refusal.
 
     Returns the claimed ``OutputTarget`` on rank 0, None elsewhere. ``check_first`` runs before the claim.
     """
-    from bridge.output_folder import claimed_target
+    from bridge.hf.output_folder import claimed_target
 
     target: list = [None]
 
@@ -366,7 +366,7 @@ def _claim_target(claim: contextlib.ExitStack, out: Path, overwrite: bool, kind,
 
 def _vocab_divisor(padded_vocab: int, tp: int) -> int:
     """``make_vocab_size_divisible_by`` that gives exactly ``padded_vocab`` rows at this TP size."""
-    from bridge.megatron_checkpoint import MegatronCheckpointError
+    from bridge.megatron.checkpoint import MegatronCheckpointError
 
     if padded_vocab % tp:
         raise MegatronCheckpointError(f"the checkpoint's padded vocabulary ({padded_vocab} rows) cannot be split over tp={tp}")
@@ -380,10 +380,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from bridge import AutoBridge, cpu_mode
-    from bridge.hf_checkpoint import non_float_weights
-    from bridge.transfer import NOT_FLOAT, count_nonfinite_weights
-    from mappings import MappingError
+    from bridge import AutoBridge
+
+    from bridge.runtime import cpu_mode
+    from bridge.hf.reader import non_float_weights
+    from bridge.engine.transfer import NOT_FLOAT, count_nonfinite_weights
+    from bridge.mappings import MappingError
 
     bridge = AutoBridge.from_hf_pretrained(args.hf)
     # Shapes only: on CPU the model is built on the meta device (nothing allocated or initialised).
@@ -506,9 +508,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace, claim: contextlib.ExitStack) -> int:
     import torch.distributed as dist
 
-    from bridge import AutoBridge, export_metadata, megatron_checkpoint as mc
-    from bridge.output_folder import MEGATRON_CHECKPOINT
-    from bridge.transfer import count_nonfinite_weights
+    from bridge import AutoBridge
+
+    from bridge.hf import metadata as export_metadata
+
+    from bridge.megatron import checkpoint as mc
+    from bridge.hf.output_folder import MEGATRON_CHECKPOINT
+    from bridge.engine.transfer import count_nonfinite_weights
 
     target = _claim_target(claim, args.out, args.overwrite, MEGATRON_CHECKPOINT)
     out = args.out.absolute()
@@ -541,7 +547,7 @@ def _import(args: argparse.Namespace, claim: contextlib.ExitStack) -> int:
 
     try:
         if streams:
-            from bridge.streaming_checkpoint import DEFAULT_MAX_MEMORY, import_checkpoint
+            from bridge.megatron.streaming_checkpoint import DEFAULT_MAX_MEMORY, import_checkpoint
 
             budget = args.max_memory or DEFAULT_MAX_MEMORY
             padded_vocab[0] = import_checkpoint(bridge, root, max_memory=budget, vocab_divisible_by=128 * args.tp, nonfinite=nonfinite)
@@ -578,10 +584,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace, claim: contextlib.ExitStack) -> int:
-    from bridge import AutoBridge, export_metadata, megatron_checkpoint as mc
-    from bridge.hf_writer import parse_size
-    from bridge.output_folder import HF_MODEL_FOLDER, OutputFolderError, real_target
-    from bridge.verify import check_loads_in_transformers
+    from bridge import AutoBridge
+    from bridge.hf import metadata as export_metadata
+    from bridge.megatron import checkpoint as mc
+    from bridge.hf.writer import parse_size
+    from bridge.hf.output_folder import HF_MODEL_FOLDER, OutputFolderError, real_target
+    from bridge.checks.verify import check_loads_in_transformers
 
     ckpt, out = args.ckpt.absolute(), args.out.absolute()
     parse_size(args.max_shard_size)  # a typo fails before anything runs
@@ -628,8 +636,8 @@ def _stream_hf_folder(bridge, ckpt: Path, info: dict, target_dtype, config: dict
     """The bounded-memory export (one process); returns whether transformers' load check ran."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    from bridge import megatron_checkpoint as mc
-    from bridge.streaming_checkpoint import DEFAULT_MAX_MEMORY, export_hf_folder
+    from bridge.megatron import checkpoint as mc
+    from bridge.megatron.streaming_checkpoint import DEFAULT_MAX_MEMORY, export_hf_folder
 
     try:
         return export_hf_folder(
@@ -653,7 +661,7 @@ def _stream_hf_folder(bridge, ckpt: Path, info: dict, target_dtype, config: dict
 
 def _load_checkpoint_model(bridge, ckpt: Path, info: dict, args: argparse.Namespace) -> list:
     """Build the model at ``args``' parallel sizes (same padded vocabulary as the checkpoint) and load ``ckpt`` into it."""
-    from bridge import megatron_checkpoint as mc
+    from bridge.megatron import checkpoint as mc
 
     divisor = _vocab_divisor(int(info["padded_vocab_size"]), args.tp)
     model = bridge.to_megatron_model(**_sizes(args), load_weights=False, make_vocab_size_divisible_by=divisor)
@@ -675,7 +683,7 @@ def _load_checkpoint_model(bridge, ckpt: Path, info: dict, args: argparse.Namesp
 
 def _write_hf_folder(bridge, model, out: Path, target_dtype, config: dict, side: dict, check, args) -> None:
     """Stream the model into an HF folder, written by the ranks that hold it; all ranks call, and all raise any rank's error."""
-    from bridge.folder_export import write_hf_folder
+    from bridge.engine.folder_export import write_hf_folder
 
     def ticking_check(folder: Path) -> None:
         with _ticker("checking the folder (loading it in transformers)"):
@@ -697,7 +705,7 @@ def _write_hf_folder(bridge, model, out: Path, target_dtype, config: dict, side:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bridge import megatron_checkpoint as mc
+    from bridge.megatron import checkpoint as mc
 
     if args.other is not None and not mc.is_checkpoint(args.other):
         return _on_rank0(lambda: _verify_folders(args))
@@ -708,7 +716,7 @@ def _on_rank0(fn: Callable[[], int]) -> int:
     """``fn()`` on rank 0 only (the other ranks of a torchrun world wait for its exit status)."""
     import torch.distributed as dist
 
-    from bridge.rank_errors import raise_everywhere
+    from bridge.runtime.rank_errors import raise_everywhere
 
     if not dist.is_initialized():
         return fn()
@@ -725,9 +733,9 @@ def _on_rank0(fn: Callable[[], int]) -> int:
 
 
 def _verify_folders(args: argparse.Namespace) -> int:
-    from bridge.export_metadata import config_differences, read_json
-    from bridge.hf_checkpoint import CheckpointError, resolve_hf_folder
-    from bridge.verify import compare_hf_folders, load_hf_tensors, transformers_load_report
+    from bridge.hf.metadata import config_differences, read_json
+    from bridge.hf.reader import CheckpointError, resolve_hf_folder
+    from bridge.checks.verify import compare_hf_folders, load_hf_tensors, transformers_load_report
 
     expected, actual = resolve_hf_folder(args.hf), args.other
     if not (actual / "config.json").is_file():
@@ -760,7 +768,7 @@ def _semantic_config_differences(a: Path, b: Path) -> list[str]:
     """Differences between two configs as transformers reads them (old and new key spellings are the same setting)."""
     from transformers import AutoConfig
 
-    from bridge.export_metadata import config_differences
+    from bridge.hf.metadata import config_differences
 
     return config_differences(AutoConfig.from_pretrained(a).to_dict(), AutoConfig.from_pretrained(b).to_dict())
 
@@ -791,9 +799,11 @@ def _verify_forward(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from bridge import AutoBridge, megatron_checkpoint as mc
-    from bridge.export_metadata import ConfigMismatchError
-    from bridge.verify import Thresholds, compare_outputs, hf_reference, megatron_outputs
+    from bridge import AutoBridge
+
+    from bridge.megatron import checkpoint as mc
+    from bridge.hf.metadata import ConfigMismatchError
+    from bridge.checks.verify import Thresholds, compare_outputs, hf_reference, megatron_outputs
 
     bridge = AutoBridge.from_hf_pretrained(args.hf, dtype=torch.float32)
     tokens, token_text = _tokens(args, bridge)

@@ -1,4 +1,4 @@
-"""The model-bridge base class and the registry that picks one from ``config.architectures``.
+"""The model-bridge base class (the architecture table that picks one is ``bridge.models.registry``).
 
 A model bridge is mostly declarative: how an HF config becomes Megatron-Core ``TransformerConfig``
 fields and ``GPTModel`` arguments, and the table of parameter mappings. Everything about ranks,
@@ -7,49 +7,15 @@ files and model construction lives in the engine, so adding an architecture touc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PretrainedConfig
 
-from mappings import MappingRegistry
+from bridge.mappings import MappingRegistry
 
 
 class UnsupportedArchitectureError(ValueError):
     """No registered bridge for the checkpoint's architecture, or a config setting it cannot express."""
-
-
-_BRIDGES: dict[str, type["ModelBridge"]] = {}
-
-
-def register_bridge(*architectures: str) -> Callable[[type["ModelBridge"]], type["ModelBridge"]]:
-    """Class decorator: this bridge handles HF checkpoints whose ``architectures`` name any of these."""
-
-    def register(cls: type[ModelBridge]) -> type[ModelBridge]:
-        for arch in architectures:
-            if arch in _BRIDGES and _BRIDGES[arch] is not cls:
-                raise ValueError(f"{arch} is already registered to {_BRIDGES[arch].__name__}")
-            _BRIDGES[arch] = cls
-        return cls
-
-    return register
-
-
-def supported_architectures() -> list[str]:
-    import models  # noqa: F401  (registers the built-in bridges)
-
-    return sorted(_BRIDGES)
-
-
-def bridge_for(hf_config: PretrainedConfig) -> "ModelBridge":
-    """The registered bridge for ``hf_config.architectures``."""
-    supported = supported_architectures()
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    for arch in archs:
-        if arch in _BRIDGES:
-            return _BRIDGES[arch](hf_config)
-    raise UnsupportedArchitectureError(
-        f"architecture {archs or '(none in config.json)'} is not supported; supported architectures: {', '.join(supported)}"
-    )
 
 
 class ModelBridge:

@@ -25,8 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bridge import AutoBridge, cpu_mode, megatron_checkpoint
-from bridge.parallel import init_distributed
+from bridge import AutoBridge
+
+from bridge.runtime import cpu_mode
+
+from bridge.megatron import checkpoint as megatron_checkpoint
+from bridge.megatron.parallel import init_distributed
 from bridge.training import (
     TrainingConfig,
     build_gpt_dataset,

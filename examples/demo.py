@@ -23,10 +23,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from bridge import AutoBridge
-from bridge.forward import megatron_logits
-from bridge.parallel import init_distributed
+from bridge.checks.forward import megatron_logits
+from bridge.megatron.parallel import init_distributed
 from bridge.tiny_checkpoints import build_tiny_checkpoint
-from bridge.verify import compare_hf_folders
+from bridge.checks.verify import compare_hf_folders
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
-from mappings.auto import AutoMapping
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
-from mappings.gated_mlp import GatedMLPMapping
-from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
-from mappings.qkv import QKVMapping
-from mappings.registry import MappingRegistry
+from bridge.mappings.auto import AutoMapping
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
+from bridge.mappings.gated_mlp import GatedMLPMapping
+from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
+from bridge.mappings.qkv import QKVMapping
+from bridge.mappings.registry import MappingRegistry
 
 __all__ = [
     "AutoMapping",

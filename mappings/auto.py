@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mappings.base import ParamMapping
-from mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
+from bridge.mappings.base import ParamMapping
+from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 
 _BY_KIND: dict[str, type[ParamMapping]] = {
     cls.kind: cls for cls in (ColumnParallelMapping, RowParallelMapping, ReplicatedMapping, VocabParallelMapping)

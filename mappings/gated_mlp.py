@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, tp_slice
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, tp_slice
 
 
 class GatedMLPMapping(ParamMapping):

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, whole, zero_rows
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, whole, zero_rows
 
 
 class ColumnParallelMapping(ParamMapping):

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards
 
 
 class QKVMapping(ParamMapping):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from mappings.base import MappingError, ParamMapping
+from bridge.mappings.base import MappingError, ParamMapping
 
 
 class MappingRegistry:

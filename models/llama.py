@@ -6,8 +6,9 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from bridge.model_bridge import ModelBridge, register_bridge
-from mappings import (
+from bridge.model_bridge import ModelBridge
+from bridge.models.registry import register_bridge
+from bridge.mappings import (
     GatedMLPMapping,
     MappingRegistry,
     ParamMapping,

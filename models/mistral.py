@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.model_bridge import register_bridge
-from models.llama import LlamaBridge
+from bridge.models.registry import register_bridge
+from bridge.models.llama import LlamaBridge
 
 
 @register_bridge("MistralForCausalLM")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.model_bridge import UnsupportedArchitectureError
-from mappings import GatedMLPMapping, ParamMapping, ReplicatedMapping, RowParallelMapping
+from bridge.mappings import GatedMLPMapping, ParamMapping, ReplicatedMapping, RowParallelMapping
 
 LAYER = "decoder.layers.*."
 EXPERT = LAYER + "mlp.experts.local_experts.*."

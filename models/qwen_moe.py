@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.hf_views import FusedExperts
-from bridge.model_bridge import register_bridge
-from mappings import GatedMLPMapping, MappingRegistry, ReplicatedMapping, RowParallelMapping
-from models.llama import HF_LAYER, LAYER
-from models.moe import expert_mappings, moe_config_kwargs
-from models.qwen import Qwen2Bridge, Qwen3Bridge
+from bridge.mappings.hf_views import FusedExperts
+from bridge.models.registry import register_bridge
+from bridge.mappings import GatedMLPMapping, MappingRegistry, ReplicatedMapping, RowParallelMapping
+from bridge.models.llama import HF_LAYER, LAYER
+from bridge.models.moe import expert_mappings, moe_config_kwargs
+from bridge.models.qwen import Qwen2Bridge, Qwen3Bridge
 
 HF_MLP = HF_LAYER + "mlp."
 _FUSED = (

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bridge import AutoBridge, UnsupportedArchitectureError
-from bridge.hf_checkpoint import CheckpointError
-from bridge.parallel import ParallelConfigError
-from bridge.local_launch import run_distributed
+from bridge.hf.reader import CheckpointError
+from bridge.megatron.parallel import ParallelConfigError
+from bridge.runtime.local_launch import run_distributed
 from tests.edited_checkpoints import edited_copy
 
 
@@ -121,7 +121,7 @@ def test_export_refuses_a_non_empty_target(tiny_checkpoints, tmp_path):
 
 @pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="no float4 in this torch")
 def test_a_tensor_of_an_unreadable_dtype_is_named(tiny_checkpoints, tmp_path):
-    from bridge.hf_checkpoint import SafetensorsReader
+    from bridge.hf.reader import SafetensorsReader
 
     def add_fp4(tensors):
         tensors["model.layers.0.mlp.packed.weight"] = torch.zeros(2, 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 MODELS = ("llama", "llama3.2", "qwen2_moe", "mixtral")  # dense, tied embeddings, MoE with shared expert and dense layers, MoE
 
@@ -49,8 +49,10 @@ def single_rank_session(hf: dict[str, str], root: str) -> dict:
     """Streamed import (CLI, TP=1 and TP=2 vocabulary padding) of each model, compared with the in-memory conversion; streamed export."""
     from megatron.core import parallel_state
 
-    from bridge import AutoBridge, megatron_checkpoint as mc
-    from bridge.verify import compare_hf_folders
+    from bridge import AutoBridge
+
+    from bridge.megatron import checkpoint as mc
+    from bridge.checks.verify import compare_hf_folders
 
     results: dict = {}
     for name in MODELS:
@@ -75,7 +77,9 @@ def four_rank_session(hf: dict[str, str], root: str) -> dict:
     """TP2·PP2: the streamed checkpoint loads into exactly the in-memory conversion's shards."""
     from megatron.core import parallel_state
 
-    from bridge import AutoBridge, megatron_checkpoint as mc
+    from bridge import AutoBridge
+
+    from bridge.megatron import checkpoint as mc
 
     results = {}
     for name in MODELS:
@@ -162,8 +166,10 @@ _MEASURE = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import torch, transformers
     from transformers.models.llama import modeling_llama
-    import models.llama
-    from bridge import cli, streaming_checkpoint, verify
+    import bridge.models.llama
+    from bridge import cli
+    from bridge.megatron import streaming_checkpoint
+    from bridge.checks import verify
 
     from tests.process_memory import proc_status_bytes as status
 
@@ -188,9 +194,9 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(workdir):
-    from bridge.hf_writer import parse_size
+    from bridge.hf.writer import parse_size
     from bridge.tiny_checkpoints import build_tiny_checkpoint
-    from bridge.verify import compare_hf_folders
+    from bridge.checks.verify import compare_hf_folders
 
     budget = parse_size(BUDGET)
     hf = build_tiny_checkpoint("llama", workdir / "big-hf", **BIG)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 from tests.edited_checkpoints import edited_copy
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
@@ -56,7 +56,9 @@ def _permute_query_heads(ckpt: str, out: str) -> None:
     the two query heads of group 0 in layer 1's fused QKV swapped (a classic interleave bug)."""
     from megatron.core import parallel_state
 
-    from bridge import AutoBridge, megatron_checkpoint as mc
+    from bridge import AutoBridge
+
+    from bridge.megatron import checkpoint as mc
 
     shutil.copytree(ckpt, out)
     info = mc.read_source_info(ckpt)
@@ -74,9 +76,9 @@ def _permute_query_heads(ckpt: str, out: str) -> None:
 
 def _register_bridge_missing_a_mapping() -> None:
     """A bridge whose table forgets the final norm: its Megatron parameter has no mapping."""
-    from bridge.model_bridge import register_bridge
-    from mappings import MappingRegistry
-    from models.llama import LlamaBridge
+    from bridge.models.registry import register_bridge
+    from bridge.mappings import MappingRegistry
+    from bridge.models.llama import LlamaBridge
 
     @register_bridge("ForgetfulLlamaForCausalLM")
     class ForgetfulLlamaBridge(LlamaBridge):
@@ -85,7 +87,7 @@ def _register_bridge_missing_a_mapping() -> None:
 
 
 def single_rank_session(hf: dict[str, str], broken: dict[str, str], root: str, multi_ckpt: str) -> dict:
-    from bridge.verify import compare_hf_folders
+    from bridge.checks.verify import compare_hf_folders
 
     root_path = Path(root)
     ckpt, out, bad = (str(root_path / name) for name in ("llama-ckpt", "llama-out", "llama-permuted"))

@@ -1,4 +1,4 @@
-"""Megatron-Core's own engine on a CPU-only torch with gloo, after `bridge.cpu_mode.enable_cpu_mode()`.
+"""Megatron-Core's own engine on a CPU-only torch with gloo, after `bridge.runtime.cpu_mode.enable_cpu_mode()`.
 
 Every scenario runs in freshly spawned processes (each one calls `enable_cpu_mode()` itself), so the
 pytest process is never patched and no `torch.distributed` / `parallel_state` state leaks between tests.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bridge import cpu_mode
+from bridge.runtime import cpu_mode
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU mode only exists on machines without CUDA"

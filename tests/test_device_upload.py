@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bridge.device_upload import PinnedUpload
-from mappings import MappingContext, QKVMapping
+from bridge.engine.device_upload import PinnedUpload
+from bridge.mappings import MappingContext, QKVMapping
 
 
 def _source(rows: int, cols: int, dtype=torch.bfloat16) -> torch.Tensor:

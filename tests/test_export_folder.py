@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bridge import export_metadata
-from bridge.export_metadata import ConfigMismatchError
-from bridge.hf_writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
-from bridge.output_folder import OutputFolderError, temp_name
-from bridge.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
+from bridge.hf import metadata as export_metadata
+from bridge.hf.metadata import ConfigMismatchError
+from bridge.hf.writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
+from bridge.hf.output_folder import OutputFolderError, temp_name
+from bridge.checks.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
 from tests.edited_checkpoints import edited_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def test_a_failed_check_publishes_nothing(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("atomic_swap", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_overwrite_replaces_the_whole_folder_and_refuses_unrelated_ones(tiny_checkpoints, tmp_path, monkeypatch, atomic_swap):
     if not atomic_swap:  # platforms without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr("bridge.output_folder._exchange", lambda a, b: False)
+        monkeypatch.setattr("bridge.hf.output_folder._exchange", lambda a, b: False)
     source = tiny_checkpoints["llama"]
     out = _write(source, tmp_path / "out", max_shard_size="20KB")
     assert len(list(out.glob("*.safetensors"))) > 5
@@ -476,7 +476,7 @@ def _shard_bytes(out: Path) -> list[bytes]:
 def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import bridge.hf_writer as hf_writer
+    import bridge.hf.writer as hf_writer
 
     tensors = _direct_io_tensors()
     used = []
@@ -519,7 +519,7 @@ def test_a_filesystem_that_refuses_direct_writes_falls_back_to_the_page_cache(tm
 
 
 def test_a_failed_background_write_fails_the_export_and_leaves_nothing(tmp_path, monkeypatch):
-    from bridge import hf_writer
+    from bridge.hf import writer as hf_writer
 
     calls = []
     original = hf_writer.write_all

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from bridge.gc_freeze import frozen_heap
+from bridge.runtime.gc_freeze import frozen_heap
 
 
 class _Node:

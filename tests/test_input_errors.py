@@ -24,7 +24,7 @@ from unittest import mock
 import pytest
 from safetensors.torch import load_file, save_file
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 EXIT_INPUT = 2
 INDEX = "model.safetensors.index.json"
@@ -135,7 +135,7 @@ def _checkpoint_streams_into_a_full_disk(fs, path, mode):
 
 def _save_common_state_into_dev_full(root: Path) -> tuple[str, str]:
     """Save a Megatron checkpoint whose ``common.pt`` (written first) is /dev/full; the error's type and message."""
-    from bridge import megatron_checkpoint as mc
+    from bridge.megatron import checkpoint as mc
 
     folder = mc.iteration_dir(root, None)
     folder.mkdir(parents=True)
@@ -149,7 +149,7 @@ def _save_common_state_into_dev_full(root: Path) -> tuple[str, str]:
 
 def session(root: str, hf: str, broken: dict[str, str]) -> dict:
     """Every command of the tests, in this one worker (a world of one)."""
-    from bridge import hf_checkpoint
+    from bridge.hf import reader as hf_checkpoint
 
     root_path = Path(root)
     r: dict = {name: _cli("plan", folder) for name, folder in broken.items() if not name.startswith("header-")}

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mappings import ColumnParallelMapping, GatedMLPMapping, JoinedShards, MappingContext, QKVMapping, RowParallelMapping, VocabParallelMapping, copy_bytes, materialize
+from bridge.mappings import ColumnParallelMapping, GatedMLPMapping, JoinedShards, MappingContext, QKVMapping, RowParallelMapping, VocabParallelMapping, copy_bytes, materialize
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -91,7 +91,7 @@ def test_every_mapping_exports_the_tensors_it_imported(tp):
 def test_the_writer_writes_joined_shards_as_the_joined_tensor(tmp_path):
     from safetensors.torch import load_file
 
-    from bridge.hf_writer import ShardSequenceWriter
+    from bridge.hf.writer import ShardSequenceWriter
 
     rows, shards = _shards((64, 48), 2, 0)
     cols, col_shards = _shards((64, 48), 4, 1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bridge.tiny_checkpoints import TINY_MODELS, VOCAB_SIZE
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 TOKENS = torch.randint(0, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -18,7 +18,7 @@ def forward_matrix(checkpoints: dict[str, str], tokens: torch.Tensor) -> dict:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-    from bridge.forward import megatron_logits
+    from bridge.checks.forward import megatron_logits
 
     results = {}
     for tp, pp, vpp in LAYOUTS:

@@ -1,4 +1,4 @@
-"""The import hook of ``bridge.megatron_import``: Megatron-Core imports without torch's compiler stack, or untouched on request."""
+"""The import hook of ``bridge.runtime.megatron_import``: Megatron-Core imports without torch's compiler stack, or untouched on request."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ PROBE = """
 import json, sys
 from bridge.auto_bridge import AutoBridge
 import megatron.core.jit as jit, torch
-from bridge.megatron_import import lazy_torch_compile
+from bridge.runtime.megatron_import import lazy_torch_compile
 print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "lazy": jit.jit_fuser is lazy_torch_compile,
                   "compile": jit.jit_fuser is torch.compile, "gc": __import__("gc").isenabled()}))
 """
@@ -37,7 +37,7 @@ def test_the_hook_can_be_switched_off():
 def test_lazy_compile_defers_torch_compile_to_the_first_call(monkeypatch):
     import torch
 
-    from bridge.megatron_import import lazy_torch_compile
+    from bridge.runtime.megatron_import import lazy_torch_compile
 
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **options: calls.append(options) or fn)

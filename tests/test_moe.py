@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bridge import AutoBridge
-from bridge.local_launch import run_distributed
-from bridge.parallel import ParallelConfigError
+from bridge.runtime.local_launch import run_distributed
+from bridge.megatron.parallel import ParallelConfigError
 from bridge.tiny_checkpoints import TINY_MOE_MODELS, VOCAB_SIZE, build_tiny_checkpoint
 
 LAYOUTS = {
@@ -37,8 +37,8 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from bridge.forward import megatron_logits
-    from bridge.verify import compare_tensors, load_hf_tensors
+    from bridge.checks.forward import megatron_logits
+    from bridge.checks.verify import compare_tensors, load_hf_tensors
     from tests.checks import check_model_shards, fill_nan
 
     results = {}
@@ -99,7 +99,7 @@ CASES = [pytest.param(n, layout, id=f"{n}-{layout}") for layout in LAYOUTS for n
 
 
 def test_fused_checkpoint_is_really_fused(moe_checkpoints):
-    from bridge.hf_checkpoint import SafetensorsReader
+    from bridge.hf.reader import SafetensorsReader
 
     names = SafetensorsReader(moe_checkpoints[1]["qwen3_moe"]).names()
     assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)

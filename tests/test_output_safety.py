@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bridge.hf_writer import HFFolderWriter
-from bridge.output_folder import MEGATRON_CHECKPOINT, OutputFolderError, claimed_target, temp_name
+from bridge.hf.writer import HFFolderWriter
+from bridge.hf.output_folder import MEGATRON_CHECKPOINT, OutputFolderError, claimed_target, temp_name
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_INPUT = 2
@@ -177,7 +177,7 @@ def _hold_claim(out: Path) -> subprocess.Popen:
     script = textwrap.dedent(
         f"""
         import sys, time
-        from bridge.output_folder import HF_MODEL_FOLDER, claimed_target
+        from bridge.hf.output_folder import HF_MODEL_FOLDER, claimed_target
         with claimed_target({str(out)!r}, overwrite=True, kind=HF_MODEL_FOLDER):
             print("claimed", flush=True)
             time.sleep(600)
@@ -337,8 +337,9 @@ _SAVE_AND_WAIT = """
 import os, sys, time
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
-from bridge import cpu_mode, megatron_checkpoint as mc
-from bridge.parallel import init_distributed
+from bridge.runtime import cpu_mode
+from bridge.megatron import checkpoint as mc
+from bridge.megatron.parallel import init_distributed
 init_distributed()
 if not cpu_mode.cuda_available():
     cpu_mode.enable_cpu_mode()

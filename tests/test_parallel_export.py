@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 WORLD = 4
 
 
 def _export(bridge, model, out: Path, **kwargs) -> str | None:
     """Write ``out`` with ``write_hf_folder``; the error's type and message this rank raised, or None."""
-    from bridge import export_metadata
-    from bridge.folder_export import write_hf_folder
+    from bridge.hf import metadata as export_metadata
+    from bridge.engine.folder_export import write_hf_folder
 
     try:
         write_hf_folder(
@@ -35,7 +35,7 @@ def _export(bridge, model, out: Path, **kwargs) -> str | None:
 
 
 def _folder_report(out: Path, source: str) -> dict:
-    from bridge.verify import compare_tensors, load_hf_tensors
+    from bridge.checks.verify import compare_tensors, load_hf_tensors
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     return {
@@ -49,9 +49,11 @@ def _folder_report(out: Path, source: str) -> dict:
 def parallel_export_cases(source: str, root: str) -> dict:
     import torch.distributed as dist
 
-    from bridge import AutoBridge, folder_export
-    from bridge.hf_writer import DataAppender
-    from bridge.shard_layout import LayoutWriter
+    from bridge import AutoBridge
+
+    from bridge.engine import folder_export
+    from bridge.hf.writer import DataAppender
+    from bridge.hf.layout import LayoutWriter
 
     rank, root = dist.get_rank(), Path(root)
     bridge = AutoBridge.from_hf_pretrained(source)
@@ -109,7 +111,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
         result["errors"][f"fails_on_{failing}"] = _export(bridge, model, root / f"fails-on-{failing}")
         LayoutWriter.add = add
 
-    from mappings import MappingError, QKVMapping
+    from bridge.mappings import MappingError, QKVMapping
 
     convert = QKVMapping.megatron_to_hf
     if rank == 3:  # a conversion that fails on one writer, mid-transfer (not while planning: that runs on meta tensors)

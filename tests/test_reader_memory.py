@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bridge.hf_checkpoint import SafetensorsReader
-from bridge.hf_views import FusedExperts
+from bridge.hf.reader import SafetensorsReader
+from bridge.mappings.hf_views import FusedExperts
 
 MiB = 2**20
 BOUND = 64 * MiB
@@ -32,8 +32,9 @@ _MEASURE = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import torch
     from safetensors.torch import load_file
-    from bridge import AutoBridge, transfer
-    from bridge.hf_checkpoint import LazyTensor
+    from bridge import AutoBridge
+    from bridge.engine import transfer
+    from bridge.hf.reader import LazyTensor
 
     from tests.process_memory import proc_status_bytes
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bridge.tiny_checkpoints import TINY_MODELS
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 WORLD = 4
@@ -22,8 +22,12 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from bridge import AutoBridge, device_upload, transfer
-    from bridge.verify import compare_tensors, load_hf_tensors
+    from bridge import AutoBridge
+
+    from bridge.engine import device_upload
+
+    from bridge.engine import transfer
+    from bridge.checks.verify import compare_tensors, load_hf_tensors
     from tests.checks import check_model_shards, fill_nan
 
     device_upload.BLOCK_BYTES = 1000  # many blocks per tensor, some of a single row (a row of the tiny models is up to 1 KiB)
@@ -60,7 +64,7 @@ def matrix(tiny_checkpoints, tmp_path_factory):
 
 
 def test_comparison_sees_a_one_bit_difference():
-    from bridge.verify import compare_tensors
+    from bridge.checks.verify import compare_tensors
 
     a = {"w": torch.ones(3, dtype=torch.bfloat16)}
     b = {"w": torch.ones(3, dtype=torch.bfloat16)}

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridge import hf_writer
-from bridge.shard_layout import LayoutWriter, ShardLayout
-from mappings import JoinedShards
+from bridge.hf import writer as hf_writer
+from bridge.hf.layout import LayoutWriter, ShardLayout
+from bridge.mappings import JoinedShards
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.hf_checkpoint import CheckpointError, resolve_hf_folder
+from bridge.hf.reader import CheckpointError, resolve_hf_folder
 
 SCRIPT = textwrap.dedent(
     """
@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from megatron.core import parallel_state
     from bridge import AutoBridge
-    from bridge.parallel import ParallelConfigError
-    from bridge.verify import compare_hf_folders
+    from bridge.megatron.parallel import ParallelConfigError
+    from bridge.checks.verify import compare_hf_folders
 
     src, out = sys.argv[1], sys.argv[2]
     bridge = AutoBridge.from_hf_pretrained(src)
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     pairs = dict(bridge.export_hf_weights(model))
     bridge.save_hf_pretrained(model, out)
     assert compare_hf_folders(src, out) == [], compare_hf_folders(src, out)
-    assert sorted(pairs) == sorted(__import__("bridge.verify").verify.load_hf_tensors(src))
+    assert sorted(pairs) == sorted(__import__("bridge.checks.verify").verify.load_hf_tensors(src))
     bridge.to_megatron_model()  # reuses the parallel state set up above
     try:
         bridge.to_megatron_model(tp=1, pp=1, vpp=2)

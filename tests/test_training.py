@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SAVE_AT = 20, 10
@@ -42,7 +42,7 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, vpp: int | None, di
         TrainingConfig, build_gpt_dataset, build_train_iterators, load_tokenizer, load_train_state, make_forward_step,
         save_train_state, setup_model_and_optimizer, train,
     )
-    from bridge.verify import load_hf_tensors
+    from bridge.checks.verify import load_hf_tensors
     from tests.checks import check_model_shards
 
     parallel_state.destroy_model_parallel()
@@ -199,7 +199,7 @@ def test_checkpoint_is_in_megatron_lm_layout(four, workdir):
 def test_export_loads_in_transformers_and_holds_the_trained_weights(four, demo, workdir):
     from transformers import AutoModelForCausalLM
 
-    from bridge.verify import load_hf_tensors
+    from bridge.checks.verify import load_hf_tensors
 
     export = workdir / "export"
     assert four["tp2pp2"]["export_vs_model"] == []  # every Megatron shard equals the exported tensor, bit for bit

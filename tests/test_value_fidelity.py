@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 import torch
 
-from bridge.local_launch import run_distributed
+from bridge.runtime.local_launch import run_distributed
 from tests.edited_checkpoints import edited_copy
 from tests.test_cli import EXIT_CHECK, EXIT_INPUT, EXIT_OK, _cli
 
@@ -171,7 +171,7 @@ def test_verify_fails_folders_that_differ_in_the_sign_of_a_zero(results):
 
 
 def test_comparison_is_bit_for_bit():
-    from bridge.verify import compare_tensors
+    from bridge.checks.verify import compare_tensors
 
     nan = {"w": torch.tensor([1.0, float("nan"), 0.0], dtype=torch.bfloat16)}
     assert compare_tensors(nan, {"w": nan["w"].clone()}) == []
@@ -189,8 +189,8 @@ def test_counting_reads_a_tensor_in_bounded_blocks(tmp_path, monkeypatch):
     """Counting streams a tensor in blocks of at most ``COUNT_BLOCK_BYTES`` and counts across their edges."""
     from safetensors.torch import save_file
 
-    from bridge import hf_checkpoint
-    from bridge.hf_checkpoint import NonFinite, SafetensorsReader, nonfinite_counts
+    from bridge.hf import reader as hf_checkpoint
+    from bridge.hf.reader import NonFinite, SafetensorsReader, nonfinite_counts
 
     weight = torch.randn(100, 8)
     weight[0, 0] = weight[57, 3] = float("nan")

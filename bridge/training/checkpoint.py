@@ -1,6 +1,6 @@
 """Saving and resuming a training run with ``megatron.core.dist_checkpointing`` (Megatron-LM's layout).
 
-A training checkpoint is the Megatron-LM state dict written through ``bridge.megatron_checkpoint``:
+A training checkpoint is the Megatron-LM state dict written through ``bridge.megatron.checkpoint``:
 
     model / model0, model1, …   each chunk's sharded_state_dict()          (sharded, any TP/PP)
     optimizer                   optimizer.sharded_state_dict(...)          (sharded, any TP/PP/DP)
@@ -30,9 +30,9 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge import megatron_checkpoint
-from bridge.megatron_checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
-from bridge.transfer import unwrap_chunks
+from bridge.megatron import checkpoint as megatron_checkpoint
+from bridge.megatron.checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
+from bridge.engine.transfer import unwrap_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bridge.gc_freeze import frozen_heap
-from bridge.hf_writer import HFFolderWriter, parse_size
-from bridge.rank_errors import describe, raise_everywhere, raise_first, rebuilt
-from bridge.shard_layout import LayoutWriter, ShardLayout
-from bridge.transfer import TransferPlan, export_tensors
-from bridge.write_errors import as_disk_full
+from bridge.runtime.gc_freeze import frozen_heap
+from bridge.hf.writer import HFFolderWriter, parse_size
+from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
+from bridge.hf.layout import LayoutWriter, ShardLayout
+from bridge.engine.transfer import TransferPlan, export_tensors
+from bridge.runtime.write_errors import as_disk_full
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from bridge.hf_writer import (
+from bridge.hf.writer import (
     DIRECT_BLOCK,
     MAX_HEADER_BYTES,
     METADATA_ENTRY,
@@ -35,7 +35,7 @@ from bridge.hf_writer import (
     safetensors_dtype,
     write_all,
 )
-from mappings import JoinedShards
+from bridge.mappings import JoinedShards
 
 
 @dataclass(frozen=True)

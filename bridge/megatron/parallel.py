@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bridge import cpu_mode
+from bridge.runtime import cpu_mode
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
-    from bridge.process_lifetime import die_with_parent
+    from bridge.runtime.process_lifetime import die_with_parent
 
     die_with_parent(parent)  # a killed launcher must not leave ranks that go on (and publish their output)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -29,7 +29,7 @@ def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, ar
     # Share the cores between the ranks: oversubscribed intra-op threads slow every op down many times.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        from bridge.parallel import init_distributed
+        from bridge.megatron.parallel import init_distributed
 
         init_distributed()
         queue.put((rank, True, fn(*args)))

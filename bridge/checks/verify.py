@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bridge.hf_checkpoint import CheckpointError, SafetensorsReader
-from bridge.hf_writer import ExportCheckError
+from bridge.hf.reader import CheckpointError, SafetensorsReader
+from bridge.hf.writer import ExportCheckError
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +259,8 @@ def megatron_outputs(model, tokens: torch.Tensor, vocab_size: int) -> tuple[torc
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    from bridge.forward import megatron_logits
-    from bridge.transfer import unwrap_chunks
+    from bridge.checks.forward import megatron_logits
+    from bridge.engine.transfer import unwrap_chunks
 
     speaker = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     hidden: dict[int, torch.Tensor] = {}

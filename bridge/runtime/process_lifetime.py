@@ -1,6 +1,6 @@
 """Nothing the project starts outlives the process that started it.
 
-Two kinds of processes would otherwise: the ranks ``hfmb`` starts itself (``bridge.local_launch``),
+Two kinds of processes would otherwise: the ranks ``hfmb`` starts itself (``bridge.runtime.local_launch``),
 which went on to publish a target after their launcher was killed; and the helpers Megatron-Core's
 checkpoint writer starts inside a rank (a multiprocessing manager serving its results queue, with
 its resource tracker, and forked writers), which stayed alive indefinitely after their rank was

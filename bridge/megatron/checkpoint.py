@@ -33,10 +33,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonSaveStrategy
 
-from bridge.hf_checkpoint import dtype_named, read_json
-from bridge.process_lifetime import checkpoint_helpers_die_with_this_process
-from bridge.transfer import unwrap_chunks
-from bridge.write_errors import disk_full_reported
+from bridge.hf.reader import dtype_named, read_json
+from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
+from bridge.engine.transfer import unwrap_chunks
+from bridge.runtime.write_errors import disk_full_reported
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from bridge.device_upload import PinnedUpload
-from bridge.gc_freeze import frozen_heap
-from bridge.hf_checkpoint import CheckpointError, NonFinite, SafetensorsReader, non_float_weights, nonfinite_counts
-from mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, RowCopy, materialize
+from bridge.engine.device_upload import PinnedUpload
+from bridge.runtime.gc_freeze import frozen_heap
+from bridge.hf.reader import CheckpointError, NonFinite, SafetensorsReader, non_float_weights, nonfinite_counts
+from bridge.mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping, RowCopy, materialize
 
 logger = logging.getLogger(__name__)
 

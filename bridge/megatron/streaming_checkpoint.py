@@ -47,13 +47,13 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from bridge import megatron_checkpoint as mc
-from bridge.gc_freeze import frozen_heap
-from bridge.hf_checkpoint import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
-from bridge.hf_writer import HFFolderWriter, parse_size
-from bridge.transfer import PlanEntry, TransferPlan, validate_checkpoint
-from bridge.write_errors import disk_full_reported, size_text as _size_text
-from mappings import MappingError
+from bridge.megatron import checkpoint as mc
+from bridge.runtime.gc_freeze import frozen_heap
+from bridge.hf.reader import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
+from bridge.hf.writer import HFFolderWriter, parse_size
+from bridge.engine.transfer import PlanEntry, TransferPlan, validate_checkpoint
+from bridge.runtime.write_errors import disk_full_reported, size_text as _size_text
+from bridge.mappings import MappingError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ optional check runs on the finished temporary folder, and only then is it moved 
 interrupted export (even a killed process) therefore leaves the target absent or, with
 ``overwrite``, untouched; a target is never a mix of old and new files, so there are no stale shards.
 What a target may be, what ``overwrite`` may replace and how the result is published without
-replacing anything unchecked is ``bridge.output_folder``'s.
+replacing anything unchecked is ``bridge.hf.output_folder``'s.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from bridge.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES
-from bridge.output_folder import HF_MODEL_FOLDER, claimed_target
-from mappings import JoinedShards, copy_bytes
+from bridge.hf.reader import INDEX_NAME, SAFETENSORS_DTYPES
+from bridge.hf.output_folder import HF_MODEL_FOLDER, claimed_target
+from bridge.mappings import JoinedShards, copy_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class HFFolderWriter:
         published; if it raises, the temporary folder is removed and the target is left as it was.
         """
         try:
-            from bridge.export_metadata import check_weights_match_config
+            from bridge.hf.metadata import check_weights_match_config
 
             parts = [self._shards.close(keep_empty=not any(other.files for other in others)), *others]
             shapes: dict[str, tuple[int, ...]] = {}
