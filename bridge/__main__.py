@@ -1,4 +1,4 @@
-"""``python -m bridge …`` is the ``hfmb`` command (see ``bridge/cli.py``)."""
+"""``python -m bridge …`` is the ``hfmb`` command (``bridge/cli/``)."""
 
 import sys
 

@@ -17,7 +17,9 @@ from bridge.megatron import builder as megatron_builder
 
 from bridge.megatron import parallel
 
-from bridge.engine import transfer
+from bridge.engine import load as engine_load
+from bridge.engine.export import export_tensors
+from bridge.engine.plan import TransferPlan, validate_checkpoint
 from bridge.hf.reader import SafetensorsReader, read_hf_config, resolve_hf_folder
 from bridge.model_bridge import ModelBridge
 from bridge.models import bridge_for
@@ -79,15 +81,18 @@ class AutoBridge:
         make_vocab_size_divisible_by: int = 128,
         load_strategy: str = "slice",
         seed: int = 1234,
+        padded_vocab_size: int | None = None,
     ) -> list[torch.nn.Module]:
         """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), weights loaded from the checkpoint.
 
         ``ep`` splits routed experts, ``etp`` is their tensor-parallel size (default ``tp``).
+        The vocabulary is padded as Megatron-LM pads it (``make_vocab_size_divisible_by`` × ``tp``),
+        or to exactly ``padded_vocab_size`` rows (an existing Megatron checkpoint's).
         Sets up torch.distributed and Megatron-Core's parallel state when the caller has not.
         """
         sizes = ParallelSizes(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
         config = self.transformer_config(sizes, initialize_weights=not load_weights, sequence_parallel=sequence_parallel)
-        vocab = megatron_builder.padded_vocab_size(self.model_bridge.vocab_size, make_vocab_size_divisible_by, tp)
+        vocab = megatron_builder.vocab_rows(self.model_bridge.vocab_size, tp, make_vocab_size_divisible_by, padded_vocab_size)
         if load_weights:
             self.reader  # open the files (and fail on a broken folder) before building anything
         parallel.initialize_parallel(sizes, seed=seed)
@@ -96,14 +101,14 @@ class AutoBridge:
             self.load_hf_weights(chunks, strategy=load_strategy)
         return chunks
 
-    def plan(self, model) -> transfer.TransferPlan:
-        return transfer.TransferPlan.build(model, self.model_bridge.mapping_registry(), self.model_bridge.vocab_size)
+    def plan(self, model) -> TransferPlan:
+        return TransferPlan.build(model, self.model_bridge.mapping_registry(), self.model_bridge.vocab_size)
 
     def load_hf_weights(self, model, strategy: str = "slice") -> None:
         """Load the checkpoint into a model built by the caller (all ranks call this together)."""
         plan = self.plan(model)
-        transfer.validate_checkpoint(plan, self.reader, self.model_bridge.hf_ignore)
-        transfer.load_checkpoint(plan, self.reader, strategy=strategy)
+        validate_checkpoint(plan, self.reader, self.model_bridge.hf_ignore)
+        engine_load.load_checkpoint(plan, self.reader, strategy=strategy)
 
     def export_hf_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream HF (name, tensor) pairs from the model. Every rank must iterate; only the writing rank gets pairs.
@@ -114,7 +119,7 @@ class AutoBridge:
         """
         plan = self.plan(model)
         source_dtypes = self.reader.dtypes() if dtype is None else {}
-        for name, tensor in transfer.export_tensors(plan):
+        for name, tensor in export_tensors(plan):
             yield name, tensor.to(dtype or source_dtypes.get(name, tensor.dtype))
 
     def save_hf_pretrained(
@@ -127,11 +132,12 @@ class AutoBridge:
         dtype for that name (or ``dtype`` when given).
         """
         source_dtypes = self.reader.dtypes() if dtype is None else {}
+        config, side_files = export_metadata.folder_metadata(self.hf_folder, self.hf_config, dtype)
         folder_export.write_hf_folder(
             self.plan(model),
             out_dir,
-            config=export_metadata.export_config(self.hf_folder, self.hf_config, dtype),
-            side_files=export_metadata.side_files(self.hf_folder, self.hf_config),
+            config=config,
+            side_files=side_files,
             target_dtype=lambda name, current: dtype or source_dtypes.get(name, current),
             max_shard_size=max_shard_size,
             overwrite=overwrite,

@@ -96,7 +96,7 @@ def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE
     """
     from megatron.core import parallel_state
 
-    from bridge.engine.transfer import global_names, unwrap_chunks
+    from bridge.megatron.chunks import global_names, unwrap_chunks
 
     problems, kinds = [], {}
     for chunk in unwrap_chunks(model):

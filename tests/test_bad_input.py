@@ -79,8 +79,8 @@ def _wrong_shape(tensors):
 
 BROKEN = {
     "missing": (_drop("model.layers.2.mlp.up_proj.weight"), r"missing tensors: model\.layers\.2\.mlp\.up_proj\.weight"),
-    "unexpected": (_add_extra, r"unexpected tensors.*model\.layers\.0\.mlp\.extra_proj\.weight"),
-    "wrong_shape": (_wrong_shape, r"model\.layers\.1\.self_attn\.k_proj\.weight .* has shape \[48, 64\], the model needs \[32, 64\]"),
+    "unexpected": (_add_extra, r"unused tensors.*model\.layers\.0\.mlp\.extra_proj\.weight"),
+    "wrong_shape": (_wrong_shape, r"model\.layers\.1\.self_attn\.k_proj\.weight .* is \[48, 64\], the model needs \[32, 64\]"),
 }
 
 
@@ -103,6 +103,7 @@ def _convert_all(folders: dict[str, str], root: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))
+@pytest.mark.distributed
 def test_broken_checkpoint_fails_before_writing(broken_results, kind):
     error, message, out_exists = broken_results[kind]
     assert error == CheckpointError.__name__, message
@@ -110,6 +111,7 @@ def test_broken_checkpoint_fails_before_writing(broken_results, kind):
     assert not out_exists
 
 
+@pytest.mark.distributed
 def test_export_refuses_a_non_empty_target(tiny_checkpoints, tmp_path):
     target = tmp_path / "taken"
     target.mkdir()

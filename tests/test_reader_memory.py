@@ -33,7 +33,7 @@ _MEASURE = textwrap.dedent(
     import torch
     from safetensors.torch import load_file
     from bridge import AutoBridge
-    from bridge.engine import transfer
+    from bridge.engine import load as engine_load
     from bridge.hf.reader import LazyTensor
 
     from tests.process_memory import proc_status_bytes
@@ -42,7 +42,7 @@ _MEASURE = textwrap.dedent(
         return proc_status_bytes("RssFile")
 
     samples = {"peak": 0}
-    narrow, select, load = LazyTensor.narrow, LazyTensor.select_slice, transfer.load_checkpoint
+    narrow, select, load = LazyTensor.narrow, LazyTensor.select_slice, engine_load.load_checkpoint
 
     def sampled(read):
         def sampled_read(self, *args):  # the pages of every read so far that are still mapped
@@ -55,7 +55,7 @@ _MEASURE = textwrap.dedent(
         load(plan, reader, strategy)
         samples["after"] = rss_file()
 
-    LazyTensor.narrow, LazyTensor.select_slice, transfer.load_checkpoint = sampled(narrow), sampled(select), measured_load
+    LazyTensor.narrow, LazyTensor.select_slice, engine_load.load_checkpoint = sampled(narrow), sampled(select), measured_load
     bridge = AutoBridge.from_hf_pretrained(sys.argv[1])
     model = bridge.to_megatron_model()
     LazyTensor.narrow, LazyTensor.select_slice = narrow, select
@@ -74,6 +74,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint("llama", tmp_path_factory.mktemp("reader-memory") / "hf", **DIMS)
 
 
+@pytest.mark.distributed
 def test_mapped_pages_stay_within_the_bound_while_and_after_loading(checkpoint):
     size = sum(path.stat().st_size for path in checkpoint.glob("*.safetensors"))
     result = subprocess.run(

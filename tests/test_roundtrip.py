@@ -1,7 +1,8 @@
 """HF → Megatron → HF is bit-exact, and every rank's shard is the expected slice, at TP1/2 × PP1/2.
 
 One group of 4 gloo processes runs the whole matrix (parallel state is torn down between layouts),
-so the expensive imports happen once; the parametrised tests then read its results.
+so the expensive imports happen once; the parametrised tests then read its results. A case that
+raises fails its own tests only, with the rank's traceback (``tests/case_matrix.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import torch
 
 from bridge.tiny_checkpoints import TINY_MODELS
 from bridge.runtime.local_launch import run_distributed
+from tests.case_matrix import case_results, run_cases
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 WORLD = 4
 
 
 def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
+    """Each (model, tp, pp, vpp) case on this rank: its shard checks after every load path, and rank 0's roundtrip."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -26,35 +29,37 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
 
     from bridge.engine import device_upload
 
-    from bridge.engine import transfer
+    from bridge.engine import load as engine_load
     from bridge.checks.verify import compare_tensors, load_hf_tensors
     from tests.checks import check_model_shards, fill_nan
 
     device_upload.BLOCK_BYTES = 1000  # many blocks per tensor, some of a single row (a row of the tiny models is up to 1 KiB)
-    results = {}
-    for tp, pp, vpp in LAYOUTS:
-        for name, src in checkpoints.items():
-            parallel_state.destroy_model_parallel()
-            bridge = AutoBridge.from_hf_pretrained(src)
-            model = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp)
-            hf = load_hf_tensors(src)
-            shard_problems, kinds = check_model_shards(model, bridge, hf)
+
+    def run_case(case: tuple[str, int, int, int | None]) -> dict:
+        name, tp, pp, vpp = case
+        src = checkpoints[name]
+        parallel_state.destroy_model_parallel()
+        bridge = AutoBridge.from_hf_pretrained(src)
+        model = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp)
+        hf = load_hf_tensors(src)
+        shard_problems, kinds = check_model_shards(model, bridge, hf)
+        fill_nan(model)
+        bridge.load_hf_weights(model, strategy="scatter")
+        scatter_problems, _ = check_model_shards(model, bridge, hf)
+        staged_problems = []
+        for strategy in engine_load.LOAD_STRATEGIES:  # the GPU path (pinned blocks of rows), on the CPU, in blocks of a few rows
             fill_nan(model)
-            bridge.load_hf_weights(model, strategy="scatter")
-            scatter_problems, _ = check_model_shards(model, bridge, hf)
-            staged_problems = []
-            for strategy in transfer.LOAD_STRATEGIES:  # the GPU path (pinned blocks of rows), on the CPU, in blocks of a few rows
-                fill_nan(model)
-                transfer.load_checkpoint(bridge.plan(model), bridge.reader, strategy=strategy, staged=True)
-                staged_problems += [f"{strategy}: {problem}" for problem in check_model_shards(model, bridge, hf)[0]]
-            out = Path(out_root) / f"{name}-tp{tp}-pp{pp}-vpp{vpp}"
-            bridge.save_hf_pretrained(model, out)
-            roundtrip = None
-            if dist.get_rank() == 0:
-                roundtrip = compare_tensors(hf, load_hf_tensors(out))
-                roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
-            results[(name, tp, pp, vpp)] = {"shards": shard_problems, "scatter": scatter_problems, "staged": staged_problems, "kinds": kinds, "roundtrip": roundtrip}
-    return results
+            engine_load.load_checkpoint(bridge.plan(model), bridge.reader, strategy=strategy, staged=True)
+            staged_problems += [f"{strategy}: {problem}" for problem in check_model_shards(model, bridge, hf)[0]]
+        out = Path(out_root) / f"{name}-tp{tp}-pp{pp}-vpp{vpp}"
+        bridge.save_hf_pretrained(model, out)
+        roundtrip = None
+        if dist.get_rank() == 0:
+            roundtrip = compare_tensors(hf, load_hf_tensors(out))
+            roundtrip += [f"no {f}" for f in ("config.json", "model.safetensors.index.json", "tokenizer.json") if not (out / f).exists()]
+        return {"shards": shard_problems, "scatter": scatter_problems, "staged": staged_problems, "kinds": kinds, "roundtrip": roundtrip}
+
+    return run_cases([(name, tp, pp, vpp) for tp, pp, vpp in LAYOUTS for name in checkpoints], run_case)
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +82,19 @@ CASES = [pytest.param(name, tp, pp, vpp, id=f"{name}-tp{tp}-pp{pp}" + (f"-vpp{vp
 
 
 @pytest.mark.parametrize("name,tp,pp,vpp", CASES)
+@pytest.mark.distributed
 def test_roundtrip_is_bit_exact(matrix, name, tp, pp, vpp):
-    assert matrix[0][(name, tp, pp, vpp)]["roundtrip"] == []
+    assert case_results(matrix, (name, tp, pp, vpp))[0]["roundtrip"] == []
 
 
 @pytest.mark.parametrize("name,tp,pp,vpp", CASES)
+@pytest.mark.distributed
 def test_every_shard_is_the_expected_slice(matrix, name, tp, pp, vpp):
-    for rank, results in enumerate(matrix):
-        result = results[(name, tp, pp, vpp)]
+    results = case_results(matrix, (name, tp, pp, vpp))
+    for rank, result in enumerate(results):
         assert result["shards"] == [], f"rank {rank}"
         assert result["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
         assert result["staged"] == [], f"rank {rank}, staged load (the GPU path, on the CPU)"
     # every rank checked something, and across ranks every mapping kind was checked
-    kinds = set().union(*(r[(name, tp, pp, vpp)]["kinds"] for r in matrix))
+    kinds = set().union(*(result["kinds"] for result in results))
     assert {"vocab", "qkv", "row", "gated_mlp", "replicated"} <= kinds

@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from bridge.engine.transfer import unwrap_chunks
+from bridge.megatron.chunks import unwrap_chunks
 
 
 @torch.no_grad()

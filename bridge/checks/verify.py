@@ -260,7 +260,7 @@ def megatron_outputs(model, tokens: torch.Tensor, vocab_size: int) -> tuple[torc
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
     from bridge.checks.forward import megatron_logits
-    from bridge.engine.transfer import unwrap_chunks
+    from bridge.megatron.chunks import unwrap_chunks
 
     speaker = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     hidden: dict[int, torch.Tensor] = {}

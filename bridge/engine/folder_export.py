@@ -27,7 +27,8 @@ from bridge.runtime.gc_freeze import frozen_heap
 from bridge.hf.writer import HFFolderWriter, parse_size
 from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
 from bridge.hf.layout import LayoutWriter, ShardLayout
-from bridge.engine.transfer import TransferPlan, export_tensors
+from bridge.engine.plan import TransferPlan
+from bridge.engine.export import export_tensors
 from bridge.runtime.write_errors import as_disk_full
 
 logger = logging.getLogger(__name__)

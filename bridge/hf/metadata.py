@@ -88,6 +88,11 @@ def config_differences(expected: dict, actual: dict, ignore: frozenset[str] = VO
     return lines
 
 
+def folder_metadata(source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None) -> tuple[dict, dict[str, Path | str]]:
+    """An export's config.json content (``export_config``) and its side files (``side_files``)."""
+    return export_config(source_folder, hf_config, dtype), side_files(source_folder, hf_config)
+
+
 def side_files(source_folder: Path, hf_config: PretrainedConfig) -> dict[str, Path | str]:
     """File name → path to copy (or text to write): the source's generation config and tokenizer files.
 

@@ -35,6 +35,21 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def vocab_rows(vocab_size: int, tp: int, divisible_by: int = 128, padded: int | None = None) -> int:
+    """The embedding's rows: ``padded`` when given (an existing checkpoint's, checked), else Megatron-LM's rule.
+
+    This is the one place the padded vocabulary is decided.
+    """
+    if padded is None:
+        return padded_vocab_size(vocab_size, divisible_by, tp)
+    if padded < vocab_size or padded % tp:
+        raise ParallelConfigError(
+            f"a padded vocabulary of {padded} rows cannot hold vocab_size={vocab_size} split over tp={tp} "
+            "(it must be at least the vocabulary and divisible by the TP size)"
+        )
+    return padded
+
+
 def check_parallel_sizes(bridge: ModelBridge, kwargs: dict, sizes: ParallelSizes) -> None:
     """Fail before any weight moves, naming the setting, when a parallel size does not divide what it splits."""
     checks = [

@@ -35,7 +35,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 
 from bridge.hf.reader import dtype_named, read_json
 from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
-from bridge.engine.transfer import unwrap_chunks
+from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.write_errors import disk_full_reported
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 HF_CONFIG_DIR = "hf_config"
 SOURCE_INFO = "bridge.json"
 SOURCE_INFO_FORMAT = "hf-megatron-bridge/1"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 
 
 class MegatronCheckpointError(ValueError):
@@ -66,6 +67,11 @@ def latest_iteration(root: str | Path) -> int | None:
     if not text.isdecimal():
         raise MegatronCheckpointError(f"{tracker} says {text[:80]!r}; expected an iteration number or 'release'")
     return int(text)
+
+
+def release_state(model_state: dict) -> dict:
+    """A model state dict as Megatron-LM's ``save_checkpoint`` stores an iteration-0 ("release") checkpoint."""
+    return {**model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
 
 
 def model_state_dict(model) -> dict:

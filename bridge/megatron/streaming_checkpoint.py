@@ -51,7 +51,7 @@ from bridge.megatron import checkpoint as mc
 from bridge.runtime.gc_freeze import frozen_heap
 from bridge.hf.reader import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
 from bridge.hf.writer import HFFolderWriter, parse_size
-from bridge.engine.transfer import PlanEntry, TransferPlan, validate_checkpoint
+from bridge.engine.plan import PlanEntry, TransferPlan, validate_checkpoint
 from bridge.runtime.write_errors import disk_full_reported, size_text as _size_text
 from bridge.mappings import MappingError
 

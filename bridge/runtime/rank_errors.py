@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 # Errors a rank rebuilds from another rank's message with their own type (the rest become RuntimeError).
 _REBUILT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -16,6 +20,26 @@ def raise_everywhere(error: Exception | None, src: int) -> None:
         raise error
     if message[0] is not None:
         raise rebuilt(src, message[0])
+
+
+def on_rank0(fn: Callable[[], T], share: bool = True) -> T | None:
+    """``fn()`` on global rank 0 alone, its error raised on every rank; with ``share``, its result returned on every rank.
+
+    Without a process group (one plain process) it is just ``fn()``.
+    """
+    if not dist.is_initialized():
+        return fn()
+    result: list = [None]
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = [fn()]
+        except Exception as err:
+            error = err
+    raise_everywhere(error, src=0)
+    if share:
+        dist.broadcast_object_list(result, src=0)
+    return result[0] if share or dist.get_rank() == 0 else None
 
 
 def raise_first(error: Exception | None) -> None:

@@ -32,11 +32,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
-from bridge.engine.transfer import unwrap_chunks
+from bridge.megatron.chunks import unwrap_chunks
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 3.0  # Megatron-LM's current value
 
 
 def layout() -> dict[str, int]:
@@ -159,7 +158,7 @@ def _state_dict(model, optimizer, scheduler, iteration: int, train_state: dict, 
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
-    state["checkpoint_version"] = CHECKPOINT_VERSION
+    state["checkpoint_version"] = megatron_checkpoint.CHECKPOINT_VERSION
     state["train_state"] = train_state
     if with_rng:
         state["rng_state"] = _rng_state()

@@ -1,0 +1,61 @@
+"""``hfmb export``: a Megatron checkpoint → a complete HF folder (``bridge.conversions.export_megatron_checkpoint``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bridge.cli.common import DTYPES, OK, add_memory_args, add_parallel_args, iteration, parallel_sizes, report, streams, torch_dtype
+
+EXAMPLES = """examples:
+  hfmb export ./ckpt ./hf-out --dtype bfloat16 --max-shard-size 2GB
+  hfmb export ./ckpt ./hf-out --max-memory 8GB          # stream within 8GB, whatever the model size
+  torchrun --nproc-per-node=4 -m bridge export ./ckpt ./hf-out --tp 2 --pp 2 --overwrite
+As one process (no torchrun) it streams a few tensors at a time within --max-memory (default 4GB;
+shards are capped to a quarter of it) from a checkpoint saved at any layout; under torchrun with several
+ranks, or with --in-memory, the model is loaded at --tp/--pp (which may differ from the saved ones).
+The folder is written beside the target and renamed into place only after transformers loaded it
+with an empty load report (when streaming, if the weights fit half of --max-memory); an existing
+non-empty target is refused unless --overwrite."""
+
+
+def add_parser(commands, command) -> None:
+    exp = command("export", "Megatron-Core checkpoint (from `hfmb import`) → HF folder", EXAMPLES)
+    exp.add_argument("ckpt", type=Path, help="checkpoint root written by `hfmb import` (or a training run resumed from one)")
+    exp.add_argument("out", type=Path, help="HF folder to write")
+    add_parallel_args(exp)
+    exp.add_argument("--iteration", type=iteration, default="latest", help="which saved iteration: a number, 'release' or 'latest' (default)")
+    exp.add_argument("--dtype", choices=DTYPES, help="dtype of the written tensors (default: each tensor's dtype in the original HF checkpoint)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT (only one this tool wrote)")
+    exp.add_argument("--skip-load-check", action="store_true", help="do not load the result in transformers before publishing it")
+    add_memory_args(exp)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.conversions import export_megatron_checkpoint, sizes_text
+
+    start = time.time()
+    result = export_megatron_checkpoint(
+        args.ckpt,
+        args.out,
+        sizes=parallel_sizes(args),
+        iteration=args.iteration,
+        dtype=torch_dtype(args.dtype),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        load_check=not args.skip_load_check,
+        stream=streams(args),
+        max_memory=args.max_memory,
+    )
+    report(
+        f"exported {args.ckpt.absolute()} (saved at {sizes_text(result.saved_with)}) → {result.out}\n"
+        f"  {result.how}; {result.tensors} tensors in {result.shards} shard(s), dtype {result.dtype}, {time.time() - start:.1f}s\n"
+        + (
+            "  transformers load report: empty (no missing, unexpected or mismatched keys)"
+            if result.load_checked
+            else "  transformers load check skipped"
+        )
+    )
+    return OK

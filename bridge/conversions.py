@@ -1,0 +1,405 @@
+"""Checkpoint conversions as functions: HF folder → Megatron checkpoint, Megatron checkpoint → HF folder, a conversion's plan.
+
+Each function runs on every rank of a torch.distributed world (under torchrun) or in one plain
+process, and sets torch.distributed up when the caller has not. In one process the import and the
+export stream tensor by tensor within ``max_memory`` (the checkpoint does not depend on the layout);
+with several ranks, or ``stream=False``, each rank builds its shards of the model at ``sizes``.
+Outputs are published atomically under ``bridge.hf.output_folder``'s rules. The ``hfmb`` command
+line is a shell over these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridge.auto_bridge import AutoBridge
+from bridge.engine.plan import CheckpointMatch, TransferPlan, count_nonfinite_weights, match_checkpoint
+from bridge.hf import metadata
+from bridge.hf.output_folder import HF_MODEL_FOLDER, MEGATRON_CHECKPOINT, FolderKind, OutputFolderError, OutputTarget, claimed_target, real_target
+from bridge.hf.reader import NonFinite, dtype_named
+from bridge.hf.writer import parse_size
+from bridge.megatron import checkpoint as mc
+from bridge.megatron.parallel import ParallelSizes, init_distributed
+from bridge.runtime.progress import elapsed_bar
+from bridge.runtime.rank_errors import on_rank0
+
+DEFAULT_MAX_MEMORY = "4GB"
+
+
+def one_process() -> bool:
+    """Whether this is a world of one process (plain, or torchrun with one rank): where conversions stream by default."""
+    if dist.is_initialized():
+        return dist.get_world_size() == 1
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def sizes_text(sizes: ParallelSizes | dict[str, Any]) -> str:
+    """``tp=2 pp=2 vpp=1 ep=1`` for parallel sizes or a checkpoint's ``saved_with``."""
+    values = sizes if isinstance(sizes, dict) else vars(sizes)
+    return " ".join(f"{key}={values.get(key) or 1}" for key in ("tp", "pp", "vpp", "ep"))
+
+
+def _model_sizes(sizes: ParallelSizes) -> dict[str, Any]:
+    """``to_megatron_model`` arguments for ``sizes``."""
+    return {"tp": sizes.tp, "pp": sizes.pp, "vpp": sizes.vpp, "ep": sizes.ep, "etp": sizes.etp}
+
+
+def _claim(stack: contextlib.ExitStack, out: Path, overwrite: bool, kind: FolderKind, check_first=None) -> OutputTarget | None:
+    """Rank 0 claims ``out`` for the rest of the conversion; every rank raises a refusal. The target on rank 0, else None."""
+
+    def claim() -> OutputTarget:
+        if check_first is not None:
+            check_first()
+        return stack.enter_context(claimed_target(out, overwrite=overwrite, kind=kind))
+
+    return on_rank0(claim, share=False)
+
+
+# ---------------------------------------------------------------- HF → Megatron
+
+
+@dataclass
+class ImportResult:
+    """What ``import_hf_checkpoint`` wrote."""
+
+    out: Path
+    architecture: str
+    parameters: int
+    dtype: torch.dtype
+    how: str  # how it was converted, in words
+    nonfinite: dict[str, NonFinite] = field(default_factory=dict)  # HF tensors holding NaN/Inf
+
+
+def import_hf_checkpoint(
+    hf: str | Path,
+    out: str | Path,
+    *,
+    sizes: ParallelSizes = ParallelSizes(),
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    stream: bool | None = None,
+    max_memory: int | str | None = None,
+) -> ImportResult:
+    """An HF checkpoint (folder or Hub id) → a Megatron-Core dist checkpoint in Megatron-LM's layout at ``out``.
+
+    Writes ``out/release/`` (iteration "release", which Megatron-LM's ``--load`` resumes from at
+    any TP/PP), the tracker file, and ``hf_config/`` + ``bridge.json`` so that the export needs no
+    HF folder. ``stream`` (default: in one process) converts tensor by tensor within
+    ``max_memory`` (default 4GB), padding the vocabulary as ``sizes.tp`` needs; otherwise each rank
+    builds its shards at ``sizes``. All ranks call it.
+    """
+    stream = one_process() if stream is None else stream
+    if max_memory is not None and not stream:
+        raise ValueError("max_memory bounds a streamed conversion (one process); it cannot be combined with stream=False")
+    init_distributed()
+    with contextlib.ExitStack() as stack:
+        target = _claim(stack, Path(out), overwrite, MEGATRON_CHECKPOINT)
+        bridge = AutoBridge.from_hf_pretrained(hf, dtype=dtype)
+        model = None if stream else bridge.to_megatron_model(**_model_sizes(sizes))
+        root: list[Any] = [target.temp_path() if target is not None else None]
+        if not stream:
+            dist.broadcast_object_list(root, src=0)
+        tmp = Path(root[0])
+        nonfinite: dict[str, NonFinite] = {}
+        try:
+            if stream:
+                from bridge.megatron.streaming_checkpoint import import_checkpoint
+
+                budget = max_memory or DEFAULT_MAX_MEMORY
+                padded_vocab = import_checkpoint(bridge, tmp, max_memory=budget, vocab_divisible_by=128 * sizes.tp, nonfinite=nonfinite)
+                how = f"streamed in one process within --max-memory {budget}, loads at any layout (vocabulary padded for tp={sizes.tp})"
+            else:
+                padded_vocab = model[0].vocab_size
+                with elapsed_bar("saving Megatron checkpoint"):
+                    mc.save_checkpoint(tmp, mc.release_state(mc.model_state_dict(model)))
+                nonfinite = count_nonfinite_weights(bridge.plan(model), bridge.reader)
+                how = f"at {sizes_text(sizes)} on {dist.get_world_size()} rank(s)"
+
+            def publish() -> None:
+                mc.write_source_info(tmp, bridge.hf_folder, metadata.side_files(bridge.hf_folder, bridge.hf_config), _source_info(bridge, hf, sizes, padded_vocab))
+                target.publish(tmp)
+
+            on_rank0(publish)
+        except BaseException:
+            if target is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    parameters = sum(math.prod(shape) for shape in bridge.reader.shapes().values())
+    return ImportResult(Path(out).absolute(), bridge.model_bridge.architecture, parameters, bridge.dtype, how, nonfinite)
+
+
+def _source_info(bridge: AutoBridge, hf: str | Path, sizes: ParallelSizes, padded_vocab: int) -> dict[str, Any]:
+    """``bridge.json``'s content: where the checkpoint came from and what exporting it back needs."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {
+        "architecture": bridge.model_bridge.architecture,
+        "source": str(hf),
+        "source_folder": str(Path(bridge.hf_folder).absolute()),
+        "saved_with": {**_saved_sizes(sizes), "world_size": world},
+        "params_dtype": metadata.dtype_name(bridge.dtype),
+        "vocab_size": bridge.model_bridge.vocab_size,
+        "padded_vocab_size": padded_vocab,
+        "tie_word_embeddings": bridge.model_bridge.tie_word_embeddings,
+        "hf_dtypes": {name: metadata.dtype_name(d) for name, d in sorted(bridge.reader.dtypes().items())},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _saved_sizes(sizes: ParallelSizes) -> dict[str, Any]:
+    saved: dict[str, Any] = {"tp": sizes.tp, "pp": sizes.pp, "vpp": sizes.vpp}
+    if sizes.ep != 1:
+        saved["ep"] = sizes.ep
+    return saved
+
+
+# ---------------------------------------------------------------- Megatron → HF
+
+
+@dataclass
+class ExportResult:
+    """What ``export_megatron_checkpoint`` wrote."""
+
+    out: Path
+    saved_with: dict[str, Any]  # the layout the checkpoint was saved at
+    tensors: int
+    shards: int
+    dtype: str | None  # config.json's dtype
+    load_checked: bool  # whether transformers loaded the result (with an empty load report) before it was published
+    how: str
+
+
+def export_megatron_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    sizes: ParallelSizes = ParallelSizes(),
+    iteration: int | str | None = "latest",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    load_check: bool = True,
+    stream: bool | None = None,
+    max_memory: int | str | None = None,
+) -> ExportResult:
+    """A Megatron checkpoint written by ``import_hf_checkpoint`` (or a training run from one) → a complete HF folder at ``out``.
+
+    Tensors are written in each one's dtype in the original HF checkpoint, or ``dtype``. The folder
+    is published only after transformers loaded it with an empty load report (``load_check``; when
+    streaming, if the weights fit half of ``max_memory``). ``stream`` (default: in one process)
+    reads a few tensors at a time within ``max_memory`` from a checkpoint saved at any layout;
+    otherwise the model is loaded at ``sizes``. ``iteration``: a number, None ("release") or
+    ``"latest"``. All ranks call it.
+    """
+    from bridge.checks.verify import check_loads_in_transformers
+
+    stream = one_process() if stream is None else stream
+    if max_memory is not None and not stream:
+        raise ValueError("max_memory bounds a streamed conversion (one process); it cannot be combined with stream=False")
+    ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
+    parse_size(max_shard_size)  # a typo fails before anything runs
+    init_distributed()
+
+    def check_sources() -> None:
+        mc.read_source_info(ckpt)
+        real_ckpt, real_out = ckpt.resolve(), real_target(out)  # through symbolic links too
+        if real_out == real_ckpt or real_out in real_ckpt.parents or real_ckpt in real_out.parents:
+            raise OutputFolderError(f"the output {out} overlaps the checkpoint {ckpt}")
+
+    with contextlib.ExitStack() as stack:
+        _claim(stack, out, overwrite, HF_MODEL_FOLDER, check_sources)
+        info = mc.read_source_info(ckpt)
+        hf_folder = mc.hf_config_folder(ckpt)
+        bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]))
+        config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype)
+        source_dtypes = {name: dtype_named(d) for name, d in info.get("hf_dtypes", {}).items()}
+        target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
+        check = check_loads_in_transformers if load_check else None
+        if stream:
+            checked = _stream_export(bridge, ckpt, out, info, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite)
+            how = f"streamed within --max-memory {max_memory or 'the default ' + DEFAULT_MAX_MEMORY}"
+        else:
+            from bridge.engine.folder_export import write_hf_folder
+
+            model = load_megatron_checkpoint(bridge, ckpt, info, sizes, iteration)
+            write_hf_folder(
+                bridge.plan(model),
+                out,
+                config=config,
+                side_files=side,
+                target_dtype=target_dtype,
+                check=_with_bar(check, "checking the folder (loading it in transformers)"),
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+            )
+            checked, how = check is not None, f"read at {sizes_text(sizes)}"
+    index = metadata.read_json(out / "model.safetensors.index.json")
+    shards = len(set(index["weight_map"].values()))
+    return ExportResult(out, info.get("saved_with", {}), len(index["weight_map"]), shards, config.get("dtype"), checked, how)
+
+
+def _with_bar(check, desc: str):
+    if check is None:
+        return None
+
+    def checking(folder: Path) -> None:
+        with elapsed_bar(desc):
+            check(folder)
+
+    return checking
+
+
+def _stream_export(bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite) -> bool:
+    """The bounded-memory export (one process); returns whether transformers' load check ran."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    from bridge.megatron.streaming_checkpoint import export_hf_folder
+
+    try:
+        return export_hf_folder(
+            bridge,
+            ckpt,
+            out,
+            padded_vocab_size=int(info["padded_vocab_size"]),
+            iteration=iteration,
+            max_memory=max_memory or DEFAULT_MAX_MEMORY,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            target_dtype=target_dtype,
+            config=config,
+            side_files=side,
+            check=check,
+        )
+    except CheckpointException as err:  # dist_checkpointing's read errors: say what did not fit
+        raise mc.MegatronCheckpointError(
+            f"cannot read {ckpt} as the {bridge.model_bridge.architecture} model its hf_config/config.json describes: {_last_line(err)}"
+        ) from err
+
+
+def load_megatron_checkpoint(bridge: AutoBridge, ckpt: Path, info: dict, sizes: ParallelSizes, iteration: int | str | None = "latest") -> list:
+    """Build the model at ``sizes`` (with the checkpoint's padded vocabulary) and load ``ckpt``'s weights into it. All ranks call."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    model = bridge.to_megatron_model(**_model_sizes(sizes), load_weights=False, padded_vocab_size=int(info["padded_vocab_size"]))
+    try:
+        with elapsed_bar("loading Megatron checkpoint"):
+            mc.load_model(ckpt, model, iteration)
+    except mc.MegatronCheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # dist_checkpointing's errors: say what did not fit
+        raise mc.MegatronCheckpointError(
+            f"cannot load {ckpt} into the {bridge.model_bridge.architecture} model its hf_config/config.json describes "
+            f"(at {sizes_text(sizes)}): {_last_line(err)}"
+        ) from err
+    return model
+
+
+def _last_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanRow:
+    """One HF tensor of the plan: the parameter it goes into, how, and where that parameter lives."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...] | None  # None: not on disk
+    megatron_name: str
+    kind: str
+    local_shape: tuple[int, ...]
+    tp_split: bool | None  # None at TP=1
+    stage: str  # "pp0" or "pp1.vp0"
+    ranks: list[int]  # the global ranks holding a shard of the parameter
+    needed_shape: tuple[int, ...] | None  # the shape the model needs, where the file's differs
+
+
+@dataclass
+class ConversionPlan:
+    """How an HF checkpoint maps onto Megatron-Core at some parallel sizes, computed without moving weights."""
+
+    bridge: AutoBridge
+    sizes: ParallelSizes
+    world_size: int
+    model_config: Any  # the Megatron-Core TransformerConfig built
+    padded_vocab_size: int
+    rows: list[PlanRow]
+    match: CheckpointMatch
+    nonfinite: dict[str, NonFinite]
+    parameters: int  # Megatron parameters of the whole model
+    mapping_error: str | None = None  # a Megatron parameter with no mapping: nothing else could be planned
+
+    def problems(self) -> list[str]:
+        """Everything that makes the conversion fail, one line each (empty: it would succeed)."""
+        return [self.mapping_error] if self.mapping_error else self.match.problems(limit=None)
+
+
+def plan_conversion(hf: str | Path, *, sizes: ParallelSizes = ParallelSizes()) -> ConversionPlan | None:
+    """Every HF tensor → Megatron parameter with its mapping, shapes and ranks, and the problems, without moving weights.
+
+    Each tensor is read once (streaming) to count NaN/Inf values. All ranks call it; rank 0 gets the
+    plan, the others None.
+    """
+    from bridge.mappings import MappingError
+    from bridge.runtime import cpu_mode
+
+    init_distributed()
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    # Shapes only: on CPU the model is built on the meta device (nothing allocated or initialised).
+    # On GPUs Megatron-Core allocates on the device itself, so the plan builds the real (empty) shards.
+    with contextlib.nullcontext() if cpu_mode.cuda_available() else torch.device("meta"):
+        model = bridge.to_megatron_model(**_model_sizes(sizes), load_weights=False)
+    world = dist.get_world_size()
+    empty = CheckpointMatch(Path(bridge.hf_folder), [], [], [], [], [])
+    plan_args = dict(bridge=bridge, sizes=sizes, world_size=world, model_config=model[0].config, padded_vocab_size=model[0].vocab_size)
+    try:
+        plan = bridge.plan(model)
+    except MappingError as err:
+        return ConversionPlan(**plan_args, rows=[], match=empty, nonfinite={}, parameters=0, mapping_error=str(err))
+    held: list = [None] * world  # rank → the global names of the parameters it holds
+    dist.all_gather_object(held, set(plan.local))
+    nonfinite = count_nonfinite_weights(plan, bridge.reader)
+    if dist.get_rank() != 0:
+        return None
+    match = match_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
+    return ConversionPlan(**plan_args, rows=_plan_rows(plan, bridge, sizes, held), match=match, nonfinite=nonfinite, parameters=len(plan.entries))
+
+
+def _plan_rows(plan: TransferPlan, bridge: AutoBridge, sizes: ParallelSizes, held: list[set[str]]) -> list[PlanRow]:
+    on_disk = bridge.reader.shapes()
+    expected = plan.expected_hf_shapes()
+    rows = []
+    for entry in plan.entries:
+        mapping = plan.mapping(entry)
+        ranks = [rank for rank, names in enumerate(held) if entry.name in names]
+        stage = f"pp{entry.pp_rank}" + (f".vp{entry.vp_stage}" if sizes.vpp else "")
+        kind = entry.kind + (" (load only)" if mapping.load_only else "")
+        for hf_name in mapping.hf_names:
+            shape = on_disk.get(hf_name)
+            needed = expected.get(hf_name)
+            rows.append(
+                PlanRow(
+                    hf_name=hf_name,
+                    hf_shape=None if shape is None else tuple(shape),
+                    megatron_name=entry.name,
+                    kind=kind,
+                    local_shape=tuple(entry.local_shape),
+                    tp_split=None if sizes.tp == 1 else mapping.tp_sharded,
+                    stage=stage,
+                    ranks=ranks,
+                    needed_shape=tuple(needed) if shape is not None and needed is not None and shape != needed else None,
+                )
+            )
+    return rows
