@@ -336,9 +336,17 @@ def worker_generate(args) -> None:
     from bridge.tiny_checkpoints import tiny_tokenizer
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -423,8 +431,18 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     if kind in ("bridge", "rawwrite"):
         port = _free_port()
         for rank in range(world):
-            env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) if world > 1 else {}
+            env = (
+                dict(
+                    RANK=str(rank),
+                    WORLD_SIZE=str(world),
+                    LOCAL_RANK=str(rank),
+                    LOCAL_WORLD_SIZE=str(world),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                )
+                if world > 1
+                else {}
+            )
             procs.append(_launch(kind, [*common, "--layout", layout, "--result", str(results[rank])], env, logs[rank]))
     else:
         procs.append(_launch(kind, [*common, "--result", str(results[0])], None, logs[0]))
@@ -521,8 +539,11 @@ def print_breakdown(results: dict[str, list[dict]]) -> None:
     for name, rows in results.items():
         for rank, row in enumerate(rows):
             for phase, probes in row.get("probes", {}).items():
-                parts = [f"{label} {seconds:.2f} [{calls:g}]" for label, (calls, seconds) in
-                         sorted(probes.items(), key=lambda item: -item[1][1]) if calls]
+                parts = [
+                    f"{label} {seconds:.2f} [{calls:g}]"
+                    for label, (calls, seconds) in sorted(probes.items(), key=lambda item: -item[1][1])
+                    if calls
+                ]
                 print(f"  {name:<20}{rank:>3} {phase:<7}{row['seconds'][phase]:>6.2f} s: " + ", ".join(parts))
 
 
@@ -538,34 +559,65 @@ def print_targets(results: dict[str, list[dict]], largest: int) -> bool:
     if tp1:
         s = tp1[0]["seconds"]
         total = s["build"] + s["load"] + s["export"]
-        checks.append(("build share of build+load+export, TP1", s["build"] / total, BUILD_SHARE_LIMIT,
-                       f"{s['build']:.2f} s of {total:.2f} s"))
+        checks.append(
+            ("build share of build+load+export, TP1", s["build"] / total, BUILD_SHARE_LIMIT, f"{s['build']:.2f} s of {total:.2f} s")
+        )
         for name, rows in results.items():
             if name.startswith("bridge"):
                 grow = max((row["peak"]["build"] - row["base"]) / row["shard"] for row in rows)
                 checks.append((f"build RSS growth / shard, {name[7:]}", grow, BUILD_RSS_LIMIT, "max over ranks"))
     if tp1 and raw:
-        checks.append(("load TP1 / raw read+copy", tp1[0]["seconds"]["load"] / raw[0]["seconds"]["load"], 2.0,
-                       f"{tp1[0]['seconds']['load']:.2f} s / {raw[0]['seconds']['load']:.2f} s"))
+        checks.append(
+            (
+                "load TP1 / raw read+copy",
+                tp1[0]["seconds"]["load"] / raw[0]["seconds"]["load"],
+                2.0,
+                f"{tp1[0]['seconds']['load']:.2f} s / {raw[0]['seconds']['load']:.2f} s",
+            )
+        )
     if tp1 and hf:
-        checks.append(("export TP1 / transformers save_pretrained", tp1[0]["seconds"]["export"] / hf[0]["seconds"]["export"], 1.0,
-                       f"{tp1[0]['seconds']['export']:.2f} s / {hf[0]['seconds']['export']:.2f} s"))
-        checks.append(("e2e TP1 / transformers from_pretrained+save process", tp1[0]["e2e"] / hf[0]["e2e"], 1.0,
-                       f"{tp1[0]['e2e']:.2f} s / {hf[0]['e2e']:.2f} s"))
+        checks.append(
+            (
+                "export TP1 / transformers save_pretrained",
+                tp1[0]["seconds"]["export"] / hf[0]["seconds"]["export"],
+                1.0,
+                f"{tp1[0]['seconds']['export']:.2f} s / {hf[0]['seconds']['export']:.2f} s",
+            )
+        )
+        checks.append(
+            (
+                "e2e TP1 / transformers from_pretrained+save process",
+                tp1[0]["e2e"] / hf[0]["e2e"],
+                1.0,
+                f"{tp1[0]['e2e']:.2f} s / {hf[0]['e2e']:.2f} s",
+            )
+        )
     for layout in ("tp2", "pp2"):
         rows = results.get(f"bridge {layout}")
         if tp1 and rows:
             for phase in ("load", "export"):
-                checks.append((f"{phase} {layout.upper()} (slowest rank) / TP1", worst(rows, phase) / tp1[0]["seconds"][phase], 1.0,
-                               f"{worst(rows, phase):.2f} s / {tp1[0]['seconds'][phase]:.2f} s"))
+                checks.append(
+                    (
+                        f"{phase} {layout.upper()} (slowest rank) / TP1",
+                        worst(rows, phase) / tp1[0]["seconds"][phase],
+                        1.0,
+                        f"{worst(rows, phase):.2f} s / {tp1[0]['seconds'][phase]:.2f} s",
+                    )
+                )
     for name, rows in results.items():
         if name.startswith("bridge"):
             ratios = [row["peak"]["export"] / (row["shard"] + 2 * largest + row["base"]) for row in rows]
             rank = max(range(len(rows)), key=lambda r: ratios[r])
             row = rows[rank]
-            checks.append((f"peak RSS / limit, {name[7:]}", ratios[rank], 1.0,
-                           f"rank {rank}: {row['peak']['export'] / MIB:.0f} MiB vs {row['shard'] / MIB:.0f} shard "
-                           f"+ 2×{largest / MIB:.0f} + {row['base'] / MIB:.0f} imports"))
+            checks.append(
+                (
+                    f"peak RSS / limit, {name[7:]}",
+                    ratios[rank],
+                    1.0,
+                    f"rank {rank}: {row['peak']['export'] / MIB:.0f} MiB vs {row['shard'] / MIB:.0f} shard "
+                    f"+ 2×{largest / MIB:.0f} + {row['base'] / MIB:.0f} imports",
+                )
+            )
     print()
     print(f"{'target':<54}{'ratio':>7}{'limit':>7}  result   detail")
     ok = True
@@ -576,26 +628,40 @@ def print_targets(results: dict[str, list[dict]], largest: int) -> bool:
     one, two = results.get("raw write, 1 writer"), results.get("raw write, 2 writers")
     if one and two:
         alone, shared = one[0]["seconds"]["export"], worst(two, "export")
-        print(f"{'(info) disk: 2 writers of half / 1 writer of all':<54}{shared / alone:>7.2f}{'':>7}  {'':<7}  "
-              f"{shared:.2f} s / {alone:.2f} s (1.0: the disk's bandwidth is shared, ~0.5: it is per writer)")
-        for name, rows, reference, label in (("bridge tp1", tp1, alone, "1 writer"), ("bridge tp2", results.get("bridge tp2"), shared, "2 writers"),
-                                             ("bridge pp2", results.get("bridge pp2"), shared, "2 writers")):
+        print(
+            f"{'(info) disk: 2 writers of half / 1 writer of all':<54}{shared / alone:>7.2f}{'':>7}  {'':<7}  "
+            f"{shared:.2f} s / {alone:.2f} s (1.0: the disk's bandwidth is shared, ~0.5: it is per writer)"
+        )
+        for name, rows, reference, label in (
+            ("bridge tp1", tp1, alone, "1 writer"),
+            ("bridge tp2", results.get("bridge tp2"), shared, "2 writers"),
+            ("bridge pp2", results.get("bridge pp2"), shared, "2 writers"),
+        ):
             if rows:
-                print(f"{f'(info) export {name[7:].upper()} (slowest rank) / raw write, {label}':<54}{worst(rows, 'export') / reference:>7.2f}"
-                      f"{'':>7}  {'':<7}  {worst(rows, 'export'):.2f} s / {reference:.2f} s")
+                print(
+                    f"{f'(info) export {name[7:].upper()} (slowest rank) / raw write, {label}':<54}"
+                    f"{worst(rows, 'export') / reference:>7.2f}"
+                    f"{'':>7}  {'':<7}  {worst(rows, 'export'):.2f} s / {reference:.2f} s"
+                )
     tp2, pp2 = results.get("bridge tp2"), results.get("bridge pp2")
     if tp2 and pp2:  # the same bytes per rank into the same files: what TP2's row-parallel transfers cost
-        print(f"{'(info) export TP2 / PP2 (slowest ranks)':<54}{worst(tp2, 'export') / worst(pp2, 'export'):>7.2f}"
-              f"{'':>7}  {'':<7}  {worst(tp2, 'export'):.2f} s / {worst(pp2, 'export'):.2f} s (PP2 sends nothing)")
+        print(
+            f"{'(info) export TP2 / PP2 (slowest ranks)':<54}{worst(tp2, 'export') / worst(pp2, 'export'):>7.2f}"
+            f"{'':>7}  {'':<7}  {worst(tp2, 'export'):.2f} s / {worst(pp2, 'export'):.2f} s (PP2 sends nothing)"
+        )
     for name, rows in results.items():  # on a GPU: the load's pace against the card's own host→device pace
         if name.startswith("bridge") and "h2d_gbps" in rows[0]:
             load = min(row["shard"] / row["seconds"]["load"] / 1e9 for row in rows)
-            print(f"{f'(info) load GB/s / pinned host→device GB/s, {name[7:]}':<54}{load / rows[0]['h2d_gbps']:>7.2f}{'':>7}  {'':<7}  "
-                  f"{load:.1f} GB/s (slowest rank) / {rows[0]['h2d_gbps']:.1f} GB/s on {rows[0]['device']}")
+            print(
+                f"{f'(info) load GB/s / pinned host→device GB/s, {name[7:]}':<54}{load / rows[0]['h2d_gbps']:>7.2f}{'':>7}  {'':<7}  "
+                f"{load:.1f} GB/s (slowest rank) / {rows[0]['h2d_gbps']:.1f} GB/s on {rows[0]['device']}"
+            )
     scatter, slice_ = results.get("bridge tp2-scatter"), results.get("bridge tp2")
     if scatter and slice_:
-        print(f"{'(info) TP2 load: scatter / slice':<54}{worst(scatter, 'load') / worst(slice_, 'load'):>7.2f}"
-              f"{'':>7}  {'':<7}  {worst(scatter, 'load'):.2f} s / {worst(slice_, 'load'):.2f} s (slowest rank)")
+        print(
+            f"{'(info) TP2 load: scatter / slice':<54}{worst(scatter, 'load') / worst(slice_, 'load'):>7.2f}"
+            f"{'':>7}  {'':<7}  {worst(scatter, 'load'):.2f} s / {worst(slice_, 'load'):.2f} s (slowest rank)"
+        )
     return ok
 
 
@@ -617,7 +683,8 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {mem / 2**30:.1f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} cores ({cpu}), {mem / 2**30:.1f} GiB RAM, {system}"
 
 
 def main() -> None:
@@ -643,7 +710,13 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        workers = {"raw": worker_raw, "rawwrite": worker_rawwrite, "transformers": worker_transformers, "bridge": worker_bridge, "generate": worker_generate}
+        workers = {
+            "raw": worker_raw,
+            "rawwrite": worker_rawwrite,
+            "transformers": worker_transformers,
+            "bridge": worker_bridge,
+            "generate": worker_generate,
+        }
         workers[args.worker](args)
         return
 
@@ -686,8 +759,10 @@ def main() -> None:
 
     print()
     print(f"machine: {machine()}")
-    print(f"checkpoint: {folder.name}: {params / 1e9:.3f} B parameters, {sum(sizes) / 1e9:.2f} GB in {len(files)} file(s), "
-          f"largest tensor {largest / MIB:.0f} MiB; page cache warm; medians of {args.repeats} repeats")
+    print(
+        f"checkpoint: {folder.name}: {params / 1e9:.3f} B parameters, {sum(sizes) / 1e9:.2f} GB in {len(files)} file(s), "
+        f"largest tensor {largest / MIB:.0f} MiB; page cache warm; medians of {args.repeats} repeats"
+    )
     print()
     print_table(results, largest)
     print_breakdown(results)

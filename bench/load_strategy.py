@@ -49,8 +49,14 @@ def main() -> None:
     folder = Path(__file__).parent / "data" / f"llama-h{args.hidden}-l{args.layers}"
     if not (folder / "config.json").exists():
         build_tiny_checkpoint(
-            "llama", folder, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-            num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
+            "llama",
+            folder,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 11 // 4,
+            num_hidden_layers=args.layers,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            vocab_size=32000,
         )
     size_gb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e9
     reference = statistics.median(run_distributed(_time_loads, 1, str(folder), 1, ["slice"], args.repeats)[0]["slice"])

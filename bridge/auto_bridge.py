@@ -9,21 +9,17 @@ from typing import Iterator
 import torch
 from transformers import PretrainedConfig
 
-from bridge.hf import metadata as export_metadata
-
 from bridge.engine import folder_export
-
-from bridge.megatron import builder as megatron_builder
-
-from bridge.megatron import parallel
-
 from bridge.engine import load as engine_load
 from bridge.engine.export import export_tensors
 from bridge.engine.plan import TransferPlan, validate_checkpoint
+from bridge.hf import metadata as export_metadata
 from bridge.hf.reader import SafetensorsReader, read_hf_config, resolve_hf_folder
+from bridge.megatron import builder as megatron_builder
+from bridge.megatron import parallel
+from bridge.megatron.parallel import ParallelSizes
 from bridge.model_bridge import ModelBridge
 from bridge.models import bridge_for
-from bridge.megatron.parallel import ParallelSizes
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +59,9 @@ class AutoBridge:
             self._reader = SafetensorsReader(self.hf_folder, self.model_bridge.hf_views)
         return self._reader
 
-    def transformer_config(self, sizes: ParallelSizes = ParallelSizes(), initialize_weights: bool = False, sequence_parallel: bool | None = None):
+    def transformer_config(
+        self, sizes: ParallelSizes = ParallelSizes(), initialize_weights: bool = False, sequence_parallel: bool | None = None
+    ):
         """The Megatron-Core ``TransformerConfig`` this checkpoint becomes at these parallel sizes."""
         return megatron_builder.build_transformer_config(
             self.model_bridge, sizes, dtype=self.dtype, initialize_weights=initialize_weights, sequence_parallel=sequence_parallel

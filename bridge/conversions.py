@@ -25,7 +25,15 @@ import torch.distributed as dist
 from bridge.auto_bridge import AutoBridge
 from bridge.engine.plan import CheckpointMatch, TransferPlan, count_nonfinite_weights, match_checkpoint
 from bridge.hf import metadata
-from bridge.hf.output_folder import HF_MODEL_FOLDER, MEGATRON_CHECKPOINT, FolderKind, OutputFolderError, OutputTarget, claimed_target, real_target
+from bridge.hf.output_folder import (
+    HF_MODEL_FOLDER,
+    MEGATRON_CHECKPOINT,
+    FolderKind,
+    OutputFolderError,
+    OutputTarget,
+    claimed_target,
+    real_target,
+)
 from bridge.hf.reader import NonFinite, dtype_named
 from bridge.hf.writer import parse_size
 from bridge.megatron import checkpoint as mc
@@ -126,7 +134,12 @@ def import_hf_checkpoint(
                 how = f"at {sizes_text(sizes)} on {dist.get_world_size()} rank(s)"
 
             def publish() -> None:
-                mc.write_source_info(tmp, bridge.hf_folder, metadata.side_files(bridge.hf_folder, bridge.hf_config), _source_info(bridge, hf, sizes, padded_vocab))
+                mc.write_source_info(
+                    tmp,
+                    bridge.hf_folder,
+                    metadata.side_files(bridge.hf_folder, bridge.hf_config),
+                    _source_info(bridge, hf, sizes, padded_vocab),
+                )
                 target.publish(tmp)
 
             on_rank0(publish)
@@ -225,7 +238,9 @@ def export_megatron_checkpoint(
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
         check = check_loads_in_transformers if load_check else None
         if stream:
-            checked = _stream_export(bridge, ckpt, out, info, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite)
+            checked = _stream_export(
+                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite
+            )
             how = f"streamed within --max-memory {max_memory or 'the default ' + DEFAULT_MAX_MEMORY}"
         else:
             from bridge.engine.folder_export import write_hf_folder
@@ -258,7 +273,9 @@ def _with_bar(check, desc: str):
     return checking
 
 
-def _stream_export(bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite) -> bool:
+def _stream_export(
+    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite
+) -> bool:
     """The bounded-memory export (one process); returns whether transformers' load check ran."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
@@ -285,7 +302,9 @@ def _stream_export(bridge, ckpt: Path, out: Path, info: dict, iteration, target_
         ) from err
 
 
-def load_megatron_checkpoint(bridge: AutoBridge, ckpt: Path, info: dict, sizes: ParallelSizes, iteration: int | str | None = "latest") -> list:
+def load_megatron_checkpoint(
+    bridge: AutoBridge, ckpt: Path, info: dict, sizes: ParallelSizes, iteration: int | str | None = "latest"
+) -> list:
     """Build the model at ``sizes`` (with the checkpoint's padded vocabulary) and load ``ckpt``'s weights into it. All ranks call."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
@@ -374,7 +393,9 @@ def plan_conversion(hf: str | Path, *, sizes: ParallelSizes = ParallelSizes()) -
     if dist.get_rank() != 0:
         return None
     match = match_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
-    return ConversionPlan(**plan_args, rows=_plan_rows(plan, bridge, sizes, held), match=match, nonfinite=nonfinite, parameters=len(plan.entries))
+    return ConversionPlan(
+        **plan_args, rows=_plan_rows(plan, bridge, sizes, held), match=match, nonfinite=nonfinite, parameters=len(plan.entries)
+    )
 
 
 def _plan_rows(plan: TransferPlan, bridge: AutoBridge, sizes: ParallelSizes, held: list[set[str]]) -> list[PlanRow]:

@@ -49,7 +49,14 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", {**_MOE, "num_local_experts": 4, "intermediate_size": 32, "sliding_window": None}),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "mlp_only_layers": [1], "norm_topk_prob": False},
+        {
+            **_MOE,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": False,
+        },
     ),
     "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
 }
@@ -63,7 +70,13 @@ def tiny_config(name: str, **overrides: Any):
 
 
 def build_tiny_checkpoint(
-    name: str, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, save_original_format: bool = True, **overrides: Any
+    name: str,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    save_original_format: bool = True,
+    **overrides: Any,
 ) -> Path:
     """Save a randomly initialised tiny ``name`` model (see ``TINY_MODELS``, ``TINY_MOE_MODELS``) with a tokenizer to ``out_dir``.
 

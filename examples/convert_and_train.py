@@ -26,11 +26,9 @@ import torch
 import torch.distributed as dist
 
 from bridge import AutoBridge
-
-from bridge.runtime import cpu_mode
-
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.parallel import init_distributed
+from bridge.runtime import cpu_mode
 from bridge.training import (
     TrainingConfig,
     build_gpt_dataset,
@@ -59,7 +57,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=3e-4)
     p.add_argument("--lr-warmup-iters", type=int, default=2)
-    p.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters (set it to extend a run later: a resume must keep the schedule)")
+    p.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        default=None,
+        help="default: --train-iters (set it to extend a run later: a resume must keep the schedule)",
+    )
     p.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
@@ -67,7 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-iters", type=int, default=40)
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--data-path", nargs="+", help="Megatron-LM blend: 'prefix' or 'weight prefix weight prefix ...' (default: the demo corpus)")
+    p.add_argument(
+        "--data-path", nargs="+", help="Megatron-LM blend: 'prefix' or 'weight prefix weight prefix ...' (default: the demo corpus)"
+    )
     p.add_argument("--save", type=Path, help="checkpoint folder (Megatron-LM layout)")
     p.add_argument("--save-interval", type=int, default=0, help="also save every N iterations (0: only at the end)")
     p.add_argument("--load", type=Path, help="resume from this checkpoint folder when it holds one")
@@ -108,10 +113,19 @@ def main() -> None:
     export = args.export or args.workdir / "hf_export"
 
     cfg = TrainingConfig(
-        train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        seq_length=args.seq_length, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-        lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, use_distributed_optimizer=not args.no_distributed_optimizer, seed=args.seed,
+        train_iters=args.train_iters,
+        micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_iters=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad,
+        use_distributed_optimizer=not args.no_distributed_optimizer,
+        seed=args.seed,
         log_interval=args.log_interval,
     )
     dtype = torch.bfloat16 if cpu_mode.cuda_available() else torch.float32
@@ -130,7 +144,9 @@ def main() -> None:
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
 
     def save(iteration: int) -> None:
-        save_train_state(args.save, model, optimizer, scheduler, iteration, iteration * cfg.global_batch_size, cfg.use_distributed_optimizer)
+        save_train_state(
+            args.save, model, optimizer, scheduler, iteration, iteration * cfg.global_batch_size, cfg.use_distributed_optimizer
+        )
 
     def on_step_end(result) -> None:
         if args.save and args.save_interval and result.iteration % args.save_interval == 0:
@@ -143,7 +159,10 @@ def main() -> None:
     bridge.save_hf_pretrained(model, export, overwrite=args.overwrite_export or args.hf_model is None)
     if rank0:
         if results:
-            print(f"loss {results[0].loss:.4f} at iteration {results[0].iteration} -> {results[-1].loss:.4f} at iteration {results[-1].iteration}")
+            print(
+                f"loss {results[0].loss:.4f} at iteration {results[0].iteration} -> "
+                f"{results[-1].loss:.4f} at iteration {results[-1].iteration}"
+            )
         prompt = tokenizer.detokenize(dataset[0]["tokens"][:8].tolist())
         print(f"exported to {export}; transformers continues {prompt!r} with {generate(export, prompt, args.generate_tokens)!r}")
     dist.destroy_process_group()

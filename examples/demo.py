@@ -24,9 +24,9 @@ from megatron.core import parallel_state
 
 from bridge import AutoBridge
 from bridge.checks.forward import megatron_logits
+from bridge.checks.verify import compare_hf_folders
 from bridge.megatron.parallel import init_distributed
 from bridge.tiny_checkpoints import build_tiny_checkpoint
-from bridge.checks.verify import compare_hf_folders
 
 
 def main() -> None:
@@ -48,16 +48,20 @@ def main() -> None:
     bridge = AutoBridge.from_hf_pretrained(source)
     model = bridge.to_megatron_model(tp=args.tp, pp=args.pp)
     params = sum(p.numel() for chunk in model for p in chunk.parameters())
-    print(f"rank {rank}: tp rank {parallel_state.get_tensor_model_parallel_rank()}, pp rank "
-          f"{parallel_state.get_pipeline_model_parallel_rank()}, {params} parameters loaded")
+    print(
+        f"rank {rank}: tp rank {parallel_state.get_tensor_model_parallel_rank()}, pp rank "
+        f"{parallel_state.get_pipeline_model_parallel_rank()}, {params} parameters loaded"
+    )
     bridge.save_hf_pretrained(model, exported, overwrite=True)
 
     ok = True
     if rank == 0:
         problems = compare_hf_folders(source, exported)
         ok = not problems
-        print(f"roundtrip HF → Megatron (tp={args.tp}, pp={args.pp}) → HF: "
-              + ("bit-exact, every tensor" if ok else f"{len(problems)} differences: {problems[:5]}"))
+        print(
+            f"roundtrip HF → Megatron (tp={args.tp}, pp={args.pp}) → HF: "
+            + ("bit-exact, every tensor" if ok else f"{len(problems)} differences: {problems[:5]}")
+        )
 
     tokens = torch.randint(0, bridge.model_bridge.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)

@@ -8,7 +8,6 @@ a ``VocabParallelEmbedding`` is vocab-parallel (padded rows).
 from __future__ import annotations
 
 import torch
-
 from bridge.mappings.base import ParamMapping
 from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-
 from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards, tp_slice
 
 
@@ -22,13 +21,9 @@ class GatedMLPMapping(ParamMapping):
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         gate, up = hf["gate"], hf["up"]
         if tuple(gate.shape) != tuple(up.shape):
-            raise MappingError(
-                f"{self.hf_param['gate']} has shape {list(gate.shape)} but {self.hf_param['up']} has {list(up.shape)}"
-            )
+            raise MappingError(f"{self.hf_param['gate']} has shape {list(gate.shape)} but {self.hf_param['up']} has {list(up.shape)}")
         if gate.shape[0] % ctx.tp_size:
-            raise MappingError(
-                f"{self.megatron_param}: the MLP size ({gate.shape[0]}) is not divisible by TP size ({ctx.tp_size})"
-            )
+            raise MappingError(f"{self.megatron_param}: the MLP size ({gate.shape[0]}) is not divisible by TP size ({ctx.tp_size})")
         return [
             tp_slice(gate, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["gate"]),
             tp_slice(up, 0, ctx.tp_rank, ctx.tp_size, self.hf_param["up"]),

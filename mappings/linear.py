@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-
-from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, first_rows, join_shards, tp_slice, whole, zero_rows
+from bridge.mappings.base import (
+    JoinedShards,
+    MappingContext,
+    MappingError,
+    ParamMapping,
+    TensorSource,
+    first_rows,
+    join_shards,
+    tp_slice,
+    whole,
+    zero_rows,
+)
 
 
 class ColumnParallelMapping(ParamMapping):

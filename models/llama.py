@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-
-from bridge.model_bridge import ModelBridge
-from bridge.models.registry import register_bridge
 from bridge.mappings import (
     GatedMLPMapping,
     MappingRegistry,
@@ -17,6 +14,9 @@ from bridge.mappings import (
     RowParallelMapping,
     VocabParallelMapping,
 )
+from bridge.models.registry import register_bridge
+
+from bridge.model_bridge import ModelBridge
 
 LAYER = "decoder.layers.*."
 HF_LAYER = "model.layers.*."

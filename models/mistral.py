@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.models.registry import register_bridge
 from bridge.models.llama import LlamaBridge
+from bridge.models.registry import register_bridge
 
 
 @register_bridge("MistralForCausalLM")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.mappings.hf_views import FusedExperts, Renamed
-from bridge.models.registry import register_bridge
 from bridge.mappings import MappingRegistry
+from bridge.mappings.hf_views import FusedExperts, Renamed
 from bridge.models.llama import dense_decoder_mappings
 from bridge.models.mistral import MistralBridge
 from bridge.models.moe import expert_mappings, moe_config_kwargs
+from bridge.models.registry import register_bridge
 
 MOE = "model.layers.*.block_sparse_moe."
 

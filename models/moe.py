@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.model_bridge import UnsupportedArchitectureError
 from bridge.mappings import GatedMLPMapping, ParamMapping, ReplicatedMapping, RowParallelMapping
+
+from bridge.model_bridge import UnsupportedArchitectureError
 
 LAYER = "decoder.layers.*."
 EXPERT = LAYER + "mlp.experts.local_experts.*."

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.models.registry import register_bridge
 from bridge.mappings import MappingRegistry, QKVMapping, ReplicatedMapping
 from bridge.models.llama import HF_LAYER, LAYER, LlamaBridge, dense_decoder_mappings
+from bridge.models.registry import register_bridge
 
 
 class _QwenBridge(LlamaBridge):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.mappings.hf_views import FusedExperts
-from bridge.models.registry import register_bridge
 from bridge.mappings import GatedMLPMapping, MappingRegistry, ReplicatedMapping, RowParallelMapping
+from bridge.mappings.hf_views import FusedExperts
 from bridge.models.llama import HF_LAYER, LAYER
 from bridge.models.moe import expert_mappings, moe_config_kwargs
 from bridge.models.qwen import Qwen2Bridge, Qwen3Bridge
+from bridge.models.registry import register_bridge
 
 HF_MLP = HF_LAYER + "mlp."
 _FUSED = (
@@ -60,7 +60,9 @@ class Qwen2MoeBridge(_QwenMoeMixin, Qwen2Bridge):
             super().mapping_registry().mappings
             + self.moe_mappings()
             + [
-                GatedMLPMapping(shared + "linear_fc1.weight", gate=HF_MLP + "shared_expert.gate_proj.weight", up=HF_MLP + "shared_expert.up_proj.weight"),
+                GatedMLPMapping(
+                    shared + "linear_fc1.weight", gate=HF_MLP + "shared_expert.gate_proj.weight", up=HF_MLP + "shared_expert.up_proj.weight"
+                ),
                 RowParallelMapping(shared + "linear_fc2.weight", HF_MLP + "shared_expert.down_proj.weight"),
                 ReplicatedMapping(shared + "gate_weight", HF_MLP + "shared_expert_gate.weight"),
             ]

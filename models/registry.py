@@ -35,6 +35,5 @@ def bridge_for(hf_config: PretrainedConfig) -> ModelBridge:
         if arch in _BRIDGES:
             return _BRIDGES[arch](hf_config)
     raise UnsupportedArchitectureError(
-        f"architecture {archs or '(none in config.json)'} is not supported; "
-        f"supported architectures: {', '.join(supported_architectures())}"
+        f"architecture {archs or '(none in config.json)'} is not supported; supported architectures: {', '.join(supported_architectures())}"
     )

@@ -7,6 +7,7 @@ code could not catch a mistake in it.
 from __future__ import annotations
 
 import re
+
 import torch
 
 
@@ -22,7 +23,12 @@ def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: i
 
 # HF names of a routed expert's gate / up / down projections and of the router, per MoE family.
 MOE_NAMES = {
-    "mixtral": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight", "block_sparse_moe.gate.weight"),
+    "mixtral": (
+        "block_sparse_moe.experts.{e}.w1.weight",
+        "block_sparse_moe.experts.{e}.w3.weight",
+        "block_sparse_moe.experts.{e}.w2.weight",
+        "block_sparse_moe.gate.weight",
+    ),
     "qwen": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight", "mlp.gate.weight"),
 }
 
@@ -118,6 +124,15 @@ def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE
             if param.dtype != want.dtype or not torch.equal(param.detach(), want):
                 problems.append(f"{names[local_name]} ({kind})")
     return problems, kinds
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes: ``torch.equal`` takes -0.0 for +0.0 and a NaN for different from itself."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
 
 
 def fill_nan(model) -> None:

@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from bridge.runtime.local_launch import run_distributed
+from tests.case_matrix import case_results, run_cases
+
+pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
 
 MODELS = ("llama", "llama3.2", "qwen2_moe", "mixtral")  # dense, tied embeddings, MoE with shared expert and dense layers, MoE
 
@@ -50,14 +53,12 @@ def single_rank_session(hf: dict[str, str], root: str) -> dict:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-
-    from bridge.megatron import checkpoint as mc
     from bridge.checks.verify import compare_hf_folders
+    from bridge.megatron import checkpoint as mc
 
-    results: dict = {}
-    for name in MODELS:
+    def run_case(name: str) -> dict:
         ckpt, out = f"{root}/{name}-ckpt", f"{root}/{name}-out"
-        r = results[name] = {"import": _cli("import", hf[name], ckpt, "--max-memory", "64MB")}
+        r = {"import": _cli("import", hf[name], ckpt, "--max-memory", "64MB")}
         r["import_tp2"] = _cli("import", hf[name], f"{root}/{name}-ckpt-tp2", "--tp", "2", "--pp", "2")  # default budget
         bridge = AutoBridge.from_hf_pretrained(hf[name])
         expected = bridge.to_megatron_model(load_weights=True)
@@ -68,6 +69,9 @@ def single_rank_session(hf: dict[str, str], root: str) -> dict:
         r["export"] = _cli("export", ckpt, out, "--max-memory", "64MB", "--max-shard-size", "200KB")
         r["roundtrip"] = compare_hf_folders(hf[name], out)
         r["shards"] = len(list(Path(out).glob("*.safetensors")))
+        return r
+
+    results = run_cases(MODELS, run_case)
     results["budget_import"] = _cli("import", hf["llama"], f"{root}/never", "--max-memory", "100KB")
     results["budget_export"] = _cli("export", f"{root}/llama-ckpt", f"{root}/never-out", "--max-memory", "100KB")
     return results
@@ -78,18 +82,19 @@ def four_rank_session(hf: dict[str, str], root: str) -> dict:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-
     from bridge.megatron import checkpoint as mc
 
-    results = {}
-    for name in MODELS:
+    def run_case(name: str) -> list[str]:
+        parallel_state.destroy_model_parallel()
         bridge = AutoBridge.from_hf_pretrained(hf[name])
         expected = bridge.to_megatron_model(tp=2, pp=2, load_weights=True)
         actual = bridge.to_megatron_model(tp=2, pp=2, load_weights=False)
         mc.load_model(f"{root}/{name}-ckpt-tp2", actual)
-        results[name] = _differences(expected, actual)
+        differences = _differences(expected, actual)
         parallel_state.destroy_model_parallel()
-    return results
+        return differences
+
+    return run_cases(MODELS, run_case)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +103,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_folders(tiny_checkpoints, workdir) -> dict[str, str]:
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
-
-    folders = {name: str(path) for name, path in tiny_checkpoints.items()}
-    for name in ("qwen2_moe", "mixtral"):
-        folders[name] = str(build_tiny_checkpoint(name, workdir / f"hf-{name}"))
-    return folders
+def hf_folders(tiny_checkpoints, tiny_moe_checkpoints) -> dict[str, str]:
+    return {name: str(path) for name, path in {**tiny_checkpoints, **tiny_moe_checkpoints}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def four(single, hf_folders, workdir) -> list[dict]:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_streamed_import_equals_the_in_memory_conversion(single, name):
-    result = single[name]
+    (result,) = case_results([single], name)
     code, out, err = result["import"]
     assert code == 0, err
     assert "streamed in one process within --max-memory 64MB" in out
@@ -128,15 +128,16 @@ def test_streamed_import_equals_the_in_memory_conversion(single, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_streamed_import_loads_at_tp2_pp2(single, four, name):
-    code, out, err = single[name]["import_tp2"]
+    code, out, err = case_results([single], name)[0]["import_tp2"]
     assert code == 0, err
     assert "hfmb: starting" not in err  # streaming needs no ranks, whatever the layout
-    assert all(rank[name] == [] for rank in four), [rank[name] for rank in four]
+    differences = case_results(four, name)
+    assert all(rank == [] for rank in differences), differences
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_streamed_export_is_bit_exact(single, name):
-    result = single[name]
+    (result,) = case_results([single], name)
     code, out, err = result["export"]
     assert code == 0, err
     assert "transformers load report: empty" in out
@@ -175,7 +176,8 @@ _MEASURE = textwrap.dedent(
 
     baseline = status("VmRSS")
     code = cli.main(sys.argv[1:])
-    print(json.dumps({"code": code, "baseline": baseline, "peak": status("VmHWM"), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"code": code, "baseline": baseline, "peak": status("VmHWM"), "ru_maxrss": maxrss}))
     """
 )
 # The peak is VmHWM, this process's own high-water mark: Linux carries ru_maxrss over exec, so a child
@@ -194,9 +196,9 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(workdir):
+    from bridge.checks.verify import compare_hf_folders
     from bridge.hf.writer import parse_size
     from bridge.tiny_checkpoints import build_tiny_checkpoint
-    from bridge.checks.verify import compare_hf_folders
 
     budget = parse_size(BUDGET)
     hf = build_tiny_checkpoint("llama", workdir / "big-hf", **BIG)
@@ -209,6 +211,8 @@ def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(
     assert exported["code"] == 0
     for step, measured in (("import", imported), ("export", exported)):
         over = measured["peak"] - measured["baseline"]
-        print(f"{step}: checkpoint {size / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, peak RSS over the imports {over / 2**20:.1f} MiB")
+        print(
+            f"{step}: checkpoint {size / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, peak RSS over the imports {over / 2**20:.1f} MiB"
+        )
         assert over < budget, f"{step}: peak RSS {over / 2**20:.1f} MiB above the imports, over the {BUDGET} budget"
     assert compare_hf_folders(hf, out) == []

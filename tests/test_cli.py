@@ -57,7 +57,6 @@ def _permute_query_heads(ckpt: str, out: str) -> None:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-
     from bridge.megatron import checkpoint as mc
 
     shutil.copytree(ckpt, out)
@@ -76,9 +75,9 @@ def _permute_query_heads(ckpt: str, out: str) -> None:
 
 def _register_bridge_missing_a_mapping() -> None:
     """A bridge whose table forgets the final norm: its Megatron parameter has no mapping."""
-    from bridge.models.registry import register_bridge
     from bridge.mappings import MappingRegistry
     from bridge.models.llama import LlamaBridge
+    from bridge.models.registry import register_bridge
 
     @register_bridge("ForgetfulLlamaForCausalLM")
     class ForgetfulLlamaBridge(LlamaBridge):

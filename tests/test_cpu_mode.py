@@ -15,9 +15,7 @@ import torch.multiprocessing as mp
 
 from bridge.runtime import cpu_mode
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="CPU mode only exists on machines without CUDA"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode only exists on machines without CUDA")
 
 SEED = 1234
 VOCAB, SEQ, BATCH = 128, 16, 2
@@ -206,6 +204,7 @@ def _rng_and_recompute_worker(rank, world_size):
             torch.testing.assert_close(g0, g1, rtol=0, atol=0)
 
 
+@pytest.mark.distributed
 def test_enable_twice_rng_tracker_and_recompute():
     run_workers(_rng_and_recompute_worker, 1)
 
@@ -249,6 +248,7 @@ def tp1_reference(tmp_path_factory):
     return path
 
 
+@pytest.mark.distributed
 def test_gpt_tp1_forward(tp1_reference):
     ref = torch.load(tp1_reference)
     assert ref["logits"].shape == (BATCH, SEQ, VOCAB)
@@ -318,7 +318,10 @@ def _tp2pp2_worker(rank, world_size, ref_path):
 
     forward_backward = get_forward_backward_func()
     common = dict(
-        forward_step_func=forward_step, model=[model], num_microbatches=1, seq_length=SEQ,
+        forward_step_func=forward_step,
+        model=[model],
+        num_microbatches=1,
+        seq_length=SEQ,
         micro_batch_size=BATCH,
     )
     forward_backward(data_iterator=iter([False]), forward_only=True, **common)
@@ -342,13 +345,12 @@ def _tp2pp2_worker(rank, world_size, ref_path):
         if "q_layernorm" in local_name or "k_layernorm" in local_name:
             torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
         expected = _shard(local_name, ref["grads"][names[local_name]], tp_rank, tp)
-        torch.testing.assert_close(
-            param.grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, n=local_name: f"{n}: {m}"
-        )
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, n=local_name: f"{n}: {m}")
         compared += 1
     assert compared > 0
 
 
+@pytest.mark.distributed
 def test_gpt_tp2_pp2_matches_tp1(tp1_reference):
     run_workers(_tp2pp2_worker, 4, str(tp1_reference))
 
@@ -381,13 +383,17 @@ def _dp2_worker(rank, world_size):
     # A large Adam eps keeps the first update a smooth function of the gradient (with eps=1e-8 it is
     # ~lr * sign(grad), which flips on near-zero grads that differ only in summation order).
     lr, eps, clip = 1e-2, 1e-3, 1.0
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), model
-    )
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=lr, adam_eps=eps, weight_decay=0.0, clip_grad=clip,
-            use_distributed_optimizer=True, bf16=False, fp16=False,
+            optimizer="adam",
+            lr=lr,
+            adam_eps=eps,
+            weight_decay=0.0,
+            clip_grad=clip,
+            use_distributed_optimizer=True,
+            bf16=False,
+            fp16=False,
         ),
         [ddp],
     )
@@ -404,8 +410,13 @@ def _dp2_worker(rank, world_size):
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp], num_microbatches=1,
-        seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
     assert update_successful
@@ -421,6 +432,7 @@ def _dp2_worker(rank, world_size):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.distributed
 def test_ddp_distributed_optimizer_dp2():
     run_workers(_dp2_worker, 2)
 
@@ -460,5 +472,6 @@ def _moe_worker(rank, world_size):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_moe_alltoall_ep2():
     run_workers(_moe_worker, 2)

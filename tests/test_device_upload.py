@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from bridge.mappings import MappingContext, QKVMapping
 
 from bridge.engine.device_upload import PinnedUpload
-from bridge.mappings import MappingContext, QKVMapping
 
 
 def _source(rows: int, cols: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_mapping_builds_the_same_shard_through_the_copy_hook():
         assert torch.equal(staged, direct)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_pinned_non_blocking_copies_to_cuda():
     upload = PinnedUpload.for_device(torch.device("cuda"))
     assert upload.pin

@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bridge.checks.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
 from bridge.hf import metadata as export_metadata
 from bridge.hf.metadata import ConfigMismatchError
-from bridge.hf.writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
 from bridge.hf.output_folder import OutputFolderError, temp_name
-from bridge.checks.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
+from bridge.hf.writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
+from tests.checks import same_bits
 from tests.edited_checkpoints import edited_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +91,9 @@ def test_config_carries_new_and_old_keys_with_the_same_meaning(tiny_checkpoints)
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
     rope = config["rope_parameters"]
     assert config["rope_theta"] == rope["rope_theta"] == 500000.0
-    assert config["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"} and config["rope_scaling"]["rope_type"] == "llama3"
+    assert (
+        config["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"} and config["rope_scaling"]["rope_type"] == "llama3"
+    )
     assert config["tie_word_embeddings"] is False
     # transformers 5 reads the two spellings as one and the same config
     reread = AutoConfig.from_dict(config) if hasattr(AutoConfig, "from_dict") else None
@@ -195,6 +198,7 @@ def test_overwrite_replaces_the_whole_folder_and_refuses_unrelated_ones(tiny_che
         _write(source, tmp_path / "file")
 
 
+@pytest.mark.distributed
 def test_leftovers_of_dead_processes_are_removed(tiny_checkpoints, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -239,7 +243,10 @@ def _kill_mid_export(ckpt: Path, out: Path, *extra: str) -> None:
     """Start `hfmb export`, SIGKILL it once its temporary folder beside ``out`` holds a shard; assert it was killed."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "export", str(ckpt), str(out), "--max-shard-size", "64KB", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
     )
     deadline = time.time() + 300
     try:
@@ -256,6 +263,7 @@ def _kill_mid_export(ckpt: Path, out: Path, *extra: str) -> None:
     assert proc.returncode == -signal.SIGKILL, f"the export was not killed mid-way (exit {proc.returncode})"
 
 
+@pytest.mark.distributed
 def test_killed_export_leaves_the_target_absent_or_untouched(larger_checkpoint, tmp_path):
     hf, ckpt = larger_checkpoint
     out = tmp_path / "out"
@@ -316,16 +324,29 @@ def _shards_in_order(out: Path) -> list[tuple[Path, int, dict]]:
     return result
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
-    )
-
-
 def _dtypes() -> list[torch.dtype]:
-    names = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-             "uint16", "uint32", "uint64", "complex64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-             "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"]
+    names = [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "uint16",
+        "uint32",
+        "uint64",
+        "complex64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    ]
     return [getattr(torch, name) for name in names if hasattr(torch, name)]
 
 
@@ -361,10 +382,10 @@ def test_writer_files_load_in_safetensors_bit_for_bit_for_every_dtype_and_odd_sh
         loaded.update(load_file(str(path)))
         with safe_open(str(path), framework="pt") as handle:
             for name in header:
-                assert _same_bits(handle.get_tensor(name), tensors[name]), name
+                assert same_bits(handle.get_tensor(name), tensors[name]), name
     assert sorted(loaded) == sorted(tensors)
     for name, tensor in tensors.items():
-        assert _same_bits(loaded[name], tensor), name
+        assert same_bits(loaded[name], tensor), name
     # dtype names and shapes are the ones safetensors itself writes
     written = {name: info for _, _, header in shards for name, info in header.items()}
     for dtype in _dtypes():

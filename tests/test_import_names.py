@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,11 @@ def test_a_script_beside_its_own_models_and_mappings_packages_converts(tiny_chec
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "PYTHONPATH")}
     result = subprocess.run(
         [sys.executable, "convert.py", str(tiny_checkpoints["llama"]), str(tmp_path / "out")],
-        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "CONVERTED LlamaForCausalLM" in result.stdout, result.stderr[-3000:]
     assert (tmp_path / "out" / "config.json").is_file()

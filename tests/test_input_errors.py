@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from bridge.runtime.local_launch import run_distributed
 
+pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
+
 EXIT_INPUT = 2
 INDEX = "model.safetensors.index.json"
 DEV_FULL = Path("/dev/full")  # every write to it fails with ENOSPC
@@ -54,7 +56,11 @@ CHECKPOINTS = {
         lambda info: json.dumps({**info, "hf_dtypes": {**info["hf_dtypes"], "model.norm.weight": "float13"}}),
         'hf_dtypes["model.norm.weight"] is "float13"',
     ),
-    "tracker-not-a-number": ("latest_checkpointed_iteration.txt", lambda info: "abc", "says 'abc'; expected an iteration number or 'release'"),
+    "tracker-not-a-number": (
+        "latest_checkpointed_iteration.txt",
+        lambda info: "abc",
+        "says 'abc'; expected an iteration number or 'release'",
+    ),
 }
 
 
@@ -95,8 +101,11 @@ def _refusing_writes_under(folder: Path):
             refuse(path)
         return real_mkdir(path, *args, **kwargs)
 
-    with mock.patch("builtins.open", guarded_open), mock.patch("io.open", guarded_open), mock.patch("os.open", guarded_os_open), mock.patch(
-        "os.mkdir", guarded_mkdir
+    with (
+        mock.patch("builtins.open", guarded_open),
+        mock.patch("io.open", guarded_open),
+        mock.patch("os.open", guarded_os_open),
+        mock.patch("os.mkdir", guarded_mkdir),
     ):
         yield
 
@@ -175,13 +184,13 @@ def session(root: str, hf: str, broken: dict[str, str]) -> dict:
     r["common-disk-full"] = _save_common_state_into_dev_full(root_path / "common-full") if DEV_FULL.exists() else None
 
     opened: list[str] = []
-    real_safe_open = hf_checkpoint.safe_open
+    real_read_header = hf_checkpoint.read_header
 
-    def recording_safe_open(path, *args, **kwargs):
+    def recording_read_header(path, *args, **kwargs):
         opened.append(Path(path).name)
-        return real_safe_open(path, *args, **kwargs)
+        return real_read_header(path, *args, **kwargs)
 
-    with mock.patch.object(hf_checkpoint, "safe_open", recording_safe_open):
+    with mock.patch.object(hf_checkpoint, "read_header", recording_read_header):
         r["header-absurd"] = _cli("plan", broken["header-absurd"])
     r["header-absurd-opened"] = opened
     r["header-over-budget"] = _cli("import", broken["header-over-budget"], str(root_path / "never"), "--max-memory", "8MB")
@@ -203,7 +212,10 @@ def _with_index(src: Path, dst: Path, text: str) -> Path:
 
 
 def _with_many_entries(src: Path, dst: Path, count: int) -> Path:
-    """``src`` plus ``extra.safetensors``: ``count`` one-element tensors, so that its header (~75 bytes each) dwarfs its data (2 bytes each)."""
+    """``src`` plus ``extra.safetensors``: ``count`` one-element tensors.
+
+    Its header (~75 bytes each) dwarfs its data (2 bytes each).
+    """
     folder = shutil.copytree(src, dst)
     entries = [f'"__metadata__":{json.dumps({"format": "pt"})}']
     entries += [f'"extra.{i:07d}.weight":{{"dtype":"BF16","shape":[1],"data_offsets":[{2 * i},{2 * i + 2}]}}' for i in range(count)]
@@ -214,7 +226,10 @@ def _with_many_entries(src: Path, dst: Path, count: int) -> Path:
 
 
 def _with_metadata(src: Path, dst: Path, pad: int) -> Path:
-    """``src`` with ``pad`` characters of ``__metadata__`` in its weights file's header: the same tensors, a header of ``pad`` bytes more."""
+    """``src`` with ``pad`` characters of ``__metadata__`` in its weights file's header.
+
+    The same tensors, a header of ``pad`` bytes more.
+    """
     folder = shutil.copytree(src, dst)
     (weights,) = folder.glob("*.safetensors")
     save_file(load_file(weights), weights, metadata={"format": "pt", "notes": "x" * pad})

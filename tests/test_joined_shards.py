@@ -6,8 +6,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from bridge.mappings import ColumnParallelMapping, GatedMLPMapping, JoinedShards, MappingContext, QKVMapping, RowParallelMapping, VocabParallelMapping, copy_bytes, materialize
+from bridge.mappings import (
+    ColumnParallelMapping,
+    GatedMLPMapping,
+    JoinedShards,
+    MappingContext,
+    QKVMapping,
+    RowParallelMapping,
+    VocabParallelMapping,
+    copy_bytes,
+    materialize,
+)
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -73,7 +82,10 @@ def test_every_mapping_exports_the_tensors_it_imported(tp):
     torch.manual_seed(0)
     hidden = 16
     cases = [
-        (QKVMapping("qkv", q="q", k="k", v="v"), {"q": torch.randn(32, hidden), "k": torch.randn(16, hidden), "v": torch.randn(16, hidden)}),
+        (
+            QKVMapping("qkv", q="q", k="k", v="v"),
+            {"q": torch.randn(32, hidden), "k": torch.randn(16, hidden), "v": torch.randn(16, hidden)},
+        ),
         (GatedMLPMapping("fc1", gate="gate", up="up"), {"gate": torch.randn(24, hidden), "up": torch.randn(24, hidden)}),
         (ColumnParallelMapping("col", "col"), {"": torch.randn(24, hidden)}),
         (RowParallelMapping("row", "row"), {"": torch.randn(hidden, 24)}),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys
@@ -26,10 +28,12 @@ def _probe(**env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.distributed
 def test_megatron_core_imports_without_the_compiler_stack():
     assert _probe() == {"dynamo": False, "lazy": True, "compile": False, "gc": True}
 
 
+@pytest.mark.distributed
 def test_the_hook_can_be_switched_off():
     assert _probe(HFMB_EAGER_MEGATRON_IMPORT="1") == {"dynamo": True, "lazy": False, "compile": True, "gc": True}
 

@@ -1,6 +1,7 @@
 """Mixtral, Qwen2-MoE and Qwen3-MoE: bit-exact roundtrips, expert shards and logits at EP/ETP/TP/SP/VPP layouts.
 
 One group of 4 gloo processes runs every layout (torn down between them); tests read its results.
+A case that raises fails its own tests only, with the rank's traceback (``tests/case_matrix.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from bridge import AutoBridge
-from bridge.runtime.local_launch import run_distributed
 from bridge.megatron.parallel import ParallelConfigError
+from bridge.runtime.local_launch import run_distributed
 from bridge.tiny_checkpoints import TINY_MOE_MODELS, VOCAB_SIZE, build_tiny_checkpoint
+from tests.case_matrix import case_results, run_cases
 
 LAYOUTS = {
     "tp1": {},
@@ -34,6 +36,7 @@ def _moe_names(name: str):
 
 
 def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str, tokens: torch.Tensor) -> dict:
+    """Each (model, layout) case on this rank: shards, the fused checkpoint's load, logits where held, rank 0's roundtrip."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -41,33 +44,34 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
     from bridge.checks.verify import compare_tensors, load_hf_tensors
     from tests.checks import check_model_shards, fill_nan
 
-    results = {}
-    for layout, sizes in LAYOUTS.items():
-        for name, src in checkpoints.items():
-            parallel_state.destroy_model_parallel()
-            bridge = AutoBridge.from_hf_pretrained(src)
-            model = bridge.to_megatron_model(**sizes)
-            hf = load_hf_tensors(src)
-            shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
-            fill_nan(model)
-            bridge.load_hf_weights(model, strategy="scatter")  # one reader per TP (expert-TP) group sends the shards
-            scatter, _ = check_model_shards(model, bridge, hf, _moe_names(name))
-            result = {"shards": shards, "scatter": scatter, "kinds": kinds}
-            if layout in FUSED_LAYOUTS:
-                before = {n: p.detach().clone() for chunk in model for n, p in chunk.named_parameters()}
-                fused_bridge = AutoBridge.from_hf_pretrained(fused[name])
-                fused_bridge.load_hf_weights(model)
-                after = dict((n, p) for chunk in model for n, p in chunk.named_parameters())
-                result["fused"] = [n for n in before if not torch.equal(before[n], after[n])]
-            logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
-            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-                result["logits"] = logits
-            out = Path(out_root) / f"{name}-{layout}"
-            bridge.save_hf_pretrained(model, out)
-            if dist.get_rank() == 0:
-                result["roundtrip"] = compare_tensors(hf, load_hf_tensors(out))
-            results[(name, layout)] = result
-    return results
+    def run_case(case: tuple[str, str]) -> dict:
+        name, layout = case
+        src = checkpoints[name]
+        parallel_state.destroy_model_parallel()
+        bridge = AutoBridge.from_hf_pretrained(src)
+        model = bridge.to_megatron_model(**LAYOUTS[layout])
+        hf = load_hf_tensors(src)
+        shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
+        fill_nan(model)
+        bridge.load_hf_weights(model, strategy="scatter")  # one reader per TP (expert-TP) group sends the shards
+        scatter, _ = check_model_shards(model, bridge, hf, _moe_names(name))
+        result = {"shards": shards, "scatter": scatter, "kinds": kinds}
+        if layout in FUSED_LAYOUTS:
+            before = {n: p.detach().clone() for chunk in model for n, p in chunk.named_parameters()}
+            fused_bridge = AutoBridge.from_hf_pretrained(fused[name])
+            fused_bridge.load_hf_weights(model)
+            after = dict((n, p) for chunk in model for n, p in chunk.named_parameters())
+            result["fused"] = [n for n in before if not torch.equal(before[n], after[n])]
+        logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
+        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            result["logits"] = logits
+        out = Path(out_root) / f"{name}-{layout}"
+        bridge.save_hf_pretrained(model, out)
+        if dist.get_rank() == 0:
+            result["roundtrip"] = compare_tensors(hf, load_hf_tensors(out))
+        return result
+
+    return run_cases([(name, layout) for layout in LAYOUTS for name in checkpoints], run_case)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,9 @@ def moe_checkpoints(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]
 def results(moe_checkpoints, tmp_path_factory):
     per_expert, fused = moe_checkpoints
     out = tmp_path_factory.mktemp("moe-out")
-    per_rank = run_distributed(moe_matrix, 4, {k: str(v) for k, v in per_expert.items()}, {k: str(v) for k, v in fused.items()}, str(out), TOKENS)
+    per_rank = run_distributed(
+        moe_matrix, 4, {k: str(v) for k, v in per_expert.items()}, {k: str(v) for k, v in fused.items()}, str(out), TOKENS
+    )
     return per_rank
 
 
@@ -92,7 +98,9 @@ def hf_logits(moe_checkpoints):
     from transformers import AutoModelForCausalLM
 
     with torch.no_grad():
-        return {n: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(TOKENS).logits for n, p in moe_checkpoints[0].items()}
+        return {
+            n: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(TOKENS).logits for n, p in moe_checkpoints[0].items()
+        }
 
 
 CASES = [pytest.param(n, layout, id=f"{n}-{layout}") for layout in LAYOUTS for n in TINY_MOE_MODELS]
@@ -106,28 +114,33 @@ def test_fused_checkpoint_is_really_fused(moe_checkpoints):
 
 
 @pytest.mark.parametrize("name,layout", CASES)
+@pytest.mark.distributed
 def test_moe_roundtrip_is_bit_exact(results, name, layout):
-    assert results[0][(name, layout)]["roundtrip"] == []
+    assert case_results(results, (name, layout))[0]["roundtrip"] == []
 
 
 @pytest.mark.parametrize("name,layout", CASES)
+@pytest.mark.distributed
 def test_every_expert_shard_is_the_expected_slice(results, name, layout):
-    for rank, per_rank in enumerate(results):
-        assert per_rank[(name, layout)]["shards"] == [], f"rank {rank}"
-        assert per_rank[(name, layout)]["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
-    kinds = set().union(*(r[(name, layout)]["kinds"] for r in results))
+    case = case_results(results, (name, layout))
+    for rank, result in enumerate(case):
+        assert result["shards"] == [], f"rank {rank}"
+        assert result["scatter"] == [], f"rank {rank}, load_strategy='scatter'"
+    kinds = set().union(*(result["kinds"] for result in case))
     assert {"expert_fc1", "expert_fc2", "router"} <= kinds
 
 
 @pytest.mark.parametrize("name,layout", [c for c in CASES if c.values[1] in FUSED_LAYOUTS])
+@pytest.mark.distributed
 def test_fused_expert_checkpoint_loads_the_same_weights(results, name, layout):
-    for rank, per_rank in enumerate(results):
-        assert per_rank[(name, layout)]["fused"] == [], f"rank {rank}"
+    for rank, result in enumerate(case_results(results, (name, layout))):
+        assert result["fused"] == [], f"rank {rank}"
 
 
 @pytest.mark.parametrize("name,layout", CASES)
+@pytest.mark.distributed
 def test_moe_logits_match_transformers(results, hf_logits, name, layout):
-    (ours,) = [r[(name, layout)]["logits"] for r in results if "logits" in r[(name, layout)]]
+    (ours,) = [result["logits"] for result in case_results(results, (name, layout)) if "logits" in result]
     theirs = hf_logits[name]
     assert (ours - theirs).abs().max().item() <= 1e-4
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

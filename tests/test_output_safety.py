@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bridge.hf.writer import HFFolderWriter
 from bridge.hf.output_folder import MEGATRON_CHECKPOINT, OutputFolderError, claimed_target, temp_name
+from bridge.hf.writer import HFFolderWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_INPUT = 2
@@ -188,6 +188,7 @@ def _hold_claim(out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.distributed
 def test_a_second_run_to_the_same_target_is_refused_at_once(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     holder = _hold_claim(out)
@@ -247,6 +248,7 @@ def imported(tiny_checkpoints, tmp_path_factory) -> Path:
     return ckpt
 
 
+@pytest.mark.distributed
 def test_cli_export_and_import_refuse_a_home_like_target_with_overwrite(tiny_checkpoints, imported, tmp_path):
     home = _home_like(tmp_path / "home")
     (home / "latest_checkpointed_iteration.txt").write_text("release")
@@ -258,6 +260,7 @@ def test_cli_export_and_import_refuse_a_home_like_target_with_overwrite(tiny_che
     assert _tree(home) == before
 
 
+@pytest.mark.distributed
 def test_cli_import_overwrites_its_own_checkpoint(tiny_checkpoints, imported, tmp_path):
     ckpt = tmp_path / "ckpt"
     first = _hfmb("import", str(tiny_checkpoints["qwen3"]), str(ckpt))
@@ -268,6 +271,7 @@ def test_cli_import_overwrites_its_own_checkpoint(tiny_checkpoints, imported, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.mark.distributed
 def test_cli_export_into_the_checkpoint_through_a_link_is_refused(imported, tmp_path):
     link = tmp_path / "out"
     link.symlink_to(imported)
@@ -293,11 +297,15 @@ def _all_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.distributed
 def test_ranks_die_with_a_killed_launcher_and_publish_nothing(tiny_checkpoints, tmp_path):
     out = tmp_path / "ckpt"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bridge", "import", str(tiny_checkpoints["llama"]), str(out), "--tp", "2", "--in-memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
     )
     try:
         deadline = time.time() + 120
@@ -320,6 +328,7 @@ def test_ranks_die_with_a_killed_launcher_and_publish_nothing(tiny_checkpoints, 
     assert not out.exists()
 
 
+@pytest.mark.distributed
 def test_leftovers_of_any_dead_run_in_the_parent_folder_are_removed(tiny_checkpoints, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -350,6 +359,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.distributed
 def test_checkpoint_writer_helpers_die_with_their_rank(tmp_path):
     rank = subprocess.Popen(
         [sys.executable, "-c", _SAVE_AND_WAIT, str(tmp_path / "ckpt")], stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT

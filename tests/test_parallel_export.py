@@ -12,13 +12,15 @@ import pytest
 
 from bridge.runtime.local_launch import run_distributed
 
+pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
+
 WORLD = 4
 
 
 def _export(bridge, model, out: Path, **kwargs) -> str | None:
     """Write ``out`` with ``write_hf_folder``; the error's type and message this rank raised, or None."""
-    from bridge.hf import metadata as export_metadata
     from bridge.engine.folder_export import write_hf_folder
+    from bridge.hf import metadata as export_metadata
 
     try:
         write_hf_folder(
@@ -50,10 +52,9 @@ def parallel_export_cases(source: str, root: str) -> dict:
     import torch.distributed as dist
 
     from bridge import AutoBridge
-
     from bridge.engine import folder_export
-    from bridge.hf.writer import DataAppender
     from bridge.hf.layout import LayoutWriter
+    from bridge.hf.writer import DataAppender
 
     rank, root = dist.get_rank(), Path(root)
     bridge = AutoBridge.from_hf_pretrained(source)
@@ -78,6 +79,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
 
     real_os = folder_export.os
     if rank == 2:  # as if rank 2's bytes were lost by a filesystem where the last writer of a file wins
+
         class LosingOS:
             def __getattr__(self, name):
                 return getattr(real_os, name)
@@ -102,6 +104,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
     for failing in (3, 0):
         add = LayoutWriter.add
         if rank == failing:
+
             def broken(self, name, tensor, _add=add):
                 if name.endswith("mlp.down_proj.weight"):
                     raise OSError(28, "No space left on device (test)")
@@ -115,6 +118,7 @@ def parallel_export_cases(source: str, root: str) -> dict:
 
     convert = QKVMapping.megatron_to_hf
     if rank == 3:  # a conversion that fails on one writer, mid-transfer (not while planning: that runs on meta tensors)
+
         def failing(self, shards, ctx, _convert=convert):
             if ".3." in self.megatron_param and not all(shard.is_meta for shard in shards):
                 raise MappingError(f"{self.megatron_param}: broken (test)")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from bridge.mappings.hf_views import FusedExperts
 from safetensors.torch import save_file
 
 from bridge.hf.reader import SafetensorsReader
-from bridge.mappings.hf_views import FusedExperts
 
 MiB = 2**20
 BOUND = 64 * MiB
@@ -84,7 +84,10 @@ def test_mapped_pages_stay_within_the_bound_while_and_after_loading(checkpoint):
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert size > 2 * BOUND, size  # without re-opening, the whole file would stay mapped
     peak, after = measured["peak"] - measured["before"], measured["after"] - measured["before"]
-    print(f"checkpoint {size / MiB:.0f} MiB, bound {BOUND / MiB:.0f} MiB: file-backed RSS while loading +{peak / MiB:.1f} MiB, after +{after / MiB:.1f} MiB")
+    print(
+        f"checkpoint {size / MiB:.0f} MiB, bound {BOUND / MiB:.0f} MiB: "
+        f"file-backed RSS while loading +{peak / MiB:.1f} MiB, after +{after / MiB:.1f} MiB"
+    )
     largest_param = 2 * DIMS["intermediate_size"] * DIMS["hidden_size"] * 2  # gate + up, in flight while fc1 is built
     assert peak <= BOUND + largest_param, f"{peak / MiB:.1f} MiB of file-backed pages mapped while loading, bound {BOUND / MiB:.0f} MiB"
     assert after < 8 * MiB, f"{after / MiB:.1f} MiB of file-backed pages still mapped after the load"

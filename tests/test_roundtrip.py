@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.tiny_checkpoints import TINY_MODELS
 from bridge.runtime.local_launch import run_distributed
+from bridge.tiny_checkpoints import TINY_MODELS
 from tests.case_matrix import case_results, run_cases
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
@@ -26,11 +26,9 @@ def roundtrip_matrix(checkpoints: dict[str, str], out_root: str) -> dict:
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-
-    from bridge.engine import device_upload
-
-    from bridge.engine import load as engine_load
     from bridge.checks.verify import compare_tensors, load_hf_tensors
+    from bridge.engine import device_upload
+    from bridge.engine import load as engine_load
     from tests.checks import check_model_shards, fill_nan
 
     device_upload.BLOCK_BYTES = 1000  # many blocks per tensor, some of a single row (a row of the tiny models is up to 1 KiB)
@@ -78,7 +76,11 @@ def test_comparison_sees_a_one_bit_difference():
     assert compare_tensors(a, {}) == ["missing w"] and compare_tensors({}, a) == ["extra w"]
 
 
-CASES = [pytest.param(name, tp, pp, vpp, id=f"{name}-tp{tp}-pp{pp}" + (f"-vpp{vpp}" if vpp else "")) for tp, pp, vpp in LAYOUTS for name in TINY_MODELS]
+CASES = [
+    pytest.param(name, tp, pp, vpp, id=f"{name}-tp{tp}-pp{pp}" + (f"-vpp{vpp}" if vpp else ""))
+    for tp, pp, vpp in LAYOUTS
+    for name in TINY_MODELS
+]
 
 
 @pytest.mark.parametrize("name,tp,pp,vpp", CASES)

@@ -13,11 +13,11 @@ import struct
 
 import pytest
 import torch
+from bridge.mappings import JoinedShards
 from safetensors.torch import load_file
 
 from bridge.hf import writer as hf_writer
 from bridge.hf.layout import LayoutWriter, ShardLayout
-from bridge.mappings import JoinedShards
 
 
 @pytest.fixture(autouse=True)

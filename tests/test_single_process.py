@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     pairs = dict(bridge.export_hf_weights(model))
     bridge.save_hf_pretrained(model, out)
     assert compare_hf_folders(src, out) == [], compare_hf_folders(src, out)
-    assert sorted(pairs) == sorted(__import__("bridge.checks.verify").verify.load_hf_tensors(src))
+    assert sorted(pairs) == sorted(__import__("bridge.checks.verify").checks.verify.load_hf_tensors(src))
     bridge.to_megatron_model()  # reuses the parallel state set up above
     try:
         bridge.to_megatron_model(tp=1, pp=1, vpp=2)
@@ -39,11 +39,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.distributed
 def test_convert_and_export_without_torchrun(tiny_checkpoints, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_checkpoints["qwen3"]), str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
     )
     assert "SINGLE PROCESS OK" in result.stdout, result.stderr[-3000:]
     assert "refused: vpp > 1 needs pp > 1" in result.stdout

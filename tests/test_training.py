@@ -7,7 +7,8 @@ Two groups of worker processes train on the same blended corpus with the same se
 - 2 ranks: TP1·PP1·DP2 with Megatron's plain optimizer and with the distributed optimizer.
 
 The tests then compare their per-step losses, grad norms and weights with each other and with
-transformers. The example script and the preprocessing command run as subprocesses.
+transformers. The example script and the preprocessing command run as subprocesses. A run that
+raises fails the tests that read it, with the ranks' tracebacks (``tests/case_matrix.py``).
 """
 
 from __future__ import annotations
@@ -17,32 +18,61 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from bridge.runtime.local_launch import run_distributed
+from tests.case_matrix import case_results, run_cases
+
+pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SAVE_AT = 20, 10
 CONFIG = dict(
-    train_iters=STEPS, micro_batch_size=1, global_batch_size=8, seq_length=32, lr=3e-3, min_lr=3e-4,
-    lr_warmup_iters=2, lr_decay_style="cosine", clip_grad=1.0, log_interval=5,
+    train_iters=STEPS,
+    micro_batch_size=1,
+    global_batch_size=8,
+    seq_length=32,
+    lr=3e-3,
+    min_lr=3e-4,
+    lr_warmup_iters=2,
+    lr_decay_style="cosine",
+    clip_grad=1.0,
+    log_interval=5,
 )
 
 
-def _train(hf: str, data_paths: list[str], tp: int, pp: int, vpp: int | None, distributed_optimizer: bool = True,
-           save: str | None = None, snapshot: str | None = None, load: str | None = None, export: str | None = None) -> dict:
+def _train(
+    hf: str,
+    data_paths: list[str],
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    distributed_optimizer: bool = True,
+    save: str | None = None,
+    snapshot: str | None = None,
+    load: str | None = None,
+    export: str | None = None,
+) -> dict:
     """One training run on this group of ranks. ``save``: checkpoint (and HF ``snapshot``) at step SAVE_AT;
     ``load``: resume from it, checking the loaded weights against ``snapshot``; ``export``: HF folder at the end."""
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
-    from bridge.training import (
-        TrainingConfig, build_gpt_dataset, build_train_iterators, load_tokenizer, load_train_state, make_forward_step,
-        save_train_state, setup_model_and_optimizer, train,
-    )
     from bridge.checks.verify import load_hf_tensors
+    from bridge.training import (
+        TrainingConfig,
+        build_gpt_dataset,
+        build_train_iterators,
+        load_tokenizer,
+        load_train_state,
+        make_forward_step,
+        save_train_state,
+        setup_model_and_optimizer,
+        train,
+    )
     from tests.checks import check_model_shards
 
     parallel_state.destroy_model_parallel()
@@ -58,8 +88,9 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, vpp: int | None, di
         out["loaded_weights"] = check_model_shards(model, bridge, load_hf_tensors(snapshot))[0]
     dataset = build_gpt_dataset(data_paths, load_tokenizer(hf), cfg.seq_length, cfg.train_iters * cfg.global_batch_size, seed=cfg.seed)
     if load is None:
-        out["first_batch"] = torch.stack([torch.as_tensor(dataset[i]["tokens"]) for i in range(cfg.global_batch_size)]), torch.stack(
-            [torch.as_tensor(dataset[i]["labels"]) for i in range(cfg.global_batch_size)]
+        out["first_batch"] = (
+            torch.stack([torch.as_tensor(dataset[i]["tokens"]) for i in range(cfg.global_batch_size)]),
+            torch.stack([torch.as_tensor(dataset[i]["labels"]) for i in range(cfg.global_batch_size)]),
         )
 
     def on_step_end(result) -> None:
@@ -68,7 +99,9 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, vpp: int | None, di
             bridge.save_hf_pretrained(model, snapshot)
 
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
-    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end, progress=False)
+    results = train(
+        model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end, progress=False
+    )
     out["steps"] = [r.iteration for r in results]
     out["losses"] = [r.loss for r in results]
     out["grad_norms"] = [r.grad_norm for r in results]
@@ -80,20 +113,29 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, vpp: int | None, di
 
 
 def four_rank_session(hf: str, data_paths: list[str], root: str) -> dict:
+    """TP2·PP2 training (saved at step 10, exported at the end), then two resumes of its checkpoint; each run fails alone."""
     r = Path(root)
     ckpt, snapshot = str(r / "ckpt"), str(r / "snapshot-step10")
-    return {
-        "tp2pp2": _train(hf, data_paths, 2, 2, None, save=ckpt, snapshot=snapshot, export=str(r / "export")),
-        "resume_tp2pp2": _train(hf, data_paths, 2, 2, None, load=ckpt, snapshot=snapshot),
-        "resume_tp1pp2vpp2dp2": _train(hf, data_paths, 1, 2, 2, load=ckpt, snapshot=snapshot),
+    runs: dict[str, Callable[[], dict]] = {
+        "tp2pp2": lambda: _train(hf, data_paths, 2, 2, None, save=ckpt, snapshot=snapshot, export=str(r / "export")),
+        "resume_tp2pp2": lambda: _train(hf, data_paths, 2, 2, None, load=ckpt, snapshot=snapshot),
+        "resume_tp1pp2vpp2dp2": lambda: _train(hf, data_paths, 1, 2, 2, load=ckpt, snapshot=snapshot),
     }
+    return run_cases(runs, lambda name: runs[name]())
 
 
 def two_rank_session(hf: str, data_paths: list[str]) -> dict:
-    return {
-        "dp2": _train(hf, data_paths, 1, 1, None, distributed_optimizer=False),
-        "dp2_distopt": _train(hf, data_paths, 1, 1, None, distributed_optimizer=True),
+    """DP2 training with and without the distributed optimizer; each run fails alone."""
+    runs: dict[str, Callable[[], dict]] = {
+        "dp2": lambda: _train(hf, data_paths, 1, 1, None, distributed_optimizer=False),
+        "dp2_distopt": lambda: _train(hf, data_paths, 1, 1, None, distributed_optimizer=True),
     }
+    return run_cases(runs, lambda name: runs[name]())
+
+
+def _run(session: dict, name: str) -> dict:
+    """Rank 0's result of the run ``name``; fails the test with the ranks' messages when that run raised."""
+    return case_results([session], name)[0]
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +170,17 @@ def runs(four, two) -> dict:
 
 
 def test_loss_goes_down_in_every_layout(runs):
-    for name, run in runs.items():
+    for name in runs:
+        run = _run(runs, name)
         losses = run["losses"]
         assert run["steps"] == list(range(1, STEPS + 1)) and len(losses) == STEPS, name
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, f"{name}: {losses}"
 
 
 def test_layouts_agree_on_the_first_step_and_track_each_other(runs):
-    reference = runs["tp2pp2"]
-    for name, run in runs.items():
+    reference = _run(runs, "tp2pp2")
+    for name in runs:
+        run = _run(runs, name)
         assert run["layout"][-1] in ((1, 2) if name == "tp2pp2" else (2,))
         assert abs(run["losses"][0] - reference["losses"][0]) <= 1e-4, name
         # the grad norm of step 1 sums every TP shard once (TP-split weights must be tagged as such)
@@ -149,17 +193,18 @@ def test_layouts_agree_on_the_first_step_and_track_each_other(runs):
 def test_first_step_loss_equals_transformers(runs, demo):
     from transformers import AutoModelForCausalLM
 
-    tokens, labels = runs["tp2pp2"]["first_batch"]
+    tokens, labels = _run(runs, "tp2pp2")["first_batch"]
     model = AutoModelForCausalLM.from_pretrained(demo[0], dtype=torch.float32)
     with torch.no_grad():
         logits = model(tokens).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
-    for name, run in runs.items():
+    for name in runs:
+        run = _run(runs, name)
         assert abs(run["losses"][0] - expected) <= 1e-4, f"{name}: {run['losses'][0]} vs transformers {expected}"
 
 
 def test_learning_rate_follows_warmup_and_cosine_decay(runs):
-    lrs = runs["tp2pp2"]["lrs"]
+    lrs = _run(runs, "tp2pp2")["lrs"]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1.5e-3) and lrs[2] == pytest.approx(3e-3)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > CONFIG["min_lr"]
 
@@ -168,7 +213,7 @@ def test_learning_rate_follows_warmup_and_cosine_decay(runs):
 
 
 def test_resume_at_the_same_layout_repeats_the_uninterrupted_run(four):
-    base, resumed = four["tp2pp2"], four["resume_tp2pp2"]
+    base, resumed = _run(four, "tp2pp2"), _run(four, "resume_tp2pp2")
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True, True)
     assert resumed["loaded_weights"] == []
     assert resumed["steps"] == list(range(SAVE_AT + 1, STEPS + 1))
@@ -178,7 +223,7 @@ def test_resume_at_the_same_layout_repeats_the_uninterrupted_run(four):
 
 
 def test_resume_at_another_layout_loads_the_saved_weights_and_tracks_the_run(four):
-    base, resumed = four["tp2pp2"], four["resume_tp1pp2vpp2dp2"]
+    base, resumed = _run(four, "tp2pp2"), _run(four, "resume_tp1pp2vpp2dp2")
     assert resumed["layout"] == (1, 2, 2, 2)
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True, False)  # RNG is per TP×PP rank
     assert resumed["loaded_weights"] == []  # every shard equals the step-10 weights bit for bit
@@ -188,6 +233,7 @@ def test_resume_at_another_layout_loads_the_saved_weights_and_tracks_the_run(fou
 
 
 def test_checkpoint_is_in_megatron_lm_layout(four, workdir):
+    _run(four, "tp2pp2")  # the run that saved it
     ckpt = workdir / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(SAVE_AT)
     assert (ckpt / f"iter_{SAVE_AT:07d}" / "metadata.json").is_file()
@@ -202,7 +248,7 @@ def test_export_loads_in_transformers_and_holds_the_trained_weights(four, demo, 
     from bridge.checks.verify import load_hf_tensors
 
     export = workdir / "export"
-    assert four["tp2pp2"]["export_vs_model"] == []  # every Megatron shard equals the exported tensor, bit for bit
+    assert _run(four, "tp2pp2")["export_vs_model"] == []  # every Megatron shard equals the exported tensor, bit for bit
     model, info = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     prompt = torch.tensor([[10, 11, 12, 13, 14, 15]])
@@ -228,7 +274,19 @@ def test_preprocessing_command(demo, workdir):
     corpus = workdir / "tiny.jsonl"
     corpus.write_text('{"text": "w3 w4 w5"}\n\n{"text": "w7 w8"}\n')
     prefix = workdir / "pre" / "tiny"
-    cmd = [sys.executable, "-W", "default", "-m", "bridge.training.data", "--input", str(corpus), "--tokenizer", demo[0], "--output-prefix", str(prefix)]
+    cmd = [
+        sys.executable,
+        "-W",
+        "default",
+        "-m",
+        "bridge.training.data",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        demo[0],
+        "--output-prefix",
+        str(prefix),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**_env(), "PYTHONWARNINGS": "default"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "found in sys.modules" not in result.stderr  # the module runs once, not a second copy
@@ -239,14 +297,34 @@ def test_preprocessing_command(demo, workdir):
 def test_example_script_converts_trains_saves_and_exports(workdir):
     out = workdir / "example"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(REPO / "examples" / "convert_and_train.py"),
-        "--workdir", str(out), "--tp", "1", "--pp", "2", "--train-iters", "12", "--log-interval", "3", "--seq-length", "32",
-        "--save", str(out / "ckpt"), "--save-interval", "6",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        str(REPO / "examples" / "convert_and_train.py"),
+        "--workdir",
+        str(out),
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--train-iters",
+        "12",
+        "--log-interval",
+        "3",
+        "--seq-length",
+        "32",
+        "--save",
+        str(out / "ckpt"),
+        "--save-interval",
+        "6",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     text = result.stdout + result.stderr
-    lines = re.findall(r"^iteration (\d+)/12 \| loss ([\d.]+) \| lr (\S+) \| grad norm ([\d.]+) \| tokens/s (\d+) \| elapsed ([\d.]+)s$", text, re.M)
+    lines = re.findall(
+        r"^iteration (\d+)/12 \| loss ([\d.]+) \| lr (\S+) \| grad norm ([\d.]+) \| tokens/s (\d+) \| elapsed ([\d.]+)s$", text, re.M
+    )
     assert [int(line[0]) for line in lines] == [3, 6, 9, 12], text[-3000:]
     losses = [float(line[1]) for line in lines]
     assert all(a > b for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.15, losses

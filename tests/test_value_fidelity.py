@@ -115,6 +115,7 @@ def _names_tensor_and_dtype(kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", list(NON_FLOAT))
+@pytest.mark.distributed
 def test_the_api_refuses_a_non_float_weight(results, kind):
     error, message = results[("api", kind)]
     assert error == "CheckpointError", message
@@ -123,6 +124,7 @@ def test_the_api_refuses_a_non_float_weight(results, kind):
 
 @pytest.mark.parametrize("how", ["import", "import_in_memory"])
 @pytest.mark.parametrize("kind", list(NON_FLOAT))
+@pytest.mark.distributed
 def test_import_refuses_a_non_float_weight_before_writing(results, kind, how):
     code, stdout, stderr, written = results[(how, kind)]
     assert code == EXIT_INPUT, stdout + stderr
@@ -131,6 +133,7 @@ def test_import_refuses_a_non_float_weight_before_writing(results, kind, how):
 
 
 @pytest.mark.parametrize("kind", list(NON_FLOAT))
+@pytest.mark.distributed
 def test_plan_lists_a_non_float_weight_as_a_problem(results, kind):
     code, stdout, stderr = results[("plan", kind)]
     assert code == EXIT_CHECK, stdout + stderr
@@ -146,6 +149,7 @@ NAN_LINES = [
 ]
 
 
+@pytest.mark.distributed
 def test_plan_reports_nan_and_inf_per_tensor(results):
     code, stdout, stderr = results["plan_nan"]
     assert code == EXIT_OK, stdout + stderr
@@ -153,17 +157,20 @@ def test_plan_reports_nan_and_inf_per_tensor(results):
 
 
 @pytest.mark.parametrize("how", ["import_nan", "import_nan_in_memory"])
+@pytest.mark.distributed
 def test_import_reports_nan_and_inf_per_tensor(results, how):
     code, stdout, stderr = results[how]
     assert code == EXIT_OK, stdout + stderr
     assert [line for line in stdout.splitlines() if line.startswith("WARNING")] == NAN_LINES, stdout
 
 
+@pytest.mark.distributed
 def test_verify_passes_identical_folders_holding_a_nan(results):
     code, stdout, stderr = results["verify_nan_copies"]
     assert code == EXIT_OK and "VERIFY PASSED" in stdout, stdout + stderr
 
 
+@pytest.mark.distributed
 def test_verify_fails_folders_that_differ_in_the_sign_of_a_zero(results):
     code, stdout, stderr = results["verify_zero_signs"]
     assert code == EXIT_CHECK and "VERIFY FAILED" in stdout, stdout + stderr
@@ -176,7 +183,9 @@ def test_comparison_is_bit_for_bit():
     nan = {"w": torch.tensor([1.0, float("nan"), 0.0], dtype=torch.bfloat16)}
     assert compare_tensors(nan, {"w": nan["w"].clone()}) == []
     minus_zero = {"w": torch.tensor([1.0, float("nan"), -0.0], dtype=torch.bfloat16)}
-    assert compare_tensors(nan, minus_zero) == ["w: values differ (1 elements equal as numbers but not in their bits: +0.0 vs -0.0 or NaN payloads)"]
+    assert compare_tensors(nan, minus_zero) == [
+        "w: values differ (1 elements equal as numbers but not in their bits: +0.0 vs -0.0 or NaN payloads)"
+    ]
     other_nan = {"w": nan["w"].clone()}
     other_nan["w"].view(torch.int16)[1] ^= 1  # another NaN payload
     assert compare_tensors(nan, other_nan) != []
@@ -195,7 +204,10 @@ def test_counting_reads_a_tensor_in_bounded_blocks(tmp_path, monkeypatch):
     weight = torch.randn(100, 8)
     weight[0, 0] = weight[57, 3] = float("nan")
     weight[99, 7] = float("-inf")
-    save_file({"w": weight, "scalar": torch.tensor(float("inf")), "fine": torch.ones(4), "ids": torch.zeros(3, dtype=torch.int64)}, tmp_path / "model.safetensors")
+    save_file(
+        {"w": weight, "scalar": torch.tensor(float("inf")), "fine": torch.ones(4), "ids": torch.zeros(3, dtype=torch.int64)},
+        tmp_path / "model.safetensors",
+    )
     monkeypatch.setattr(hf_checkpoint, "COUNT_BLOCK_BYTES", 3 * 8 * 4)  # three rows
     reads: list[torch.Size] = []
     read = SafetensorsReader.read

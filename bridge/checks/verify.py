@@ -60,7 +60,7 @@ def _describe_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     details = []
     if numeric.numel() and numeric.max().item() > 0:
         details.append(f"max abs diff {numeric.max().item():.3g}")
-    if (lonely_nans := int((x.isnan() != y.isnan()).sum())):
+    if lonely_nans := int((x.isnan() != y.isnan()).sum()):
         details.append(f"NaN on one side only in {lonely_nans} elements")
     if not details:
         details.append(f"{int(differ.sum())} elements equal as numbers but not in their bits: +0.0 vs -0.0 or NaN payloads")
@@ -101,7 +101,10 @@ def check_loads_in_transformers(folder: str | Path) -> None:
     report = transformers_load_report(folder)
     problems = {key: value for key, value in report.items() if value}
     if problems:
-        details = "; ".join(f"{key}: {', '.join(value[:10])}" + (f" and {len(value) - 10} more" if len(value) > 10 else "") for key, value in problems.items())
+        details = "; ".join(
+            f"{key}: {', '.join(value[:10])}" + (f" and {len(value) - 10} more" if len(value) > 10 else "")
+            for key, value in problems.items()
+        )
         raise ExportCheckError(f"transformers does not load {folder} cleanly: {details}")
     logger.info("transformers loads %s with no missing, unexpected or mismatched keys", folder)
 
@@ -144,13 +147,28 @@ class ParityReport:
         """(metric, value, threshold, passed or None when reported only) rows."""
         worst_hidden = max((layer.max_abs for layer in self.layers), default=math.nan)
         rows: list[tuple[str, str, str, bool | None]] = [
-            ("logits max abs diff", f"{self.logits_max_diff:.3e}", f"<= {t.max_logits_diff:.1e}", _le(self.logits_max_diff, t.max_logits_diff)),
+            (
+                "logits max abs diff",
+                f"{self.logits_max_diff:.3e}",
+                f"<= {t.max_logits_diff:.1e}",
+                _le(self.logits_max_diff, t.max_logits_diff),
+            ),
             ("logits mean abs diff", f"{self.logits_mean_diff:.3e}", "", None),
             ("top-1 agreement", f"{100 * self.top1:.2f}%", f">= {100 * t.min_top1:.2f}%", _ge(self.top1, t.min_top1)),
-            ("top-5 agreement (same set)", f"{100 * self.top5:.2f}%", "" if t.min_top5 is None else f">= {100 * t.min_top5:.2f}%", None if t.min_top5 is None else _ge(self.top5, t.min_top5)),
+            (
+                "top-5 agreement (same set)",
+                f"{100 * self.top5:.2f}%",
+                "" if t.min_top5 is None else f">= {100 * t.min_top5:.2f}%",
+                None if t.min_top5 is None else _ge(self.top5, t.min_top5),
+            ),
             ("KL(hf || megatron) mean", f"{self.kl_mean:.3e}", "", None),
             ("KL(hf || megatron) max", f"{self.kl_max:.3e}", f"<= {t.max_kl:.1e}", _le(self.kl_max, t.max_kl)),
-            ("hidden states max abs diff", f"{worst_hidden:.3e}", "" if t.max_hidden_diff is None else f"<= {t.max_hidden_diff:.1e}", None if t.max_hidden_diff is None else _le(worst_hidden, t.max_hidden_diff)),
+            (
+                "hidden states max abs diff",
+                f"{worst_hidden:.3e}",
+                "" if t.max_hidden_diff is None else f"<= {t.max_hidden_diff:.1e}",
+                None if t.max_hidden_diff is None else _le(worst_hidden, t.max_hidden_diff),
+            ),
         ]
         return rows
 
@@ -164,7 +182,9 @@ class ParityReport:
         lines = [f"{'layer':>5}  {'max abs diff':>12}  {'mean abs diff':>13}  {'max |hidden|':>12}"]
         for layer in self.layers:
             lines.append(f"{layer.layer:>5}  {layer.max_abs:>12.3e}  {layer.mean_abs:>13.3e}  {layer.scale:>12.4g}")
-        first_bad = next((layer.layer for layer in self.layers if t.max_hidden_diff is not None and layer.max_abs > t.max_hidden_diff), None)
+        first_bad = next(
+            (layer.layer for layer in self.layers if t.max_hidden_diff is not None and layer.max_abs > t.max_hidden_diff), None
+        )
         if first_bad is not None:
             lines.append(f"first layer past the hidden-state threshold: {first_bad}")
         lines.append("")

@@ -25,8 +25,12 @@ def add_parser(commands, command) -> None:
     exp.add_argument("ckpt", type=Path, help="checkpoint root written by `hfmb import` (or a training run resumed from one)")
     exp.add_argument("out", type=Path, help="HF folder to write")
     add_parallel_args(exp)
-    exp.add_argument("--iteration", type=iteration, default="latest", help="which saved iteration: a number, 'release' or 'latest' (default)")
-    exp.add_argument("--dtype", choices=DTYPES, help="dtype of the written tensors (default: each tensor's dtype in the original HF checkpoint)")
+    exp.add_argument(
+        "--iteration", type=iteration, default="latest", help="which saved iteration: a number, 'release' or 'latest' (default)"
+    )
+    exp.add_argument(
+        "--dtype", choices=DTYPES, help="dtype of the written tensors (default: each tensor's dtype in the original HF checkpoint)"
+    )
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT (only one this tool wrote)")
     exp.add_argument("--skip-load-check", action="store_true", help="do not load the result in transformers before publishing it")

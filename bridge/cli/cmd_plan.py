@@ -61,7 +61,8 @@ def _describe_model(plan, sizes_text) -> str:
     bridge, config, sizes = plan.bridge, plan.model_config, plan.sizes
     kwargs = bridge.model_bridge.transformer_config_kwargs()
     lines = [
-        f"architecture: {bridge.model_bridge.architecture} ({type(bridge.model_bridge).__name__}), model_type {bridge.hf_config.model_type}",
+        f"architecture: {bridge.model_bridge.architecture} ({type(bridge.model_bridge).__name__}), "
+        f"model_type {bridge.hf_config.model_type}",
         f"source: {bridge.hf_folder}",
         f"parallel: {sizes_text(sizes)} on {plan.world_size} rank(s) (dp={plan.world_size // (sizes.tp * sizes.pp)})",
         f"vocabulary: {bridge.model_bridge.vocab_size} (HF) → {plan.padded_vocab_size} (padded for Megatron), "

@@ -26,7 +26,9 @@ def add_parser(commands, command) -> None:
     ver.add_argument("hf", help="reference HF checkpoint folder or Hub repo id")
     ver.add_argument("other", nargs="?", type=Path, help="a Megatron checkpoint root or a second HF folder (default: convert HF)")
     add_parallel_args(ver)
-    ver.add_argument("--iteration", type=iteration, default="latest", help="with a Megatron checkpoint: which saved iteration (default: latest)")
+    ver.add_argument(
+        "--iteration", type=iteration, default="latest", help="with a Megatron checkpoint: which saved iteration (default: latest)"
+    )
     ver.add_argument("--batch-size", type=int, default=2, help="sequences of random token ids (default 2)")
     ver.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
     ver.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
@@ -62,7 +64,9 @@ def _verify_folders(args: argparse.Namespace) -> int:
 
     expected, actual = resolve_hf_folder(args.hf), args.other
     if not (actual / "config.json").is_file():
-        raise CheckpointError(f"{actual} is neither a Megatron checkpoint (no latest_checkpointed_iteration.txt) nor an HF folder (no config.json)")
+        raise CheckpointError(
+            f"{actual} is neither a Megatron checkpoint (no latest_checkpointed_iteration.txt) nor an HF folder (no config.json)"
+        )
     report(f"hfmb verify: {expected}  vs  {actual} (tensor by tensor, bit for bit)")
     with elapsed_bar("comparing tensors"):
         differences = compare_hf_folders(expected, actual)
@@ -73,7 +77,10 @@ def _verify_folders(args: argparse.Namespace) -> int:
     )
     with elapsed_bar("loading the second folder in transformers"):
         load_report = {k: v for k, v in transformers_load_report(actual).items() if v}
-    report(f"tensors: {count} in the first folder, {count - len([d for d in differences if not d.startswith('extra')])} identical in the second")
+    report(
+        f"tensors: {count} in the first folder, "
+        f"{count - len([d for d in differences if not d.startswith('extra')])} identical in the second"
+    )
     for line in differences[:50]:
         report(f"  DIFFERENT {line}")
     if len(differences) > 50:

@@ -73,7 +73,9 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
         help="stream tensor by tensor in one process, using at most this much memory beyond the program itself, e.g. 4GB, 500MB "
         "(default 4GB when run as one process)",
     )
-    group.add_argument("--in-memory", action="store_true", help="build the whole model at --tp/--pp instead of streaming (the default under torchrun)")
+    group.add_argument(
+        "--in-memory", action="store_true", help="build the whole model at --tp/--pp instead of streaming (the default under torchrun)"
+    )
 
 
 def iteration(text: str) -> int | str | None:

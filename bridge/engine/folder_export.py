@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bridge.runtime.gc_freeze import frozen_heap
-from bridge.hf.writer import HFFolderWriter, parse_size
-from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
-from bridge.hf.layout import LayoutWriter, ShardLayout
-from bridge.engine.plan import TransferPlan
 from bridge.engine.export import export_tensors
+from bridge.engine.plan import TransferPlan
+from bridge.hf.layout import LayoutWriter, ShardLayout
+from bridge.hf.writer import HFFolderWriter, parse_size
+from bridge.runtime.gc_freeze import frozen_heap
+from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
 from bridge.runtime.write_errors import as_disk_full
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,11 @@ def write_hf_folder(
     seen: list = [None] * dist.get_world_size()
     dist.all_gather_object(seen, sees_folder(Path(tmp_dir[0])))
     if spread and not all(seen):
-        logger.warning("ranks %s cannot see %s (no shared filesystem); rank 0 writes every tensor", [r for r, s in enumerate(seen) if not s], tmp_dir[0])
+        logger.warning(
+            "ranks %s cannot see %s (no shared filesystem); rank 0 writes every tensor",
+            [r for r, s in enumerate(seen) if not s],
+            tmp_dir[0],
+        )
     spread = spread and all(seen) and _writes_to_one_file_land(Path(tmp_dir[0]))
     writers = plan.assign_writers(spread=spread)
     sink = LayoutWriter(Path(tmp_dir[0]), layout) if seen[rank] else None

@@ -29,8 +29,8 @@ def load_checkpoint(plan: TransferPlan, reader: SafetensorsReader, strategy: str
 
     Parameters on a CUDA device are filled through pinned host buffers with non-blocking copies
     (``PinnedUpload``); ``staged=True`` sends CPU parameters that way too (tests run that path on
-    the CPU), ``False`` none. The reader's maps are closed at the end (it re-opens them on its next
-    read), so that the checkpoint's pages do not stay in this rank's resident memory beside the model.
+    the CPU), ``False`` none. The reader's mapped window is dropped at the end (``release``), so
+    that the checkpoint's pages do not stay in this rank's resident memory beside the model.
     """
     if strategy not in LOAD_STRATEGIES:
         raise ValueError(f"load strategy {strategy!r}; choose one of {LOAD_STRATEGIES}")
@@ -53,7 +53,7 @@ def _load_one(
     plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, strategy: str, upload: PinnedUpload | None, spare: _ShardBuffer
 ) -> None:
     """Build and copy in one parameter's shard. Its own function so that the views of the files' maps die on return,
-    letting the reader's next re-open release the pages they span."""
+    letting the reader's next window release the pages they span."""
     mapping = plan.mapping(entry)
     param = plan.local[entry.name].param
     ctx = plan.context(entry)

@@ -71,7 +71,14 @@ def _is_source(expert: bool) -> bool:
 class TransferPlan:
     """Every parameter of the model in global order, with its mapping; built collectively by all ranks."""
 
-    def __init__(self, entries: list[PlanEntry], registry: MappingRegistry, local: dict[str, LocalParam], ctx: MappingContext, expert_ctx: MappingContext):
+    def __init__(
+        self,
+        entries: list[PlanEntry],
+        registry: MappingRegistry,
+        local: dict[str, LocalParam],
+        ctx: MappingContext,
+        expert_ctx: MappingContext,
+    ):
         self.entries = entries
         self.registry = registry
         self.local = local
@@ -307,7 +314,9 @@ def count_nonfinite_weights(plan: TransferPlan, reader: SafetensorsReader) -> di
     checkpoint is read once over the pipeline stages and expert ranks, one tensor at a time.
     """
     rank = dist.get_rank()
-    mine = nonfinite_counts(reader, dict.fromkeys(name for entry in plan.entries if entry.owner == rank for name in plan.mapping(entry).hf_names))
+    mine = nonfinite_counts(
+        reader, dict.fromkeys(name for entry in plan.entries if entry.owner == rank for name in plan.mapping(entry).hf_names)
+    )
     reader.release()
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)

@@ -74,12 +74,16 @@ class ShardLayout:
         for index, group in enumerate(groups):
             entries, begin = [METADATA_ENTRY], 0
             for name, tensor in group:
-                entries.append(header_entry(name, safetensors_dtype(name, tensor), header_shape(name, tensor), begin, begin + tensor.nbytes))
+                entries.append(
+                    header_entry(name, safetensors_dtype(name, tensor), header_shape(name, tensor), begin, begin + tensor.nbytes)
+                )
                 begin += tensor.nbytes
             header = ("{" + ",".join(entries) + "}").encode("ascii")
             length = round_up(8 + len(header), DIRECT_BLOCK) - 8  # data starts on a block boundary
             if length > MAX_HEADER_BYTES:
-                raise ValueError(f"a safetensors header of {length} bytes is over the {MAX_HEADER_BYTES} that safetensors reads; lower max_shard_size")
+                raise ValueError(
+                    f"a safetensors header of {length} bytes is over the {MAX_HEADER_BYTES} that safetensors reads; lower max_shard_size"
+                )
             start = 8 + length
             for name, tensor in group:
                 if name in self.slots:

@@ -120,7 +120,13 @@ _HF_SIDE_FILES = (
 
 HF_MODEL_FOLDER = FolderKind(
     "an HF model folder",
-    files=(r"config\.json", r"model\.safetensors\.index\.json", r"model\.safetensors", r"model-\d{5}-of-\d{5}\.safetensors", *_HF_SIDE_FILES),
+    files=(
+        r"config\.json",
+        r"model\.safetensors\.index\.json",
+        r"model\.safetensors",
+        r"model-\d{5}-of-\d{5}\.safetensors",
+        *_HF_SIDE_FILES,
+    ),
     contents={"config.json": _is_model_config},
 )
 

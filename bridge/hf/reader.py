@@ -1,20 +1,21 @@
 """Reading an HF checkpoint folder: where it is, its config, and its safetensors tensors, lazily.
 
-Each safetensors file is memory-mapped and a tensor is read only when a mapping narrows it, so a
-rank that needs one TP slice reads just that slice; the maps are closed and re-opened as reading
-goes on, so that the pages read stay out of the resident memory.
+A tensor is read only when a mapping narrows it, so a rank that needs one TP slice reads just that
+slice, through a memory map of a bounded window of its file (never the whole file), so that a shard
+larger than the machine's memory or address space can be read and the pages read stay out of the
+resident memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +24,25 @@ INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     label: dtype
     for label, attr in (
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
-        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2", "float8_e5m2"),
-        ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2"),
+        ("F64", "float64"),
+        ("F32", "float32"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("I64", "int64"),
+        ("I32", "int32"),
+        ("I16", "int16"),
+        ("I8", "int8"),
+        ("U64", "uint64"),
+        ("U32", "uint32"),
+        ("U16", "uint16"),
+        ("U8", "uint8"),
+        ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+        ("F8_E8M0", "float8_e8m0fnu"),
+        ("F4", "float4_e2m1fn_x2"),
         ("C64", "complex64"),
     )
     if (dtype := getattr(torch, attr, None)) is not None
@@ -53,11 +68,13 @@ SIDE_FILES = (
     "chat_template.json",
 )
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-# Least bytes read between two re-opens of the files (see ``SafetensorsReader``), so that small models re-open rarely.
+# Least bytes of a file mapped at once (see ``SafetensorsReader``), so that small models map rarely.
 MIN_REOPEN_BYTES = 64 * 2**20
-# Memory that parsing a safetensors header takes per header byte (safetensors' own parse, then the
-# reader's object for each tensor): a 100 MB header of 900k entries took ~830 MB in an import.
+# Memory that parsing a safetensors header takes per header byte (the JSON parse, then the reader's
+# object for each tensor), which the streaming import counts against its budget.
 HEADER_MEMORY_FACTOR = 10
+# The longest header safetensors itself accepts (its MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
 # A header longer than this and than the tensor data it describes is refused unparsed: in a real
 # checkpoint every entry (~100 bytes) describes a weight of kilobytes at least.
 PLAUSIBLE_HEADER_BYTES = 2**20
@@ -137,7 +154,9 @@ def check_config_settings(path: Path, config: dict[str, Any]) -> None:
     for key in ("dtype", "torch_dtype"):
         value = config.get(key)
         if value is not None and dtype_named(value) is None:
-            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
+            raise CheckpointError(
+                f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')"
+            )
     for key in POSITIVE_CONFIG_SETTINGS:
         value = config.get(key)
         if value is not None and (type(value) is not int or value < 1):
@@ -187,7 +206,8 @@ def check_header(path: Path) -> None:
     if size > PLAUSIBLE_HEADER_BYTES and size > data >= 0:
         raise CheckpointError(
             f"{path}: its safetensors header is {size:,} bytes for {data:,} bytes of tensor data; refusing to parse it "
-            f"(it would take about {HEADER_MEMORY_FACTOR * size / 2**20:,.0f} MiB of memory). A checkpoint's header is a small part of its file"
+            f"(it would take about {HEADER_MEMORY_FACTOR * size / 2**20:,.0f} MiB of memory). "
+            "A checkpoint's header is a small part of its file"
         )
 
 
@@ -195,14 +215,18 @@ class LazyTensor:
     """One tensor of a safetensors file; ``narrow`` reads only the slice asked for.
 
     It reads through its reader (not a file handle of its own), so it stays valid when the reader
-    re-opens its files, and holding it does not keep a released mapping alive.
+    maps another window of its file, and holding it does not keep a released mapping alive.
+    Slotted, since a header of a million entries makes a million of them.
     """
 
-    def __init__(self, name: str, path: Path, shape: torch.Size, dtype: torch.dtype, reader: "SafetensorsReader"):
+    __slots__ = ("_reader", "dtype", "name", "offset", "path", "shape")
+
+    def __init__(self, name: str, path: Path, shape: torch.Size, dtype: torch.dtype, reader: SafetensorsReader, offset: int):
         self.name = name
         self.path = path
         self.shape = shape
         self.dtype = dtype
+        self.offset = offset  # of its first byte in the file
         self._reader = reader
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
@@ -226,22 +250,131 @@ class LazyTensor:
         return f"LazyTensor({self.name}, {list(self.shape)}, {self.dtype})"
 
 
-def _span_bytes(shape: torch.Size, itemsize: int, index: tuple[slice, ...]) -> int:
-    """Bytes from the first to the last element of ``shape[index]`` in the row-major file: the pages reading it touches."""
+@dataclass(frozen=True)
+class _SliceLayout:
+    """Where ``shape[index]`` of a row-major tensor lies: sizes and strides (in elements), and its bytes."""
+
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    first: int  # byte of its first element, from the tensor's start
+    span: int  # bytes from its first element to the end of its last: the pages reading it touches; 0 when empty
+
+
+def _slice_layout(shape: torch.Size, itemsize: int, index: tuple[slice, ...]) -> _SliceLayout:
+    sizes, strides = [], []
     first = last = 0
-    stride = itemsize
+    stride = 1
     for dim in reversed(range(len(shape))):
         start, stop, step = (index[dim] if dim < len(index) else slice(None)).indices(shape[dim])
-        if stop <= start:
-            return 0
+        count = len(range(start, stop, step))
+        sizes.append(count)
+        strides.append(stride * step)
         first += start * stride
-        last += (start + (stop - start - 1) // step * step) * stride
+        last += (start + max(count - 1, 0) * step) * stride
         stride *= shape[dim]
-    return last - first + itemsize
+    empty = 0 in sizes
+    return _SliceLayout(tuple(reversed(sizes)), tuple(reversed(strides)), first * itemsize, 0 if empty else (last - first + 1) * itemsize)
+
+
+def _header_problem(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {path}: {problem}; it is not a valid safetensors file")
+
+
+def read_header(path: Path, reader: SafetensorsReader) -> list[LazyTensor]:
+    """The tensors of a safetensors file, from its header alone, checked as safetensors checks them.
+
+    Only the first ``8 + header length`` bytes are read and nothing is mapped, so that a file larger
+    than the process's address space, or than the memory the kernel lets it commit, opens. The
+    tensors' data must tile the rest of the file exactly, as safetensors requires.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            if size < 8:
+                raise _header_problem(path, f"it has {size} bytes, fewer than the 8 that give its header's length")
+            handle.seek(0)
+            length = int.from_bytes(handle.read(8), "little")
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise _header_problem(path, f"its header length is {length:,} bytes, in a file of {size:,} bytes")
+            text = handle.read(length)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _header_problem(path, f"its header is not JSON text ({err})") from err
+    del text
+    if not isinstance(header, dict):
+        raise _header_problem(path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise _header_problem(path, "its __metadata__ is not an object of strings")
+    data_start = 8 + length
+    tensors = []
+    while header:  # popped one by one, so that each entry's JSON objects are freed as its tensor is made
+        name, entry = header.popitem()
+        tensors.append(_header_tensor(path, name, entry, data_start, reader))
+    tensors.sort(key=lambda tensor: (tensor.offset, tensor.nbytes))  # an empty tensor before the one at its offset
+    end = data_start
+    for tensor in tensors:
+        if tensor.offset != end:
+            start, before = tensor.offset - data_start, end - data_start
+            raise _header_problem(path, f"the data of {tensor.name} starts at byte {start:,}, where the data before it ends at {before:,}")
+        end += tensor.nbytes
+    if end != size:
+        held = size - data_start
+        raise _header_problem(path, f"its tensors' data ends at byte {end - data_start:,}, but the file holds {held:,} bytes of data")
+    return tensors
+
+
+def _header_tensor(path: Path, name: str, entry: Any, data_start: int, reader: SafetensorsReader) -> LazyTensor:
+    """One header entry as a ``LazyTensor``, its dtype readable and its byte range the size of its shape."""
+    if not isinstance(entry, dict):
+        raise _header_problem(path, f"its header entry for {name} is not an object")
+    label, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise _header_problem(path, f"the shape of {name} is {json.dumps(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise _header_problem(path, f"the data_offsets of {name} are {json.dumps(offsets)}")
+    dtype = SAFETENSORS_DTYPES.get(label) if label not in _UNREADABLE else None
+    if dtype is None:
+        raise CheckpointError(f"tensor {name} in {path.name} has the safetensors dtype {label}, which the bridge cannot read")
+    tensor = LazyTensor(name, path, torch.Size(shape), dtype, reader, data_start + offsets[0])
+    if tensor.nbytes != offsets[1] - offsets[0]:
+        span = offsets[1] - offsets[0]
+        raise _header_problem(path, f"{name} ({label}, shape {shape}) takes {tensor.nbytes:,} bytes, but its data_offsets span {span:,}")
+    return tensor
+
+
+class _Window:
+    """Bytes ``[start, end)`` of one file, memory-mapped copy-on-write, as a uint8 tensor.
+
+    Copy-on-write as safetensors maps (tensors read are writable, the file never changes), but of
+    a bounded length: the kernel charges a private writable map's whole length against the memory
+    it lets processes commit, so a whole-file map of a shard larger than RAM is refused. Tensors
+    read through the window keep it mapped; it is unmapped when the last of them dies.
+    """
+
+    __slots__ = ("bytes", "end", "path", "start")
+
+    def __init__(self, path: Path, start: int, end: int):
+        try:
+            with open(path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        except ValueError as err:  # the file is shorter than its header said: it changed while being read
+            raise CheckpointError(f"cannot map bytes {start:,} to {end:,} of {path}: {err}") from err
+        except OSError as err:  # out of memory or address space: say what was being mapped
+            err.add_note(f"while mapping bytes {start:,} to {end:,} of {path}")
+            raise
+        self.path, self.start, self.end = path, start, end
+        self.bytes = torch.frombuffer(mapped, dtype=torch.uint8)
+
+    def covers(self, path: Path, lo: int, hi: int) -> bool:
+        return path == self.path and self.start <= lo and hi <= self.end
 
 
 class SafetensorsReader:
-    """All tensors of a folder's safetensors files, by name, read through memory maps that are bounded in size.
+    """All tensors of a folder's safetensors files, by name, read through memory maps of bounded windows of the files.
 
     ``views`` (see ``bridge/hf_views.py``) present tensors stored in another layout (fused experts,
     renamed routers) under the names the mappings use.
@@ -249,13 +382,15 @@ class SafetensorsReader:
     When ``model.safetensors.index.json`` exists only the files it names are read (as vLLM and
     transformers do); otherwise every ``*.safetensors`` file in the folder.
 
-    safetensors memory-maps each file, and every page a read touches stays resident (counted in
-    the process's RSS) until the map is closed. So the reader closes its maps (``release``) before a
-    read that would take the bytes read through them past ``reopen_bytes``, and opens a file again
-    on the next read from it: the mapped pages stay within about ``max(reopen_bytes, one read)``
-    (a map lives on while a tensor read from it does). The default bound is the largest tensor,
-    at least ``MIN_REOPEN_BYTES``: re-opening costs a header parse, and every page is faulted in
-    once either way, so frequent re-opens do not slow reading down.
+    The headers are read without mapping anything. A read maps a window of its file, at most
+    ``max(reopen_bytes, one read)`` long (plus a page), that starts at its tensor when the tensor
+    fits the window (so that the tensor's other slices, and the tensors after it, are read through
+    the same map) and at the read otherwise; a read outside it maps the next window. One window is
+    mapped at a time, so whatever the size of the files, the mapped pages (which count in the
+    process's RSS while mapped) stay within about ``max(reopen_bytes, one read)`` and the address
+    space and committed memory the maps take too (a window lives on while a tensor read from it, a
+    view, does). The default bound is the largest tensor, at least ``MIN_REOPEN_BYTES``: every page
+    is faulted in once either way, so mapping windows does not slow reading down.
     """
 
     def __init__(self, folder: Path, views: Sequence = (), reopen_bytes: int | None = None):
@@ -263,24 +398,21 @@ class SafetensorsReader:
         files = weight_files(self.folder)
         if not files:
             raise CheckpointError(f"no safetensors files in {self.folder}")
-        self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}
         self._stored: dict[str, LazyTensor] = {}
+        self._sizes: dict[Path, int] = {}
         for path in files:
             check_header(path)
-            handle = self._handle(path)
-            for name in handle.keys():
-                if name in self._file_of:
-                    raise CheckpointError(f"tensor {name} is in both {self._file_of[name].name} and {path.name}")
-                self._file_of[name] = path
-                part = handle.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(part.get_dtype()) if part.get_dtype() not in _UNREADABLE else None
-                if dtype is None:
-                    raise CheckpointError(f"tensor {name} in {path.name} has the safetensors dtype {part.get_dtype()}, which the bridge cannot read")
-                self._stored[name] = LazyTensor(name, path, torch.Size(part.get_shape()), dtype, self)
+            tensors = read_header(path, self)
+            self._sizes[path] = path.stat().st_size
+            for tensor in tensors:
+                if tensor.name in self._file_of:
+                    raise CheckpointError(f"tensor {tensor.name} is in both {self._file_of[tensor.name].name} and {path.name}")
+                self._file_of[tensor.name] = path
+                self._stored[tensor.name] = tensor
         largest = max((t.nbytes for t in self._stored.values()), default=0)
         self.reopen_bytes = reopen_bytes if reopen_bytes is not None else max(largest, MIN_REOPEN_BYTES)
-        self._read_since_open = 0
+        self._window: _Window | None = None
         self._virtual: dict[str, object] = {}
         for name in list(self._file_of):
             for view in views:
@@ -291,31 +423,36 @@ class SafetensorsReader:
                     del self._file_of[name]
                     break
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as err:
-                raise CheckpointError(f"cannot read {path}: {err}") from err
-        return self._handles[path]
-
     def read(self, tensor: LazyTensor, index: tuple[slice, ...]) -> torch.Tensor:
-        """``tensor[index]``: a view of the file's map; its pages count towards ``reopen_bytes``."""
-        span = _span_bytes(tensor.shape, tensor.dtype.itemsize, index)
-        if self._read_since_open and self._read_since_open + span > self.reopen_bytes:
-            self.release()
-        self._read_since_open += span
-        return self._handle(tensor.path).get_slice(tensor.name)[index]
+        """``tensor[index]``: a view of a mapped window of its file (a copy only where the file misaligns its dtype)."""
+        layout = _slice_layout(tensor.shape, tensor.dtype.itemsize, index)
+        if not layout.span:
+            return torch.empty(layout.sizes, dtype=tensor.dtype)
+        lo = tensor.offset + layout.first
+        window = self._window_over(tensor, lo, lo + layout.span)
+        block = window.bytes[lo - window.start : lo - window.start + layout.span]
+        if lo % tensor.dtype.itemsize:  # windows start on pages: a dtype view needs the element's alignment in the file
+            block = block.clone()
+        return block.view(tensor.dtype).as_strided(layout.sizes, layout.strides)
+
+    def _window_over(self, tensor: LazyTensor, lo: int, hi: int) -> _Window:
+        """The mapped window holding bytes ``[lo, hi)`` of ``tensor``'s file: the current one, or the next, mapped in its place."""
+        if self._window is not None and self._window.covers(tensor.path, lo, hi):
+            return self._window
+        self.release()  # before mapping the next, so that only one is mapped (unless views hold the last)
+        begin = tensor.offset if tensor.nbytes <= self.reopen_bytes else lo
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        self._window = _Window(tensor.path, start, min(self._sizes[tensor.path], max(hi, start + self.reopen_bytes)))
+        return self._window
 
     def release(self) -> None:
-        """Close the files' maps, so that the pages read so far leave the RSS; the next read opens them again.
+        """Drop the mapped window, so that the pages read through it leave the RSS; the next read maps another.
 
-        A map lives on while a tensor read from it (a view) does: drop those first.
+        A window lives on while a tensor read from it (a view) does: drop those first.
         """
-        if self._handles:
-            logger.debug("closing the maps of %s after %.1f MiB read", self.folder, self._read_since_open / 2**20)
-        self._handles.clear()
-        self._read_since_open = 0
+        if self._window is not None:
+            logger.debug("unmapping bytes %d to %d of %s", self._window.start, self._window.end, self._window.path)
+        self._window = None
 
     def names(self) -> list[str]:
         return list(self._file_of)

@@ -20,11 +20,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
-from bridge.runtime import cpu_mode
-from bridge.runtime.gc_freeze import frozen_heap
-from bridge.model_bridge import ModelBridge
 from bridge.megatron.norms import use_torch_norms_with_sequence_parallel
 from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
+from bridge.model_bridge import ModelBridge
+from bridge.runtime import cpu_mode
+from bridge.runtime.gc_freeze import frozen_heap
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from megatron.core.dist_checkpointing.strategies.base import StrategyAction, reg
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonSaveStrategy
 
 from bridge.hf.reader import dtype_named, read_json
-from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
 from bridge.megatron.chunks import unwrap_chunks
+from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
 from bridge.runtime.write_errors import disk_full_reported
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,10 @@ class _PythonFileCommonSave(TorchCommonSaveStrategy):
 
 
 def save_dist_checkpoint(state_dict: dict, folder: Path, sharded_strategy=None, needed: int | None = None) -> None:
-    """``dist_checkpointing.save`` into ``folder``; a full disk raises ``DiskFullError`` (saying ``needed`` bytes when known). All ranks call."""
+    """``dist_checkpointing.save`` into ``folder``. All ranks call.
+
+    A full disk raises ``DiskFullError`` (saying ``needed`` bytes when known).
+    """
     # dist_checkpointing.save accepts no common strategy but its default: make this one the default.
     register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, _PythonFileCommonSave("torch", 1))
     with disk_full_reported(folder, needed, partial=folder):
@@ -134,7 +137,9 @@ def write_tracker(root: str | Path, iteration: int | None) -> None:
     os.replace(tmp, Path(root) / TRACKER)
 
 
-def load_checkpoint(root: str | Path, state_dict: dict, iteration: int | None | str = "latest", strict: str = "assume_ok_unexpected") -> dict:
+def load_checkpoint(
+    root: str | Path, state_dict: dict, iteration: int | None | str = "latest", strict: str = "assume_ok_unexpected"
+) -> dict:
     """Load into the sharded ``state_dict`` (from ``model_state_dict`` plus the caller's entries). All ranks call."""
     if iteration == "latest":
         iteration = latest_iteration(root)
@@ -197,7 +202,9 @@ def _check_source_info(path: Path, info: dict[str, Any]) -> None:
         raise MegatronCheckpointError(f"{path}: hf_dtypes is {type(dtypes).__name__}; expected an object of HF tensor name → dtype")
     for key, value in [("params_dtype", info.get("params_dtype")), *((f"hf_dtypes[{json.dumps(name)}]", d) for name, d in dtypes.items())]:
         if dtype_named(value) is None:
-            raise MegatronCheckpointError(f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
+            raise MegatronCheckpointError(
+                f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')"
+            )
     padded = info.get("padded_vocab_size")
     if type(padded) is not int or padded < 1:
         raise MegatronCheckpointError(f"{path}: padded_vocab_size is {json.dumps(padded)}; it must be a positive integer")

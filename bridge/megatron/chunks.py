@@ -39,7 +39,7 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
     def rename(name: str) -> str:
         match = _LAYER.match(name)
         if match is not None:
-            name = f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end():]
+            name = f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end() :]
         return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + expert_offset}.", name)
 
     return {name: rename(name) for name, _ in chunk.named_parameters()}

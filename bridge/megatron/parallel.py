@@ -74,9 +74,7 @@ class ParallelSizes:
         if world % (self.tp * self.pp):
             raise ParallelConfigError(f"world size {world} is not divisible by tp×pp = {self.tp}×{self.pp}")
         if world % (self.expert_tp * self.ep * self.pp):
-            raise ParallelConfigError(
-                f"world size {world} is not divisible by etp×ep×pp = {self.expert_tp}×{self.ep}×{self.pp}"
-            )
+            raise ParallelConfigError(f"world size {world} is not divisible by etp×ep×pp = {self.expert_tp}×{self.ep}×{self.pp}")
 
 
 def _current_sizes() -> ParallelSizes:

@@ -15,9 +15,10 @@ shapes, dtypes, Megatron's own ``sharded_state_dict()``, nothing allocated) and:
 Peak memory is then about the largest parameter (a few copies of it while converting) plus the HF
 writer's shard buffer, whatever the model size. ``max_memory`` bounds what the conversion itself
 adds: the shard buffer is capped to fit, a parameter that cannot be converted within the budget is
-refused before anything is written, and the HF files are re-opened often enough that their
-memory-mapped pages (which count as resident memory) stay within the budget too. Their parsed
-headers count against it as well: headers too large for it are refused before any is parsed.
+refused before anything is written, and the HF files are mapped a window of a quarter of the budget
+at a time, so that their memory-mapped pages (which count as resident memory) stay within the budget
+too, however large a shard is. Their parsed headers count against it as well: headers too large for
+it are refused before any is parsed.
 """
 
 from __future__ import annotations
@@ -34,31 +35,32 @@ import torch
 import torch.distributed.checkpoint
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import CachedMetadataFileSystemReader
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import CachedMetadataFileSystemReader
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from bridge.megatron import checkpoint as mc
-from bridge.runtime.gc_freeze import frozen_heap
+from bridge.engine.plan import PlanEntry, TransferPlan, validate_checkpoint
 from bridge.hf.reader import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
 from bridge.hf.writer import HFFolderWriter, parse_size
-from bridge.engine.plan import PlanEntry, TransferPlan, validate_checkpoint
-from bridge.runtime.write_errors import disk_full_reported, size_text as _size_text
 from bridge.mappings import MappingError
+from bridge.megatron import checkpoint as mc
+from bridge.runtime.gc_freeze import frozen_heap
+from bridge.runtime.write_errors import disk_full_reported
+from bridge.runtime.write_errors import size_text as _size_text
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY = "4GB"
-# Share of the budget the memory-mapped HF pages may take before the files are re-opened (import): 1/_MAPPED_SHARE.
+# Share of the budget the mapped window of the HF files may take (import): 1/_MAPPED_SHARE.
 _MAPPED_SHARE = 4
 # Share of the budget the HF writer's shard buffer may take (export): 1/_SHARD_SHARE.
 _SHARD_SHARE = 4
@@ -105,12 +107,9 @@ def meta_model(bridge, padded_vocab_size: int | None = None, vocab_divisible_by:
 
     ``padded_vocab_size`` (an existing checkpoint's) wins over ``vocab_divisible_by``.
     """
-    divisor = padded_vocab_size if padded_vocab_size is not None else vocab_divisible_by
     with torch.device("meta"):
-        model = bridge.to_megatron_model(tp=1, pp=1, load_weights=False, make_vocab_size_divisible_by=divisor)
-    if padded_vocab_size is not None and model[0].vocab_size != padded_vocab_size:
-        raise mc.MegatronCheckpointError(
-            f"the checkpoint's padded vocabulary has {padded_vocab_size} rows but its config's vocab_size is {bridge.model_bridge.vocab_size}"
+        model = bridge.to_megatron_model(
+            tp=1, pp=1, load_weights=False, make_vocab_size_divisible_by=vocab_divisible_by, padded_vocab_size=padded_vocab_size
         )
     return model, bridge.plan(model), mc.model_state_dict(model)
 
@@ -151,9 +150,10 @@ def _hf_bytes(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader) -
 class _HFSource:
     """Builds one TP=1 parameter at a time from the HF files, counting the NaN/Inf of each HF tensor it reads.
 
-    Its reader closes and re-opens the files' maps after ``reopen_bytes`` read, so that their
-    resident pages stay within that share of the budget (see ``SafetensorsReader``). Counting reads
-    each tensor in small blocks just before it is built, while its pages are being faulted in anyway.
+    Its reader maps windows of at most ``reopen_bytes`` of the files (or one read, when longer), so
+    that their resident pages stay within that share of the budget (see ``SafetensorsReader``).
+    Counting reads each tensor in small blocks just before it is built, while its pages are being
+    faulted in anyway.
     """
 
     def __init__(self, bridge, plan: TransferPlan, reopen_bytes: int, nonfinite: dict[str, NonFinite]):
@@ -181,7 +181,9 @@ class _MaterialisingPlanner(MCoreSavePlanner):
     last is released when the next one is asked for: the writer is serial, so it is done with it.
     """
 
-    def __init__(self, chunks: dict[tuple[str, tuple[int, ...]], tuple[PlanEntry, torch.Tensor, torch.Tensor]], source: _HFSource, progress: tqdm):
+    def __init__(
+        self, chunks: dict[tuple[str, tuple[int, ...]], tuple[PlanEntry, torch.Tensor, torch.Tensor]], source: _HFSource, progress: tqdm
+    ):
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
         self.chunks, self.source, self.progress = chunks, source, progress
         self._param: tuple[str, torch.Tensor] | None = None  # the parameter the last chunk came from
@@ -254,7 +256,9 @@ def _chunk_index(sharded_state_dict: dict, params: dict[str, tuple[PlanEntry, to
                 if not isinstance(sh, ShardedTensor):
                     continue
                 if key not in params:
-                    raise MappingError(f"the Megatron state dict entry {model_key}.{key} (sharded key {sh.key}) is not a parameter any mapping covers")
+                    raise MappingError(
+                        f"the Megatron state dict entry {model_key}.{key} (sharded key {sh.key}) is not a parameter any mapping covers"
+                    )
                 entry, param = params[key]
                 index[(sh.key, tuple(sh.global_offset))] = (entry, sh.data, param)
     return index
@@ -288,7 +292,8 @@ def import_checkpoint(
             raise MemoryBudgetError(
                 f"{entry.name} (from {', '.join(plan.mapping(entry).hf_names)}) needs about {_size_text(need)} to convert, but "
                 f"--max-memory {_size_text(budget)} leaves {_size_text(room)} for it (1/{_MAPPED_SHARE} goes to the HF files' "
-                f"mapped pages, {_size_text(headers)} to their parsed headers); raise --max-memory to at least {_size_text(_import_budget(need + headers))}"
+                f"mapped pages, {_size_text(headers)} to their parsed headers); "
+                f"raise --max-memory to at least {_size_text(_import_budget(need + headers))}"
             )
     params = {name: (entry, plan.local[name].param) for name, entry in _entries_by_name(plan).items()}
     state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
@@ -371,7 +376,9 @@ class _RegionLoadPlanner(LoadPlanner):
         pass
 
 
-def _read_parameters(reader: FileSystemReader, entries: list[PlanEntry], chunks: dict[str, list[ShardedTensor]], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read_parameters(
+    reader: FileSystemReader, entries: list[PlanEntry], chunks: dict[str, list[ShardedTensor]], params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """These parameters, whole, at TP=1, read from the checkpoint."""
     fulls: dict[str, torch.Tensor] = {}
     targets: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -454,14 +461,22 @@ def export_hf_folder(
 
     def bounded_check(tmp_dir: Path) -> None:
         if 2 * written > budget:  # transformers would hold the whole model (and a copy while loading it)
-            logger.warning("not loading the export in transformers: its %s of weights do not fit --max-memory %s", _size_text(written), _size_text(budget))
+            logger.warning(
+                "not loading the export in transformers: its %s of weights do not fit --max-memory %s",
+                _size_text(written),
+                _size_text(budget),
+            )
             return
         check(tmp_dir)  # type: ignore[misc]
         checked.append(tmp_dir)
 
     checked: list[Path] = []
     needed = sum(t.to(t.dtype if target_dtype is None else target_dtype(name, t.dtype)).nbytes for name, t in plan.exported_meta())
-    with disk_full_reported(Path(out_dir), needed), _returned_to_the_os(), HFFolderWriter(out_dir, max_shard_size=shard, overwrite=overwrite) as writer:
+    with (
+        disk_full_reported(Path(out_dir), needed),
+        _returned_to_the_os(),
+        HFFolderWriter(out_dir, max_shard_size=shard, overwrite=overwrite) as writer,
+    ):
         with tqdm(total=len(entries), desc="exporting", unit="tensor", delay=2.0) as progress:
             for batch in _batches(entries, room):
                 loaded = _read_parameters(reader, batch, chunks, params)

@@ -46,7 +46,8 @@ each one was seen failing on megatron-core 0.16.1 / torch 2.13 (CPU build) witho
     ``attention_mask`` is given (or a sliding window is set). Without it: no CUDA during activation
     recomputation (see the note below; in a plain forward 1 already covers it).
 10. ``DistributedOptimizer._build_model_and_main_param_groups`` wrapped so that, for the duration of
-    the call only, ``Tensor.type()`` names CPU float tensors ``torch.cuda.*Tensor``. Needed by its ``param.type() == 'torch.cuda.FloatTensor'``
+    the call only, ``Tensor.type()`` names CPU float tensors ``torch.cuda.*Tensor``. Needed by its
+    ``param.type() == 'torch.cuda.FloatTensor'``
     checks. Without it: ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...
     Received torch.FloatTensor`` in ``get_megatron_optimizer(use_distributed_optimizer=True)``.
 11. ``optimizer.optimizer.clip_grad_by_total_norm_fp32`` (the name ``optimizer.py`` calls) wrapped
@@ -173,10 +174,10 @@ def _tracker_add(self, name, seed):
     """`CudaRNGStatesTracker.add` with the CPU generator standing in for the CUDA one."""
     self._is_initialized = True
     if seed in self.seeds_:
-        raise Exception('seed {} already exists'.format(seed))
+        raise Exception("seed {} already exists".format(seed))
     self.seeds_.add(seed)
     if name in self.states_:
-        raise Exception('cuda rng state {} already exists'.format(name))
+        raise Exception("cuda rng state {} already exists".format(name))
     self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
 

@@ -15,7 +15,9 @@ from tqdm import tqdm
 def elapsed_bar(desc: str) -> Iterator[None]:
     """An elapsed-time bar on rank 0's terminal while the block runs (shown after 2 s)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    bar = tqdm(desc=desc, total=None, bar_format="{desc}: {elapsed}", delay=2.0, disable=rank != 0 or not sys.stderr.isatty(), file=sys.stderr)
+    bar = tqdm(
+        desc=desc, total=None, bar_format="{desc}: {elapsed}", delay=2.0, disable=rank != 0 or not sys.stderr.isatty(), file=sys.stderr
+    )
     stop = threading.Event()
 
     def tick() -> None:

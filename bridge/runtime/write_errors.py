@@ -36,7 +36,9 @@ def size_text(size: int) -> str:
 
 
 def cause(err: BaseException) -> OSError | None:
-    """The first ``DISK_FULL`` OSError, or ``NOT_PERMITTED`` one naming its path, in ``err``'s chain (causes, contexts, a CheckpointException's failures).
+    """The first ``DISK_FULL`` OSError, or ``NOT_PERMITTED`` one naming its path, in ``err``'s chain.
+
+    The chain is followed through causes, contexts and a CheckpointException's failures.
 
     An error that carries a full disk's OSError only as text (``[Errno 28] …`` in its message) gives an OSError of that errno.
     """

@@ -37,7 +37,6 @@ from bridge.megatron.chunks import unwrap_chunks
 logger = logging.getLogger(__name__)
 
 
-
 def layout() -> dict[str, int]:
     """This run's parallel layout, as recorded in a checkpoint."""
     return {
@@ -102,7 +101,9 @@ def _allocate_optimizer_state(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state[param]
                 if not state:
-                    state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                    state.update(
+                        step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                    )
 
 
 @contextlib.contextmanager
@@ -153,7 +154,9 @@ def _unshare_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _state_dict(model, optimizer, scheduler, iteration: int, train_state: dict, metadata: dict, is_loading: bool, with_rng: bool = True) -> dict:
+def _state_dict(
+    model, optimizer, scheduler, iteration: int, train_state: dict, metadata: dict, is_loading: bool, with_rng: bool = True
+) -> dict:
     state = model_state_dict(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     state["opt_param_scheduler"] = scheduler.state_dict()
@@ -165,7 +168,9 @@ def _state_dict(model, optimizer, scheduler, iteration: int, train_state: dict, 
     return state
 
 
-def save_train_state(root: str | Path, model, optimizer, scheduler, iteration: int, consumed_samples: int, use_distributed_optimizer: bool) -> Path:
+def save_train_state(
+    root: str | Path, model, optimizer, scheduler, iteration: int, consumed_samples: int, use_distributed_optimizer: bool
+) -> Path:
     """Save everything needed to resume at ``iteration`` into ``root/iter_XXXXXXX`` (all ranks call)."""
     metadata = optimizer_metadata(use_distributed_optimizer)
     train_state = {
@@ -189,7 +194,9 @@ class ResumeInfo:
     folder: Path
 
 
-def load_train_state(root: str | Path, model, optimizer, scheduler, use_distributed_optimizer: bool, iteration: int | None | str = "latest") -> ResumeInfo:
+def load_train_state(
+    root: str | Path, model, optimizer, scheduler, use_distributed_optimizer: bool, iteration: int | None | str = "latest"
+) -> ResumeInfo:
     """Resume from a checkpoint folder (``latest_checkpointed_iteration.txt`` picks the iteration). All ranks call.
 
     A weights-only checkpoint loads the model and leaves optimizer, schedule and data at the start.

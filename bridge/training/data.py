@@ -244,14 +244,18 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.micro_batch_size))
 
 
-def train_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def train_data_iterator(
+    dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches (dicts of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``) for this DP rank."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     return iter(loader)
 
 
-def build_train_iterators(dataset, model: Sequence, micro_batch_size: int, consumed_samples: int = 0) -> list[Iterator[dict[str, torch.Tensor]]]:
+def build_train_iterators(
+    dataset, model: Sequence, micro_batch_size: int, consumed_samples: int = 0
+) -> list[Iterator[dict[str, torch.Tensor]]]:
     """One iterator per model chunk (what the schedules take), each over this DP rank's micro-batches."""
     from megatron.core import parallel_state
 
@@ -264,7 +268,9 @@ def build_train_iterators(dataset, model: Sequence, micro_batch_size: int, consu
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tokenize a JSONL or text corpus into Megatron's indexed format (.bin/.idx).")
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files (one JSON object per line) or text files (one document per line)")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL files (one JSON object per line) or text files (one document per line)"
+    )
     parser.add_argument("--tokenizer", required=True, help="HF model folder or Hub id whose tokenizer to use")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     parser.add_argument("--json-key", default="text")

@@ -94,7 +94,9 @@ def _reduce_loss(losses_reduced: list[dict]) -> torch.Tensor:
             total += report["lm loss"].to(device=device, dtype=torch.float64)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=parallel_state.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            total, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=parallel_state.get_pipeline_model_parallel_group()
+        )
     return total
 
 
@@ -172,7 +174,10 @@ def train(
         chunk.train()
     rank0 = dist.get_rank() == 0
     bar = tqdm(
-        total=cfg.train_iters, initial=start_iteration, desc="training", unit="step",
+        total=cfg.train_iters,
+        initial=start_iteration,
+        desc="training",
+        unit="step",
         disable=True if not rank0 or progress is False else (None if progress is None else False),
     )
     results: list[StepResult] = []

@@ -76,8 +76,7 @@ def num_microbatches(cfg: TrainingConfig, dp_size: int | None = None) -> int:
     per_step = cfg.micro_batch_size * dp_size
     if cfg.global_batch_size % per_step:
         raise TrainingConfigError(
-            f"global batch size {cfg.global_batch_size} is not a multiple of micro batch size × DP = "
-            f"{cfg.micro_batch_size} × {dp_size}"
+            f"global batch size {cfg.global_batch_size} is not a multiple of micro batch size × DP = {cfg.micro_batch_size} × {dp_size}"
         )
     return cfg.global_batch_size // per_step
 
