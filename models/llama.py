@@ -70,8 +70,10 @@ class LlamaBridge(ModelBridge):
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(c, flag, False):
                 raise self.unsupported(flag, True, "Megatron-Core adds biases to all linear layers or to QKV only")
-        if getattr(c, "partial_rotary_factor", 1.0) != 1.0:
-            raise self.unsupported("partial_rotary_factor", c.partial_rotary_factor, "only full rotary embeddings are mapped")
+        # transformers 5 keeps it in rope_parameters; older configs at the top level
+        partial = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+        if partial not in (None, 1.0):
+            raise self.unsupported("partial_rotary_factor", partial, "only full rotary embeddings are mapped")
         self.rope_kwargs()
 
     @property

@@ -145,10 +145,6 @@ REFUSALS = [
         "llama3.1",
         {"rope_parameters": {**_LLAMA3_ROPE, "partial_rotary_factor": 0.5}},  # transformers' llama3 rope then rotates half of each head
         "partial_rotary_factor=0.5",
-        pytest.mark.xfail(
-            strict=True,
-            reason="models/llama.py looks for partial_rotary_factor at the config's top level; transformers 5 keeps it in rope_parameters",
-        ),
     ),
     _refusal("llama", {"rope_parameters": _YARN}, "rope_parameters.rope_type='yarn'"),
     _refusal("llama3.1", {"rope_parameters": {**_LLAMA3_ROPE, "low_freq_factor": 2.0}}, "rope_parameters.low_freq_factor=2.0"),
