@@ -35,6 +35,8 @@ def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, ar
         queue.put((rank, True, fn(*args)))
     except BaseException:  # report every failure to the parent instead of hanging it
         queue.put((rank, False, traceback.format_exc()))
+        queue.close()
+        queue.join_thread()  # os._exit skips the queue's flush: without this the report could be lost and the parent wait
         os._exit(1)
     import torch.distributed as dist
 
