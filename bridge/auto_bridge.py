@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,7 @@ from bridge.engine import load as engine_load
 from bridge.engine.export import export_tensors
 from bridge.engine.plan import TransferPlan, validate_checkpoint
 from bridge.hf import metadata as export_metadata
+from bridge.hf.dtype_choice import DtypeChoice, choose_param_dtype
 from bridge.hf.reader import SafetensorsReader, read_hf_config, resolve_hf_folder
 from bridge.megatron import builder as megatron_builder
 from bridge.megatron import parallel
@@ -24,11 +26,11 @@ from bridge.models import bridge_for
 logger = logging.getLogger(__name__)
 
 
-def _config_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+def _config_dtype(hf_config: PretrainedConfig) -> torch.dtype | None:
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 class AutoBridge:
@@ -39,19 +41,42 @@ class AutoBridge:
     >>> bridge.save_hf_pretrained(model, "out")
     """
 
-    def __init__(self, hf_folder: Path, hf_config: PretrainedConfig, model_bridge: ModelBridge, dtype: torch.dtype):
+    def __init__(self, hf_folder: Path, hf_config: PretrainedConfig, model_bridge: ModelBridge, dtype: torch.dtype | None = None):
         self.hf_folder = hf_folder
         self.hf_config = hf_config
         self.model_bridge = model_bridge
-        self.dtype = dtype
+        self._requested_dtype = dtype
+        self._dtype_choice: DtypeChoice | None = None
         self._reader: SafetensorsReader | None = None
 
     @classmethod
     def from_hf_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> "AutoBridge":
-        """A bridge for a local HF folder or a Hub repo id; ``dtype`` defaults to the checkpoint config's."""
+        """A bridge for a local HF folder or a Hub repo id.
+
+        ``dtype`` casts the weights (rounding those it cannot hold exactly); by default the parameters
+        get the stored dtypes, whatever the config says (``bridge.hf.dtype_choice``).
+        """
         folder = resolve_hf_folder(path_or_id)
         hf_config = read_hf_config(folder, trust_remote_code=trust_remote_code)
-        return cls(folder, hf_config, bridge_for(hf_config), dtype or _config_dtype(hf_config))
+        return cls(folder, hf_config, bridge_for(hf_config), dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The Megatron parameters' dtype: the one asked for, else one that holds every stored weight exactly."""
+        return self._requested_dtype or self.dtype_choice.params
+
+    @property
+    def dtype_choice(self) -> DtypeChoice:
+        """How the parameters' dtype relates to the stored weights and the config (reads the file headers)."""
+        if self._dtype_choice is None:
+            ignore = [re.compile(pattern) for pattern in self.model_bridge.hf_ignore]
+            stored = {
+                name: dtype
+                for name, dtype in self.reader.dtypes().items()
+                if dtype.is_floating_point and not any(p.fullmatch(name) for p in ignore)
+            }
+            self._dtype_choice = choose_param_dtype(stored, _config_dtype(self.hf_config), self._requested_dtype)
+        return self._dtype_choice
 
     @property
     def reader(self) -> SafetensorsReader:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from bridge.auto_bridge import AutoBridge
 from bridge.engine.plan import CheckpointMatch, TransferPlan, count_nonfinite_weights, match_checkpoint
 from bridge.hf import metadata
+from bridge.hf.dtype_choice import export_rounding
 from bridge.hf.output_folder import (
     HF_MODEL_FOLDER,
     MEGATRON_CHECKPOINT,
@@ -86,6 +87,7 @@ class ImportResult:
     dtype: torch.dtype
     how: str  # how it was converted, in words
     nonfinite: dict[str, NonFinite] = field(default_factory=dict)  # HF tensors holding NaN/Inf
+    dtype_notes: list[str] = field(default_factory=list)  # a config/file dtype disagreement, a cast that rounds
 
 
 def import_hf_checkpoint(
@@ -148,7 +150,9 @@ def import_hf_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     parameters = sum(math.prod(shape) for shape in bridge.reader.shapes().values())
-    return ImportResult(Path(out).absolute(), bridge.model_bridge.architecture, parameters, bridge.dtype, how, nonfinite)
+    return ImportResult(
+        Path(out).absolute(), bridge.model_bridge.architecture, parameters, bridge.dtype, how, nonfinite, bridge.dtype_choice.notes()
+    )
 
 
 def _source_info(bridge: AutoBridge, hf: str | Path, sizes: ParallelSizes, padded_vocab: int) -> dict[str, Any]:
@@ -164,6 +168,7 @@ def _source_info(bridge: AutoBridge, hf: str | Path, sizes: ParallelSizes, padde
         "padded_vocab_size": padded_vocab,
         "tie_word_embeddings": bridge.model_bridge.tie_word_embeddings,
         "hf_dtypes": {name: metadata.dtype_name(d) for name, d in sorted(bridge.reader.dtypes().items())},
+        "dtype_cast": bridge.dtype_choice.cast_record(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -189,6 +194,7 @@ class ExportResult:
     dtype: str | None  # config.json's dtype
     load_checked: bool  # whether transformers loaded the result (with an empty load report) before it was published
     how: str
+    rounded: list[str] = field(default_factory=list)  # why the weights are not the original's bit for bit (a cast asked for)
 
 
 def export_megatron_checkpoint(
@@ -259,7 +265,8 @@ def export_megatron_checkpoint(
             checked, how = check is not None, f"read at {sizes_text(sizes)}"
     index = metadata.read_json(out / "model.safetensors.index.json")
     shards = len(set(index["weight_map"].values()))
-    return ExportResult(out, info.get("saved_with", {}), len(index["weight_map"]), shards, config.get("dtype"), checked, how)
+    rounded = export_rounding(info.get("dtype_cast"), source_dtypes, dtype)
+    return ExportResult(out, info.get("saved_with", {}), len(index["weight_map"]), shards, config.get("dtype"), checked, how, rounded)
 
 
 def _with_bar(check, desc: str):

@@ -25,7 +25,12 @@ def add_parser(commands, command) -> None:
     imp.add_argument("hf", help="HF checkpoint folder or Hub repo id")
     imp.add_argument("out", type=Path, help="checkpoint root to write")
     add_parallel_args(imp)
-    imp.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the HF config's)")
+    imp.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="cast the parameters to this dtype, rounding what it cannot hold (default: the stored dtypes, "
+        "or float32 where they are mixed, so that nothing is rounded; the config's dtype where it holds them exactly)",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT (only one this tool wrote)")
     add_memory_args(imp)
 
@@ -49,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
         f"  {result.parameters:,} parameters {result.how}, dtype {result.dtype}, {time.time() - start:.1f}s\n"
         f"  Megatron-LM resumes from it with --load {out} (iteration 'release'); `hfmb export {out} OUT` turns it back into HF"
     )
+    for note in result.dtype_notes:
+        report(f"NOTE: {note}")
     report_nonfinite(result.nonfinite)
     return OK

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if plan is None:  # not rank 0
         return OK
     report(_describe_model(plan, sizes_text))
+    for note in plan.bridge.dtype_choice.notes():
+        report(f"NOTE: {note}")
     if plan.mapping_error:
         report(f"\nPLAN FAILED: {plan.mapping_error}")
         return CHECK_FAILED
@@ -67,7 +69,7 @@ def _describe_model(plan, sizes_text) -> str:
         f"parallel: {sizes_text(sizes)} on {plan.world_size} rank(s) (dp={plan.world_size // (sizes.tp * sizes.pp)})",
         f"vocabulary: {bridge.model_bridge.vocab_size} (HF) → {plan.padded_vocab_size} (padded for Megatron), "
         f"tied embeddings: {bridge.model_bridge.tie_word_embeddings}",
-        f"params dtype: {config.params_dtype}",
+        f"params dtype: {str(config.params_dtype).removeprefix('torch.')} (weights stored as {bridge.dtype_choice.stored_text()})",
         "Megatron TransformerConfig:",
     ]
     for key in kwargs:
