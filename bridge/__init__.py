@@ -2,7 +2,8 @@
 
 The public names are imported lazily, so that ``import bridge.runtime.cpu_mode`` (or a spawned rank's
 launcher) does not pay for transformers before it needs it. Importing the package installs
-``bridge.runtime.megatron_import``'s hook, which makes a later ``import megatron.core`` ~1.3 s cheaper.
+``bridge.runtime.megatron_import``'s hook, which makes a later ``import megatron.core`` ~1.3 s cheaper,
+and hides Megatron-Core's notices a user cannot act on (missing Apex / Transformer Engine, deprecated collectives).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bridge.runtime.megatron_import import install_megatron_import_hook
+from bridge.runtime.megatron_import import hide_megatron_notices, install_megatron_import_hook
 
 _PUBLIC = {
     "AutoBridge": "bridge.auto_bridge",
@@ -29,3 +30,4 @@ def __getattr__(name: str) -> Any:
 
 
 install_megatron_import_hook()
+hide_megatron_notices()

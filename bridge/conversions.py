@@ -36,11 +36,13 @@ from bridge.hf.output_folder import (
     real_target,
 )
 from bridge.hf.reader import NonFinite, dtype_named
-from bridge.hf.writer import parse_size
 from bridge.megatron import checkpoint as mc
+from bridge.megatron.builder import check_parallel_sizes
+from bridge.megatron.foreign_checkpoint import check_fits, checkpoint_record
 from bridge.megatron.parallel import ParallelSizes, init_distributed
 from bridge.runtime.progress import elapsed_bar
 from bridge.runtime.rank_errors import on_rank0
+from bridge.runtime.sizes import parse_size
 
 DEFAULT_MAX_MEMORY = "4GB"
 
@@ -115,6 +117,7 @@ def import_hf_checkpoint(
     with contextlib.ExitStack() as stack:
         target = _claim(stack, Path(out), overwrite, MEGATRON_CHECKPOINT)
         bridge = AutoBridge.from_hf_pretrained(hf, dtype=dtype)
+        check_parallel_sizes(bridge.model_bridge, sizes)  # the streamed conversion records them without building at them
         model = None if stream else bridge.to_megatron_model(**_model_sizes(sizes))
         root: list[Any] = [target.temp_path() if target is not None else None]
         if not stream:
@@ -123,7 +126,7 @@ def import_hf_checkpoint(
         nonfinite: dict[str, NonFinite] = {}
         try:
             if stream:
-                from bridge.megatron.streaming_checkpoint import import_checkpoint
+                from bridge.megatron.streaming_import import import_checkpoint
 
                 budget = max_memory or DEFAULT_MAX_MEMORY
                 padded_vocab = import_checkpoint(bridge, tmp, max_memory=budget, vocab_divisible_by=128 * sizes.tp, nonfinite=nonfinite)
@@ -136,12 +139,7 @@ def import_hf_checkpoint(
                 how = f"at {sizes_text(sizes)} on {dist.get_world_size()} rank(s)"
 
             def publish() -> None:
-                mc.write_source_info(
-                    tmp,
-                    bridge.hf_folder,
-                    metadata.side_files(bridge.hf_folder, bridge.hf_config),
-                    _source_info(bridge, hf, sizes, padded_vocab),
-                )
+                write_provenance(tmp, bridge, hf, sizes, padded_vocab)
                 target.publish(tmp)
 
             on_rank0(publish)
@@ -153,6 +151,16 @@ def import_hf_checkpoint(
     return ImportResult(
         Path(out).absolute(), bridge.model_bridge.architecture, parameters, bridge.dtype, how, nonfinite, bridge.dtype_choice.notes()
     )
+
+
+def write_provenance(root: str | Path, bridge: AutoBridge, source: str | Path, sizes: ParallelSizes, padded_vocab: int) -> None:
+    """``root/bridge.json`` and ``root/hf_config/``: the HF config, side files and dtypes a checkpoint exports back with.
+
+    Every checkpoint the project writes carries them (``hfmb import``'s, and a training run's through
+    ``save_train_state(..., bridge=...)``), so that ``hfmb export`` needs nothing else. One rank calls.
+    """
+    side = metadata.side_files(bridge.hf_folder, bridge.hf_config)
+    mc.write_source_info(root, bridge.hf_folder, side, _source_info(bridge, source, sizes, padded_vocab))
 
 
 def _source_info(bridge: AutoBridge, hf: str | Path, sizes: ParallelSizes, padded_vocab: int) -> dict[str, Any]:
@@ -209,8 +217,13 @@ def export_megatron_checkpoint(
     load_check: bool = True,
     stream: bool | None = None,
     max_memory: int | str | None = None,
+    hf_config: str | Path | None = None,
 ) -> ExportResult:
     """A Megatron checkpoint written by ``import_hf_checkpoint`` (or a training run from one) → a complete HF folder at ``out``.
+
+    A checkpoint written elsewhere (Megatron-LM, the reference bridge) exports when ``hf_config``
+    names the HF folder (or config folder) it belongs to; it must hold every tensor of that config's
+    model with its shape (``bridge.megatron.foreign_checkpoint``).
 
     Tensors are written in each one's dtype in the original HF checkpoint, or ``dtype``. The folder
     is published only after transformers loaded it with an empty load report (``load_check``; when
@@ -229,16 +242,19 @@ def export_megatron_checkpoint(
     init_distributed()
 
     def check_sources() -> None:
-        mc.read_source_info(ckpt)
+        checkpoint_record(ckpt, hf_config, iteration)
         real_ckpt, real_out = ckpt.resolve(), real_target(out)  # through symbolic links too
         if real_out == real_ckpt or real_out in real_ckpt.parents or real_ckpt in real_out.parents:
             raise OutputFolderError(f"the output {out} overlaps the checkpoint {ckpt}")
 
     with contextlib.ExitStack() as stack:
         _claim(stack, out, overwrite, HF_MODEL_FOLDER, check_sources)
-        info = mc.read_source_info(ckpt)
-        hf_folder = mc.hf_config_folder(ckpt)
+        info, hf_folder = checkpoint_record(ckpt, hf_config, iteration)
         bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]))
+        if stream and hf_config is not None:  # the streamed export reads tensors by name: check the shapes first
+            with torch.device("meta"):
+                meta = bridge.to_megatron_model(load_weights=False, padded_vocab_size=int(info["padded_vocab_size"]))
+            check_fits(mc.model_state_dict(meta), ckpt, iteration)
         config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype)
         source_dtypes = {name: dtype_named(d) for name, d in info.get("hf_dtypes", {}).items()}
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
@@ -286,7 +302,7 @@ def _stream_export(
     """The bounded-memory export (one process); returns whether transformers' load check ran."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    from bridge.megatron.streaming_checkpoint import export_hf_folder
+    from bridge.megatron.streaming_export import export_hf_folder
 
     try:
         return export_hf_folder(
@@ -316,6 +332,7 @@ def load_megatron_checkpoint(
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     model = bridge.to_megatron_model(**_model_sizes(sizes), load_weights=False, padded_vocab_size=int(info["padded_vocab_size"]))
+    check_fits(mc.model_state_dict(model), ckpt, iteration)
     try:
         with elapsed_bar("loading Megatron checkpoint"):
             mc.load_model(ckpt, model, iteration)

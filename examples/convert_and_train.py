@@ -4,7 +4,9 @@
 
 Without ``--hf-model`` it builds a tiny Llama checkpoint and a small two-corpus blend in
 ``--workdir`` (no network). DP = world size / (tp × pp); bf16 on a GPU, fp32 on CPU.
-``--save DIR --load DIR`` makes a run resumable (also at another TP/PP); at the end the model is
+``--save DIR --load DIR`` makes a run resumable (also at another TP/PP; a rerun resumes, and a
+``--save`` holding an earlier run's checkpoint is refused without ``--load``). Its checkpoints carry
+the provenance ``hfmb export`` needs (``bridge.json``, ``hf_config/``). At the end the model is
 exported with ``save_hf_pretrained``, reloaded with transformers and asked to continue a prompt.
 Your own corpus: ``python -m bridge.training.data --input corpus.jsonl --tokenizer MODEL
 --output-prefix data/corpus``, then ``--data-path data/corpus``.
@@ -82,6 +84,11 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.hf_model and not args.data_path:
         p.error("--hf-model needs --data-path (a corpus tokenized with its tokenizer: python -m bridge.training.data ...)")
+    if args.save and megatron_checkpoint.is_checkpoint(args.save) and (args.load is None or args.load.resolve() != args.save.resolve()):
+        p.error(
+            f"--save {args.save} holds the checkpoint of an earlier run (iteration {megatron_checkpoint.latest_iteration(args.save)}): "
+            f"add --load {args.save} to resume it (with a larger --train-iters to train on), or --save another folder"
+        )
     return args
 
 
@@ -144,9 +151,8 @@ def main() -> None:
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
 
     def save(iteration: int) -> None:
-        save_train_state(
-            args.save, model, optimizer, scheduler, iteration, iteration * cfg.global_batch_size, cfg.use_distributed_optimizer
-        )
+        consumed = iteration * cfg.global_batch_size
+        save_train_state(args.save, model, optimizer, scheduler, iteration, consumed, cfg.use_distributed_optimizer, bridge=bridge)
 
     def on_step_end(result) -> None:
         if args.save and args.save_interval and result.iteration % args.save_interval == 0:
@@ -158,6 +164,8 @@ def main() -> None:
 
     bridge.save_hf_pretrained(model, export, overwrite=args.overwrite_export or args.hf_model is None)
     if rank0:
+        if not results:
+            print(f"resumed at iteration {start}: nothing left to train (raise --train-iters to go on)")
         if results:
             print(
                 f"loss {results[0].loss:.4f} at iteration {results[0].iteration} -> "

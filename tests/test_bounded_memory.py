@@ -1,4 +1,4 @@
-"""Bounded-memory import/export (``bridge/streaming_checkpoint.py``): exact, loadable at any layout, and bounded.
+"""Bounded-memory import/export (``bridge/megatron/streaming_*.py``): exact, loadable at any layout, and bounded.
 
 * The streamed import of a dense, a tied-embedding and two MoE checkpoints loads (at TP=PP=1 and at
   TP2·PP2) into exactly the weights the in-memory conversion gives, and its streamed export equals
@@ -169,7 +169,7 @@ _MEASURE = textwrap.dedent(
     from transformers.models.llama import modeling_llama
     import bridge.models.llama
     from bridge import cli
-    from bridge.megatron import streaming_checkpoint
+    from bridge.megatron import streaming_export, streaming_import
     from bridge.checks import verify
 
     from tests.process_memory import proc_status_bytes as status
@@ -197,7 +197,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(workdir):
     from bridge.checks.verify import compare_hf_folders
-    from bridge.hf.writer import parse_size
+    from bridge.runtime.sizes import parse_size
     from bridge.tiny_checkpoints import build_tiny_checkpoint
 
     budget = parse_size(BUDGET)

@@ -5,7 +5,6 @@ report, and written atomically — a killed export leaves the target absent or u
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,12 +18,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bridge.checks.verify import check_loads_in_transformers, compare_hf_folders, load_hf_tensors, transformers_load_report
+from bridge.checks.verify import (
+    ExportCheckError,
+    check_loads_in_transformers,
+    compare_hf_folders,
+    load_hf_tensors,
+    transformers_load_report,
+)
 from bridge.hf import metadata as export_metadata
+from bridge.hf.folder_writer import HFFolderWriter
+from bridge.hf.layout import ShardLayout
 from bridge.hf.metadata import ConfigMismatchError
 from bridge.hf.output_folder import OutputFolderError, temp_name
-from bridge.hf.writer import STAGE_BYTES, ExportCheckError, HFFolderWriter
-from tests.checks import same_bits
+from bridge.runtime.sizes import parse_size
 from tests.edited_checkpoints import edited_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +42,7 @@ def _write(source: Path, out: Path, *, max_shard_size="5GB", overwrite=False, te
 
     hf_config = AutoConfig.from_pretrained(source)
     tensors = load_hf_tensors(source) if tensors is None else tensors
-    with HFFolderWriter(out, max_shard_size=max_shard_size, overwrite=overwrite) as folder:
+    with HFFolderWriter(out, ShardLayout(list(tensors.items()), parse_size(max_shard_size)), overwrite=overwrite) as folder:
         for name, tensor in tensors.items():
             folder.add(name, tensor)
         folder.finish(
@@ -279,279 +285,3 @@ def test_killed_export_leaves_the_target_absent_or_untouched(larger_checkpoint, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert compare_hf_folders(hf, out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-# ---------------------------------------------------------------- the streaming shard writer
-
-_CONFIG = {"architectures": ["LlamaForCausalLM"]}
-
-
-def _write_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_size="5GB") -> Path:
-    with HFFolderWriter(out, max_shard_size=max_shard_size) as folder:
-        for name, tensor in tensors.items():
-            folder.add(name, tensor)
-        folder.finish(_CONFIG, {})
-    return out
-
-
-def _raw_header(path: Path) -> tuple[int, dict]:
-    """The header length N and the parsed JSON header of a safetensors file."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        text = handle.read(length)
-    assert text.startswith(b"{") and text.rstrip(b" ").endswith(b"}"), "header is not JSON padded with spaces"
-    return length, json.loads(text)
-
-
-def _shards_in_order(out: Path) -> list[tuple[Path, int, dict]]:
-    """Every shard of ``out`` (N, header), checked against the index and the safetensors layout rules."""
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    shards = sorted(out.glob("model-*.safetensors"))
-    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
-    result = []
-    for path in shards:
-        length, header = _raw_header(path)
-        assert header.pop("__metadata__") == {"format": "pt"}
-        assert (8 + length) % 8 == 0, "data does not start 8-byte aligned"
-        spans = sorted(tuple(info["data_offsets"]) for info in header.values())
-        end = 0
-        for begin, stop in spans:  # the data is covered exactly and contiguously
-            assert begin == end and stop >= begin
-            end = stop
-        assert path.stat().st_size == 8 + length + end
-        assert sorted(name for name, shard in index["weight_map"].items() if shard == path.name) == sorted(header)
-        result.append((path, length, header))
-    return result
-
-
-def _dtypes() -> list[torch.dtype]:
-    names = [
-        "float64",
-        "float32",
-        "float16",
-        "bfloat16",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint8",
-        "bool",
-        "uint16",
-        "uint32",
-        "uint64",
-        "complex64",
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "float8_e4m3fnuz",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-        "float4_e2m1fn_x2",
-    ]
-    return [getattr(torch, name) for name in names if hasattr(torch, name)]
-
-
-def _random(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Random bits of ``dtype`` (any byte pattern, NaNs included: compared bit for bit)."""
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=generator).bool()
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (*shape, itemsize), dtype=torch.uint8, generator=generator)
-    return raw.view(dtype).reshape(shape) if shape else raw.view(dtype).reshape(())
-
-
-def test_writer_files_load_in_safetensors_bit_for_bit_for_every_dtype_and_odd_shapes(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    generator = torch.Generator().manual_seed(0)
-    tensors: dict[str, torch.Tensor] = {}
-    for dtype in _dtypes():
-        label = str(dtype).removeprefix("torch.")
-        tensors[f"{label}.matrix"] = _random((3, 7), dtype, generator)  # odd byte counts: unaligned offsets follow
-        if label != "float4_e2m1fn_x2":  # two 4-bit values per element: safetensors has no 0-d shape for it
-            tensors[f"{label}.scalar"] = _random((), dtype, generator)
-        tensors[f"{label}.empty"] = torch.empty((0, 4), dtype=dtype)
-        tensors[f"{label}.transposed"] = _random((4, 6), dtype, generator).t()
-        tensors[f"{label}.column"] = _random((5, 5), dtype, generator)[:, 2]  # strided view into a larger storage
-        tensors[f"{label}.rows"] = _random((8, 3), dtype, generator)[2:5]  # contiguous view into a larger storage
-    tensors["empty.middle"] = torch.empty((2, 0, 3), dtype=torch.bfloat16)
-    out = _write_tensors(tmp_path / "out", tensors, max_shard_size="2KB")
-    shards = _shards_in_order(out)
-    assert len(shards) > 1
-    loaded = {}
-    for path, _, header in shards:
-        loaded.update(load_file(str(path)))
-        with safe_open(str(path), framework="pt") as handle:
-            for name in header:
-                assert same_bits(handle.get_tensor(name), tensors[name]), name
-    assert sorted(loaded) == sorted(tensors)
-    for name, tensor in tensors.items():
-        assert same_bits(loaded[name], tensor), name
-    # dtype names and shapes are the ones safetensors itself writes
-    written = {name: info for _, _, header in shards for name, info in header.items()}
-    for dtype in _dtypes():
-        name = f"{str(dtype).removeprefix('torch.')}.matrix"
-        reference = tmp_path / "reference.safetensors"
-        save_file({name: tensors[name]}, str(reference))
-        expected = _raw_header(reference)[1][name]
-        assert (written[name]["dtype"], written[name]["shape"]) == (expected["dtype"], expected["shape"]), dtype
-
-
-def test_writer_refuses_a_dtype_safetensors_cannot_name(tmp_path):
-    with pytest.raises(ValueError, match=r"tensor model\.norm\.weight has dtype torch\.complex128"):
-        _write_tensors(tmp_path / "out", {"a": torch.ones(2), "model.norm.weight": torch.ones(2, dtype=torch.complex128)})
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-
-
-def test_writer_streams_each_tensor_to_disk_when_added(tmp_path):
-    tensor = torch.arange(10 * 2**20, dtype=torch.float32)  # 40 MiB: several times the staging buffers
-    held = 2 * STAGE_BYTES  # one stage being filled, one being written
-    with HFFolderWriter(tmp_path / "out") as folder:
-        folder.add("a", tensor)
-        shard = folder.tmp_dir / "shard-0.tmp"
-        assert shard.stat().st_size >= tensor.nbytes - held, "the tensor was buffered instead of written"
-        folder.add("b", tensor)
-        assert shard.stat().st_size >= 2 * tensor.nbytes - held
-        with pytest.raises(ValueError, match="tensor a was written twice"):
-            folder.add("a", tensor)
-        folder.finish(_CONFIG, {})
-    ((path, _, header),) = _shards_in_order(tmp_path / "out")
-    assert list(header) == ["a", "b"]
-    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def test_shards_hold_at_most_max_shard_size_data_bytes_unless_one_tensor_is_larger(tmp_path):
-    from safetensors.torch import load_file
-
-    generator = torch.Generator().manual_seed(1)
-    limit = 10_000
-    tensors = {"half.a": torch.zeros(limit // 4, dtype=torch.int16), "half.b": torch.ones(limit // 4, dtype=torch.int16)}
-    for i in range(60):
-        elements = int(torch.randint(1, 1500, (), generator=generator))
-        tensors[f"layer.{i}.weight"] = torch.randn(elements, generator=generator).to(torch.bfloat16)
-        if i == 30:
-            tensors["big.weight"] = torch.randn(6000, generator=generator)  # 24 kB: alone in its shard
-    tensors["exactly.the.limit"] = torch.zeros(limit // 2, dtype=torch.float16)
-    out = _write_tensors(tmp_path / "out", tensors, max_shard_size=limit)
-    shards = _shards_in_order(out)
-    assert len(shards) > 5
-    data = [sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()) for _, _, header in shards]
-    for (path, _, header), size in zip(shards, data):
-        assert size <= limit or len(header) == 1, (path.name, size)
-    assert any(list(header) == ["big.weight"] for _, _, header in shards)
-    assert sorted(shards[0][2]) == ["half.a", "half.b"] and data[0] == limit  # a shard may fill up to the limit exactly
-    assert list(shards[-1][2]) == ["exactly.the.limit"] and data[-1] == limit
-    # shards close only when the next tensor would not fit, and keep the order the tensors came in
-    order = [name for _, _, header in shards for name in sorted(header, key=lambda n: header[n]["data_offsets"])]
-    assert order == list(tensors)
-    for size, (_, _, following) in zip(data, shards[1:]):
-        first = min(following, key=lambda n: following[n]["data_offsets"])
-        assert size + tensors[first].nbytes > limit, f"a shard of {size} bytes was closed before {first} ({tensors[first].nbytes} bytes)"
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["metadata"] == {
-        "total_size": sum(t.nbytes for t in tensors.values()),
-        "total_parameters": sum(t.numel() for t in tensors.values()),
-    }
-    for path, _, _ in shards:
-        for name, tensor in load_file(str(path)).items():
-            assert torch.equal(tensor, tensors[name]), name
-
-
-def test_many_tiny_tensors_outgrow_the_header_reservation(tmp_path):
-    """5,000 tensors of a few bytes: each shard's header fills its reservation long before its data fills
-    the shard, so the writer starts new shards (with growing reservations) rather than writing a wrong file."""
-    from safetensors.torch import load_file
-
-    tensors = {"x" * 20_000: torch.ones(2, dtype=torch.bfloat16)}  # a header entry larger than the first reservation
-    tensors.update({f"model.layers.{i}.tiny.weight": torch.full((i % 3,), i, dtype=torch.int32) for i in range(5000)})
-    tensors["model.after.long.name"] = torch.ones(1)
-    out = _write_tensors(tmp_path / "out", tensors, max_shard_size="1MB")
-    shards = _shards_in_order(out)
-    assert 2 < len(shards) <= 12, len(shards)  # overflowed, and reservations grew instead of making ~100 shards
-    for path, length, header in shards:
-        assert length >= len(json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")))
-    assert any("x" * 20_000 in header for _, _, header in shards)
-    loaded = {}
-    for path, _, _ in shards:
-        loaded.update(load_file(str(path)))
-    assert sorted(loaded) == sorted(tensors)
-    for name, tensor in tensors.items():
-        assert torch.equal(loaded[name], tensor), name
-
-
-def _direct_io_tensors() -> dict[str, torch.Tensor]:
-    """Sizes that cross the staging buffer and block boundaries at odd places, and an empty tensor."""
-    generator = torch.Generator().manual_seed(3)
-    return {
-        "odd.weight": torch.randn(1001, 7, generator=generator),
-        "empty.weight": torch.zeros(0, 5),
-        "large.weight": torch.randn(5 * 2**20 + 3, generator=generator).to(torch.bfloat16),  # ~10 MiB
-        "more.weight": torch.randn(3 * 2**20 + 11, generator=generator),  # ~12 MiB: the stage fills mid-tensor, twice
-        "tail.weight": torch.arange(3, dtype=torch.int8),
-    }
-
-
-def _shard_bytes(out: Path) -> list[bytes]:
-    return [path.read_bytes() for path, _, _ in _shards_in_order(out)]
-
-
-def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    import bridge.hf.writer as hf_writer
-
-    tensors = _direct_io_tensors()
-    used = []
-    original = hf_writer.DataAppender.finish
-    monkeypatch.setattr(hf_writer.DataAppender, "finish", lambda self: (used.append(self.direct), original(self))[1])
-    direct = _write_tensors(tmp_path / "direct", tensors, max_shard_size="20MB")
-    if hasattr(os, "O_DIRECT"):
-        assert any(used), "O_DIRECT was not used on this filesystem"
-    monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    used.clear()
-    buffered = _write_tensors(tmp_path / "buffered", tensors, max_shard_size="20MB")
-    assert used and not any(used)
-    assert len(_shard_bytes(direct)) == 2 and _shard_bytes(direct) == _shard_bytes(buffered)
-    loaded = {}
-    for path, _, _ in _shards_in_order(direct):
-        loaded.update(load_file(path))
-    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
-
-
-def test_a_filesystem_that_refuses_direct_writes_falls_back_to_the_page_cache(tmp_path, monkeypatch):
-    import fcntl
-
-    if not hasattr(os, "O_DIRECT"):
-        pytest.skip("no O_DIRECT on this platform")
-    tensors = _direct_io_tensors()
-    reference = _write_tensors(tmp_path / "reference", tensors, max_shard_size="20MB")
-    refused = []
-    pwrite = os.pwrite
-
-    def refusing_pwrite(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
-    out = _write_tensors(tmp_path / "refused", tensors, max_shard_size="20MB")
-    assert refused
-    assert _shard_bytes(out) == _shard_bytes(reference)
-
-
-def test_a_failed_background_write_fails_the_export_and_leaves_nothing(tmp_path, monkeypatch):
-    from bridge.hf import writer as hf_writer
-
-    calls = []
-    original = hf_writer.write_all
-
-    def disk_full(fd, data, offset):
-        calls.append(offset)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device (test)")
-        return original(fd, data, offset)
-
-    monkeypatch.setattr(hf_writer, "write_all", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        _write_tensors(tmp_path / "out", {"a": torch.arange(6 * 2**20, dtype=torch.float32)})
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -98,20 +98,3 @@ def test_every_mapping_exports_the_tensors_it_imported(tp):
         for name, tensor in mapping.megatron_to_hf(shards, _ctx(tp)).items():
             assert torch.equal(materialize(tensor), sources[name]), (mapping, name, tp)
             assert _copied(tensor, 64) == _bytes(sources[name]), (mapping, name, tp)
-
-
-def test_the_writer_writes_joined_shards_as_the_joined_tensor(tmp_path):
-    from safetensors.torch import load_file
-
-    from bridge.hf.writer import ShardSequenceWriter
-
-    rows, shards = _shards((64, 48), 2, 0)
-    cols, col_shards = _shards((64, 48), 4, 1)
-    writer = ShardSequenceWriter(tmp_path, max_shard_bytes=10**9)
-    writer.add("rows", JoinedShards(shards, 0))
-    writer.add("cols", JoinedShards(col_shards, 1))
-    writer.add("plain", rows)
-    written = writer.close()
-    loaded = load_file(tmp_path / written.files[0])
-    assert torch.equal(loaded["rows"], rows) and torch.equal(loaded["cols"], cols) and torch.equal(loaded["plain"], rows)
-    assert written.shapes == {"rows": (64, 48), "cols": (64, 48), "plain": (64, 48)}

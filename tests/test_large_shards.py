@@ -90,7 +90,7 @@ _IMPORT = _LIMITED + textwrap.dedent(
     from pathlib import Path
     warnings.filterwarnings("ignore")
     from bridge import AutoBridge
-    from bridge.megatron.streaming_checkpoint import import_checkpoint
+    from bridge.megatron.streaming_import import import_checkpoint
     from torch.distributed.checkpoint import FileSystemReader
 
     hf, out, budget = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bridge.hf.folder_writer import HFFolderWriter
+from bridge.hf.layout import ShardLayout
 from bridge.hf.output_folder import MEGATRON_CHECKPOINT, OutputFolderError, claimed_target, temp_name
-from bridge.hf.writer import HFFolderWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_INPUT = 2
@@ -32,10 +33,10 @@ def _export(source: Path, out: Path, *, overwrite: bool = False, before_finish=N
     from safetensors.torch import load_file
 
     config = json.loads((source / "config.json").read_text())
-    with HFFolderWriter(out, max_shard_size="50KB", overwrite=overwrite) as folder:
-        for file in sorted(source.glob("*.safetensors")):
-            for name, tensor in load_file(file).items():
-                folder.add(name, tensor)
+    tensors = [item for file in sorted(source.glob("*.safetensors")) for item in load_file(file).items()]
+    with HFFolderWriter(out, ShardLayout(tensors, 50_000), overwrite=overwrite) as folder:
+        for name, tensor in tensors:
+            folder.add(name, tensor)
         if before_finish is not None:
             before_finish(out)
         return folder.finish(config)

@@ -53,8 +53,8 @@ def parallel_export_cases(source: str, root: str) -> dict:
 
     from bridge import AutoBridge
     from bridge.engine import folder_export
+    from bridge.hf.data_appender import DataAppender
     from bridge.hf.layout import LayoutWriter
-    from bridge.hf.writer import DataAppender
 
     rank, root = dist.get_rank(), Path(root)
     bridge = AutoBridge.from_hf_pretrained(source)

@@ -332,3 +332,34 @@ def test_example_script_converts_trains_saves_and_exports(workdir):
     assert (out / "ckpt" / "iter_0000006" / "metadata.json").is_file()
     assert (out / "hf_export" / "config.json").is_file()
     assert re.search(r"^exported to .*; transformers continues '.+' with '.+'$", text, re.M), text[-3000:]
+
+    # The training checkpoint carries its provenance: `hfmb export` takes it and gives the model the run exported.
+    from bridge.checks.verify import compare_hf_folders
+
+    exported = out / "hfmb_export"
+    done = subprocess.run([sys.executable, "-m", "bridge", "export", str(out / "ckpt"), str(exported)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert compare_hf_folders(out / "hf_export", exported) == []
+
+    # A rerun never destroys the earlier run's checkpoint: without --load it is refused, with it it resumes.
+    saved = (out / "ckpt" / "iter_0000012" / "metadata.json").stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    assert again.returncode != 0 and f"add --load {out / 'ckpt'} to resume it" in again.stderr, again.stderr[-3000:]
+    resumed = subprocess.run([*cmd, "--load", str(out / "ckpt")], capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "resumed at iteration 12: nothing left to train" in resumed.stdout
+    assert (out / "ckpt" / "iter_0000012" / "metadata.json").stat().st_mtime_ns == saved
+
+
+def test_a_save_never_replaces_a_complete_checkpoint(tmp_path):
+    from bridge.megatron.checkpoint import MegatronCheckpointError, check_save_keeps_history, write_tracker
+
+    (tmp_path / "iter_0000040").mkdir()
+    (tmp_path / "iter_0000040" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000020").mkdir()  # an incomplete save (no metadata.json) may be replaced
+    write_tracker(tmp_path, 40)
+    with pytest.raises(MegatronCheckpointError, match="already holds a complete checkpoint at iteration 40"):
+        check_save_keeps_history(tmp_path, 40)
+    with pytest.raises(MegatronCheckpointError, match="holds a checkpoint at iteration 40, later than the iteration 20"):
+        check_save_keeps_history(tmp_path, 20)
+    check_save_keeps_history(tmp_path, 60)

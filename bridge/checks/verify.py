@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 from bridge.hf.reader import CheckpointError, SafetensorsReader
-from bridge.hf.writer import ExportCheckError
 
 logger = logging.getLogger(__name__)
+
+
+class ExportCheckError(ValueError):
+    """A finished export is not what it claims to be (the target was left untouched)."""
 
 
 def load_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bridge.cli.common import DTYPES, OK, add_memory_args, add_parallel_args, iteration, parallel_sizes, report, streams, torch_dtype
 
+SUMMARY = "Megatron-Core checkpoint (from `hfmb import`) → HF folder"
 EXAMPLES = """examples:
   hfmb export ./ckpt ./hf-out --dtype bfloat16 --max-shard-size 2GB
   hfmb export ./ckpt ./hf-out --max-memory 8GB          # stream within 8GB, whatever the model size
@@ -21,7 +22,7 @@ non-empty target is refused unless --overwrite."""
 
 
 def add_parser(commands, command) -> None:
-    exp = command("export", "Megatron-Core checkpoint (from `hfmb import`) → HF folder", EXAMPLES)
+    exp = command("export", SUMMARY, EXAMPLES)
     exp.add_argument("ckpt", type=Path, help="checkpoint root written by `hfmb import` (or a training run resumed from one)")
     exp.add_argument("out", type=Path, help="HF folder to write")
     add_parallel_args(exp)
@@ -30,6 +31,12 @@ def add_parser(commands, command) -> None:
     )
     exp.add_argument(
         "--dtype", choices=DTYPES, help="dtype of the written tensors (default: each tensor's dtype in the original HF checkpoint)"
+    )
+    exp.add_argument(
+        "--hf-config",
+        type=Path,
+        help="for a checkpoint not written by this tool (Megatron-LM's training, another converter): the HF folder "
+        "(or a folder with its config.json and tokenizer) it belongs to; the original HF folder also gives the dtypes",
     )
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT (only one this tool wrote)")
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         load_check=not args.skip_load_check,
         stream=streams(args),
         max_memory=args.max_memory,
+        hf_config=args.hf_config,
     )
     report(
         f"exported {args.ckpt.absolute()} (saved at {sizes_text(result.saved_with)}) → {result.out}\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bridge.cli.common import DTYPES, OK, add_memory_args, add_parallel_args, parallel_sizes, report, report_nonfinite, streams, torch_dtype
 
+SUMMARY = "HF checkpoint → Megatron-Core distributed checkpoint"
 EXAMPLES = """examples:
   hfmb import ./my-hf-model ./ckpt --tp 2 --pp 2 --dtype bfloat16
   hfmb import ./my-hf-model ./ckpt --max-memory 8GB     # a checkpoint larger than this machine's RAM
@@ -21,7 +22,7 @@ its shards of the model and they save together."""
 
 
 def add_parser(commands, command) -> None:
-    imp = command("import", "HF checkpoint → Megatron-Core distributed checkpoint", EXAMPLES)
+    imp = command("import", SUMMARY, EXAMPLES)
     imp.add_argument("hf", help="HF checkpoint folder or Hub repo id")
     imp.add_argument("out", type=Path, help="checkpoint root to write")
     add_parallel_args(imp)

@@ -6,6 +6,7 @@ import argparse
 
 from bridge.cli.common import CHECK_FAILED, OK, add_parallel_args, parallel_sizes, report, report_nonfinite
 
+SUMMARY = "show how an HF checkpoint maps onto Megatron-Core at these parallel sizes (no weights move)"
 EXAMPLES = """examples:
   hfmb plan meta-llama/Llama-3.2-1B --tp 2 --pp 2
   hfmb plan ./my-hf-model                     # TP=PP=1
@@ -16,7 +17,7 @@ unmapped tensors."""
 
 
 def add_parser(commands, command) -> None:
-    plan = command("plan", "show how an HF checkpoint maps onto Megatron-Core at these parallel sizes (no weights move)", EXAMPLES)
+    plan = command("plan", SUMMARY, EXAMPLES)
     plan.add_argument("hf", help="HF checkpoint folder or Hub repo id")
     add_parallel_args(plan)
 

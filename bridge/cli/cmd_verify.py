@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from bridge.cli.common import CHECK_FAILED, OK, add_parallel_args, iteration, parallel_sizes, report
 from bridge.runtime.progress import elapsed_bar
 
+SUMMARY = "compare Megatron-Core's forward with transformers', or two HF folders"
 EXAMPLES = """examples:
   hfmb verify ./my-hf-model --tp 2 --pp 2            # convert, then compare forwards
   hfmb verify ./my-hf-model ./ckpt --tp 2            # compare with a Megatron checkpoint
@@ -22,7 +24,7 @@ with an empty load report."""
 
 
 def add_parser(commands, command) -> None:
-    ver = command("verify", "compare Megatron-Core's forward with transformers', or two HF folders", EXAMPLES)
+    ver = command("verify", SUMMARY, EXAMPLES)
     ver.add_argument("hf", help="reference HF checkpoint folder or Hub repo id")
     ver.add_argument("other", nargs="?", type=Path, help="a Megatron checkpoint root or a second HF folder (default: convert HF)")
     add_parallel_args(ver)
@@ -81,10 +83,11 @@ def _verify_folders(args: argparse.Namespace) -> int:
         f"tensors: {count} in the first folder, "
         f"{count - len([d for d in differences if not d.startswith('extra')])} identical in the second"
     )
-    for line in differences[:50]:
+    summary = summarise_differences(differences)
+    for line in summary[:50]:
         report(f"  DIFFERENT {line}")
-    if len(differences) > 50:
-        report(f"  … and {len(differences) - 50} more")
+    if len(summary) > 50:
+        report(f"  … and {len(summary) - 50} more")
     report("config: " + ("same model config" if not config_diffs else f"{len(config_diffs)} differences"))
     for line in config_diffs:
         report(f"  DIFFERENT {line}")
@@ -92,6 +95,38 @@ def _verify_folders(args: argparse.Namespace) -> int:
     failed = bool(differences or config_diffs or load_report)
     report("VERIFY FAILED" if failed else "VERIFY PASSED")
     return CHECK_FAILED if failed else OK
+
+
+_DTYPE_ONLY = re.compile(r"^(?P<name>\S+): torch\.(?P<a>\w+)(?P<shape>\[[^]]*\]) vs torch\.(?P<b>\w+)(?P=shape)$")
+_MISSING_OR_EXTRA = re.compile(r"^(?P<kind>missing|extra) (?P<name>\S+)$")
+
+
+def summarise_differences(differences: list[str]) -> list[str]:
+    """``compare_tensors``' lines with the repetitive kinds folded: one line per dtype pair, one for missing, one for extra.
+
+    An export with ``--dtype float32`` differs from its bf16 source in every tensor, and only in dtype:
+    that is one line ("50 tensors differ only in dtype (bfloat16 vs float32), e.g. …"), not fifty.
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    others = []
+    for line in differences:
+        if match := _DTYPE_ONLY.match(line):
+            groups.setdefault(("dtype", match["a"], match["b"]), []).append(match["name"])
+        elif match := _MISSING_OR_EXTRA.match(line):
+            groups.setdefault((match["kind"],), []).append(match["name"])
+        else:
+            others.append(line)
+    return [_folded(key, names) for key, names in groups.items()] + others
+
+
+def _folded(key: tuple[str, ...], names: list[str]) -> str:
+    kind, many, example = key[0], len(names) > 1, f", e.g. {names[0]}"
+    if kind == "dtype":
+        pair = f"({key[1]} vs {key[2]})"
+        return f"{len(names)} tensors differ only in dtype {pair}{example}" if many else f"{names[0]}: differs only in dtype {pair}"
+    if kind == "missing":
+        return f"{len(names)} tensors missing from the second folder{example}" if many else f"missing {names[0]}"
+    return f"{len(names)} tensors only in the second folder{example}" if many else f"extra {names[0]}"
 
 
 def _semantic_config_differences(a: Path, b: Path) -> list[str]:
@@ -109,7 +144,10 @@ def _tokens(args: argparse.Namespace, bridge):
     if args.prompt:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(bridge.hf_folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(bridge.hf_folder)
+        except (OSError, ValueError, TypeError) as err:  # transformers' words for "no tokenizer files here"
+            raise ValueError(f"--prompt needs a tokenizer, and {bridge.hf_folder} has none that transformers can load ({err})") from err
         ids = [tokenizer(text)["input_ids"] for text in args.prompt]
         length = min(len(i) for i in ids)
         if length == 0:
@@ -134,14 +172,17 @@ def _verify_forward(args: argparse.Namespace) -> int:
     from bridge.conversions import load_megatron_checkpoint, sizes_text
     from bridge.hf.metadata import ConfigMismatchError
     from bridge.megatron import checkpoint as mc
+    from bridge.megatron.foreign_checkpoint import checkpoint_record
     from bridge.runtime.rank_errors import on_rank0
 
     bridge = AutoBridge.from_hf_pretrained(args.hf, dtype=torch.float32)
     tokens, token_text = _tokens(args, bridge)
     if args.other is not None:
         ckpt = args.other.absolute()
-        info = mc.read_source_info(ckpt)
-        diffs = _semantic_config_differences(Path(bridge.hf_folder), mc.hf_config_folder(ckpt))
+        # A checkpoint written elsewhere has no record of its HF config: the reference folder is it.
+        own_record = (ckpt / mc.SOURCE_INFO).exists()
+        info, config_folder = checkpoint_record(ckpt, None if own_record else Path(bridge.hf_folder), args.iteration)
+        diffs = _semantic_config_differences(Path(bridge.hf_folder), config_folder)
         if diffs:
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made from a different config than {args.hf}: " + "; ".join(diffs))
         model = load_megatron_checkpoint(bridge, ckpt, info, parallel_sizes(args), args.iteration)

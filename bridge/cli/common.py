@@ -89,7 +89,7 @@ def iteration(text: str) -> int | str | None:
 
 
 def _size(text: str) -> str:
-    from bridge.hf.writer import parse_size
+    from bridge.runtime.sizes import parse_size
 
     try:
         parse_size(text)

@@ -24,7 +24,6 @@ from bridge.cli.common import BAD_INPUT, CHECK_FAILED, streams
 COMMANDS = {"plan": cmd_plan, "import": cmd_import, "export": cmd_export, "verify": cmd_verify}
 # Errors that are bad input (exit 2 with their message); OSErrors of a full disk or a refused path are too (``write_errors``).
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
-_IMPORT_NOTICES = ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,15 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; the return value is the exit status."""
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        print(_command_list(), file=sys.stderr)
+        return BAD_INPUT
     args = parser.parse_args(argv)
     if getattr(args, "in_memory", False) and args.max_memory is not None:
         parser.error("--max-memory streams the conversion; it cannot be combined with --in-memory")
     if getattr(args, "max_memory", None) is not None and not streams(args):
         parser.error("--max-memory streams in one process: run without torchrun (the checkpoint loads at any TP/PP)")
     world = 1 if streams(args) else _world_needed(args)
+    _configure_logging(args.quiet)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # a word within the first second, before torch loads
+        source = args.ckpt if args.command == "export" else args.hf
+        print(f"hfmb {args.command}: checking {source} against the parallel sizes", file=sys.stderr, flush=True)
+    try:
+        _check_before_start(args)
+    except BaseException as err:
+        return _error_status(err, args)
     if "RANK" not in os.environ and (args.nproc or world) > 1:
         return _spawn(args, args.nproc or world)
     return run_command(args)
+
+
+def _check_before_start(args: argparse.Namespace) -> None:
+    """The parallel sizes against the model's config, in a second or two, before any rank or model starts."""
+    from bridge.cli.common import parallel_sizes
+    from bridge.hf.reader import read_hf_config, resolve_hf_folder
+    from bridge.megatron import checkpoint as mc
+    from bridge.megatron.builder import check_parallel_sizes
+    from bridge.models import bridge_for
+
+    if args.command == "export":
+        folder = args.hf_config or mc.hf_config_folder(args.ckpt)
+        if args.hf_config is None:
+            mc.read_source_info(args.ckpt)
+    elif args.command == "verify" and args.other is not None and not mc.is_checkpoint(args.other):
+        return  # two HF folders: no model is built
+    else:
+        folder = resolve_hf_folder(args.hf)
+    check_parallel_sizes(bridge_for(read_hf_config(folder)), parallel_sizes(args))
+
+
+def _command_list() -> str:
+    """What ``hfmb`` alone prints: one line per command, and where the rest is."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {module.SUMMARY}" for name, module in COMMANDS.items()]
+    return "usage: hfmb COMMAND ARGS...\n\ncommands:\n" + "\n".join(lines) + "\n\n`hfmb COMMAND -h` shows a command's options and examples."
 
 
 def _world_needed(args: argparse.Namespace) -> int:
@@ -69,15 +105,12 @@ def _world_needed(args: argparse.Namespace) -> int:
 
 
 def _spawn(args: argparse.Namespace, world: int) -> int:
-    from bridge.runtime.local_launch import run_distributed
+    from bridge.runtime.local_launch import RankFailedError, run_distributed
 
     print(f"hfmb: starting {world} local ranks (use torchrun for several machines)", file=sys.stderr)
-    # The children import Megatron-Core afresh: keep its notices about optional packages out of the report.
-    quiet = ",".join(f"ignore:{text}:UserWarning" for text in _IMPORT_NOTICES)
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     try:
-        codes = run_distributed(run_command, world, args, timeout=24 * 3600)
-    except RuntimeError as err:
+        codes = run_distributed(run_command, world, args, timeout=24 * 3600)  # a failure ends it at once, not at the timeout
+    except RankFailedError as err:
         print(f"hfmb {args.command}: a rank failed: {err}", file=sys.stderr)
         return CHECK_FAILED
     return codes[0]
@@ -92,14 +125,21 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except BaseException as err:
-        message = _bad_input_message(err, args)
-        if message is None or os.environ.get("HFMB_TRACEBACK"):
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"hfmb {args.command}: error: {message}", file=sys.stderr)
-        return BAD_INPUT
+        return _error_status(err, args)
     finally:
         _teardown(created_group)
+
+
+def _error_status(err: BaseException, args: argparse.Namespace) -> int:
+    """Exit 2 with one line (rank 0 prints it) for bad input; anything else is raised again with its traceback."""
+    import torch.distributed as dist
+
+    message = _bad_input_message(err, args)
+    if message is None or os.environ.get("HFMB_TRACEBACK"):
+        raise err
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"hfmb {args.command}: error: {message}", file=sys.stderr)
+    return BAD_INPUT
 
 
 def _bad_input_message(err: BaseException, args: argparse.Namespace) -> str | None:
@@ -114,8 +154,15 @@ def _bad_input_message(err: BaseException, args: argparse.Namespace) -> str | No
         return str(err)
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         return None
+    if isinstance(err, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit-time flush fails on it again
+        return "the output was closed before the report was written (a pipe such as `| head` stopped reading)"
     found = cause(err)
-    return None if found is None else describe(found, getattr(args, "out", None))
+    if found is not None:
+        return describe(found, getattr(args, "out", None))
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err}"
+    return None
 
 
 def _teardown(created_group: bool) -> None:
@@ -132,7 +179,12 @@ def _configure_logging(quiet: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("bridge").setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch: our bars, in this process and its ranks
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' and huggingface_hub's (read when they are imported)
     # Megatron-Core / DCP / transformers notices that say nothing about the conversion.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TransformerEngine).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch.distributed.checkpoint.*")
+    # DCP's note when one process reads a checkpoint: the streamed export does so on purpose.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
 from bridge.engine.plan import COWRITTEN, PlanEntry, TransferPlan, meta_shard, progress
+from bridge.hf.layout import ShardLayout
 from bridge.mappings import JoinedShards, materialize
 
 
@@ -37,11 +38,9 @@ class _Incoming:
 class _ReceiveBuffers:
     """Memory for received shards, reused from one parameter to the next and zero-filled when new.
 
-    Between two local gloo ranks, receiving into memory that no one had touched yet moved 0.22 GB/s
-    (the kernel faults each fresh page in while it copies from the socket), into zero-filled memory
-    0.97 GB/s, and into reused memory 2.4 GB/s. Buffers are reused only where the consumer is done
-    with a parameter's tensors before it asks for the next one; all of them together stay under
-    ``limit`` bytes (the free ones are dropped first).
+    Buffers are reused only where the consumer is done with a parameter's tensors before it asks
+    for the next one; all of them together stay under ``limit`` bytes (the free ones are dropped
+    first). Why not plain fresh tensors: docs/design.md, "Receiving shards during a parallel export".
     """
 
     def __init__(self, limit: int, device: torch.device, reuse: bool):
@@ -73,6 +72,12 @@ class _ReceiveBuffers:
         if self.reuse:
             for tensor in tensors:
                 self.free.setdefault(tensor.nbytes, []).append(tensor.reshape(-1).view(torch.uint8))
+
+
+def export_layout(plan: TransferPlan, target_dtype: Callable[[str, torch.dtype], torch.dtype] | None, max_shard_bytes: int) -> ShardLayout:
+    """The safetensors files an export of ``plan`` fills: its HF tensors in the order it makes them, in ``target_dtype(name, dtype)``."""
+    pick = target_dtype or (lambda name, dtype: dtype)
+    return ShardLayout([(name, tensor.to(pick(name, tensor.dtype))) for name, tensor in plan.exported_meta()], max_shard_bytes)
 
 
 def export_tensors(

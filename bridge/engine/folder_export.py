@@ -1,8 +1,8 @@
 """Writing an HF folder from a model spread over ranks: the ranks that hold its shards write them.
 
-Rank 0 checks the target and makes the temporary folder (``HFFolderWriter``). Every rank computes the
-same ``ShardLayout`` (files, headers, each tensor's offset) and rank 0 creates its files. When every
-rank can see the folder (one machine, or a shared filesystem), the ranks holding a parameter's
+Every rank computes the same ``ShardLayout`` (files, headers, each tensor's offset); rank 0 checks
+the target and makes the temporary folder and its files (``HFFolderWriter``). When every rank can
+see the folder (one machine, or a shared filesystem), the ranks holding a parameter's
 shards write it (``TransferPlan.assign_writers``): a join along dim 0 each holder its own part in
 place, anything else one holder after receiving the others' shards; so a pipeline stage writes its
 own layers, and the ranks of a TP group split the writing and send each other only row-parallel
@@ -23,12 +23,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bridge.engine.export import export_tensors
+from bridge.engine.export import export_layout, export_tensors
 from bridge.engine.plan import TransferPlan
+from bridge.hf.folder_writer import HFFolderWriter
 from bridge.hf.layout import LayoutWriter, ShardLayout
-from bridge.hf.writer import HFFolderWriter, parse_size
 from bridge.runtime.gc_freeze import frozen_heap
 from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
+from bridge.runtime.sizes import parse_size
 from bridge.runtime.write_errors import as_disk_full
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,9 @@ def write_hf_folder(
     folder: HFFolderWriter | None = None
     layout: ShardLayout | None = None
     try:
-        layout = ShardLayout([(name, t.to(target_dtype(name, t.dtype))) for name, t in plan.exported_meta()], parse_size(max_shard_size))
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size))
         if rank == 0:
-            folder = HFFolderWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite)
-            layout.create(folder.tmp_dir)
+            folder = HFFolderWriter(out_dir, layout, overwrite=overwrite)
     except Exception as err:
         error = err
     try:
@@ -82,7 +82,7 @@ def write_hf_folder(
         )
     spread = spread and all(seen) and _writes_to_one_file_land(Path(tmp_dir[0]))
     writers = plan.assign_writers(spread=spread)
-    sink = LayoutWriter(Path(tmp_dir[0]), layout) if seen[rank] else None
+    sink = folder.shards if folder is not None else LayoutWriter(Path(tmp_dir[0]), layout) if seen[rank] else None
     try:
         for name, tensor in export_tensors(plan, writers, joined=True):
             if error is None:
@@ -114,13 +114,11 @@ def write_hf_folder(
             error = error or rebuilt(*failed)
         else:
             try:
-                layout.check_written([counts for _, counts in reports])
-                folder.finish(config, side_files, check=check, others=[layout.written()])
-            except Exception as err:
-                folder.abort()  # finish removes its folder itself; a failed check of the written bytes does not get there
+                folder.finish(config, side_files, check=check, written=[counts for _, counts in reports])
+            except Exception as err:  # finish removed its folder
                 error = err
     if error is not None and layout is not None:
-        error = as_disk_full(error, Path(out_dir), needed=sum(file.size for file in layout.files))
+        error = as_disk_full(error, Path(out_dir), needed=layout.file_bytes)
     raise_everywhere(error, src=0)
 
 

@@ -1,19 +1,19 @@
-"""The byte layout of an export's safetensors files, fixed before any data moves, so that several ranks can write one file.
+"""The safetensors files of an export, laid out before any data moves: their headers and each tensor's offset.
 
-An in-memory model's export knows the name, dtype and shape of every HF tensor up front (the
-mappings run on meta tensors), so the files, their headers and each tensor's byte offset are
-computed the same way on every rank before anything is written. Rank 0 creates the files (header
-written, final size set); then each rank writes the bytes it holds at their offsets
-(``LayoutWriter``): a tensor joined along dim 0 from TP shards (column-parallel, QKV, gate/up,
-vocab) is written by the holders of its shards, each its own part, with nothing sent between them;
-any other tensor by one rank. The data of every file starts on a 4 KiB boundary, so each rank's
-``O_DIRECT`` writes cover whole blocks of its own bytes; a block shared by two ranks' parts goes
-through the page cache (see ``DataAppender``).
+An export knows the name, dtype and shape of every HF tensor before it has any value (the mappings
+run on meta tensors), so the files, their headers and each tensor's byte offset are computed up
+front, the same way on every rank. ``ShardLayout.create`` makes the files (header written, final
+size set); ``LayoutWriter`` writes the bytes a writer holds at their offsets, so several writers
+(ranks) can fill one file: a tensor joined along dim 0 from TP shards (column-parallel, QKV,
+gate/up, vocab) is written by the holders of its shards, each its own part, with nothing sent
+between them. The data of every file starts on a ``DIRECT_BLOCK`` boundary, so that each writer's
+whole blocks can go through ``O_DIRECT`` (``DataAppender``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -22,20 +22,71 @@ from typing import Mapping, Sequence
 
 import torch
 
-from bridge.hf.writer import (
-    DIRECT_BLOCK,
-    MAX_HEADER_BYTES,
-    METADATA_ENTRY,
-    DataAppender,
-    WrittenShards,
-    check_writable,
-    header_entry,
-    header_shape,
-    round_up,
-    safetensors_dtype,
-    write_all,
-)
+from bridge.hf.data_appender import DIRECT_BLOCK, DataAppender, round_up, write_all
+from bridge.hf.reader import SAFETENSORS_DTYPES
 from bridge.mappings import JoinedShards
+
+# torch dtype → safetensors dtype name, as ``safetensors.torch.save_file`` writes them.
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: label for label, dtype in SAFETENSORS_DTYPES.items()}
+# The header size safetensors refuses to read beyond (its MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+# The first entry of every header, as safetensors writes it.
+_METADATA_ENTRY = '"__metadata__":' + json.dumps({"format": "pt"}, separators=(",", ":"))
+
+
+def safetensors_dtype(name: str, tensor: torch.Tensor | JoinedShards) -> str:
+    """The safetensors name of ``tensor``'s dtype; refuses (naming the tensor) a dtype safetensors has no name for."""
+    try:
+        return _DTYPE_NAMES[tensor.dtype]
+    except KeyError:
+        supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in _DTYPE_NAMES)
+        raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store (it stores {supported})") from None
+
+
+def header_shape(name: str, tensor: torch.Tensor | JoinedShards) -> list[int]:
+    """The shape safetensors records: its F4 counts 4-bit values, two per ``float4_e2m1fn_x2`` element."""
+    shape = list(tensor.shape)
+    if _DTYPE_NAMES.get(tensor.dtype) == "F4":
+        if not shape:
+            raise ValueError(f"tensor {name} is a 0-d float4_e2m1fn_x2 tensor, which has no safetensors shape")
+        shape[-1] *= 2
+    return shape
+
+
+def check_writable(name: str, tensor: torch.Tensor | JoinedShards) -> torch.Tensor | JoinedShards:
+    """``tensor`` (each part of a ``JoinedShards``) with its values resolved, as ``DataAppender.append`` takes it.
+
+    Refuses what safetensors cannot store (sparse layouts) and what has no values (meta tensors);
+    conjugate and negative bits are applied, so the bytes in memory are the values. Device tensors
+    stay where they are: the appender copies them to the host a stage at a time.
+    """
+    if isinstance(tensor, JoinedShards):
+        return JoinedShards([check_writable(name, part) for part in tensor.parts], tensor.dim)
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor {name} is {tensor.layout}; safetensors stores dense (strided) tensors only")
+    if tensor.is_meta:
+        raise ValueError(f"tensor {name} is on the meta device and has no values to write")
+    return tensor.detach().resolve_conj().resolve_neg()
+
+
+def _header(group: Sequence[tuple[str, torch.Tensor | JoinedShards]]) -> bytes:
+    """The 8-byte length and the JSON header of a file holding ``group`` in order, padded with spaces to a block boundary."""
+    entries, begin = [_METADATA_ENTRY], 0
+    for name, tensor in group:
+        info = {
+            "dtype": safetensors_dtype(name, tensor),
+            "shape": header_shape(name, tensor),
+            "data_offsets": [begin, begin + tensor.nbytes],
+        }
+        entries.append(json.dumps(name) + ":" + json.dumps(info, separators=(",", ":")))
+        begin += tensor.nbytes
+    header = ("{" + ",".join(entries) + "}").encode("ascii")
+    length = round_up(8 + len(header), DIRECT_BLOCK) - 8  # the format allows trailing spaces
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"a safetensors header of {length} bytes is over the {MAX_HEADER_BYTES} that safetensors reads; lower max_shard_size"
+        )
+    return struct.pack("<Q", length) + header + b" " * (length - len(header))
 
 
 @dataclass(frozen=True)
@@ -58,7 +109,12 @@ class LayoutFile:
 
 
 class ShardLayout:
-    """Files of at most ``max_shard_bytes`` data bytes holding ``tensors`` in the order given (shapes and dtypes suffice: meta tensors)."""
+    """Files of at most ``max_shard_bytes`` data bytes holding ``tensors`` in the order given; a larger tensor has a file to itself.
+
+    Shapes and dtypes suffice (meta tensors). A file is closed only when the next tensor would not
+    fit it. Refuses a name given twice, a dtype safetensors cannot store and a header larger than
+    safetensors reads.
+    """
 
     def __init__(self, tensors: Sequence[tuple[str, torch.Tensor | JoinedShards]], max_shard_bytes: int):
         groups: list[list[tuple[str, torch.Tensor | JoinedShards]]] = [[]]
@@ -72,30 +128,36 @@ class ShardLayout:
         self.files: list[LayoutFile] = []
         self.slots: dict[str, TensorSlot] = {}
         for index, group in enumerate(groups):
-            entries, begin = [METADATA_ENTRY], 0
-            for name, tensor in group:
-                entries.append(
-                    header_entry(name, safetensors_dtype(name, tensor), header_shape(name, tensor), begin, begin + tensor.nbytes)
-                )
-                begin += tensor.nbytes
-            header = ("{" + ",".join(entries) + "}").encode("ascii")
-            length = round_up(8 + len(header), DIRECT_BLOCK) - 8  # data starts on a block boundary
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(
-                    f"a safetensors header of {length} bytes is over the {MAX_HEADER_BYTES} that safetensors reads; lower max_shard_size"
-                )
-            start = 8 + length
+            header = _header(group)
+            start = len(header)
             for name, tensor in group:
                 if name in self.slots:
                     raise ValueError(f"tensor {name} is exported twice")
                 self.slots[name] = TensorSlot(index, start, tuple(tensor.shape), tensor.dtype, tensor.nbytes)
                 start += tensor.nbytes
-            padded = struct.pack("<Q", length) + header + b" " * (length - len(header))
-            self.files.append(LayoutFile(f"layout-{index}.tmp", padded, start, [name for name, _ in group]))
+            self.files.append(LayoutFile(f"shard-{index}.tmp", header, start, [name for name, _ in group]))
+
+    @property
+    def data_bytes(self) -> int:
+        """The tensors' bytes (the index's ``total_size``)."""
+        return sum(slot.nbytes for slot in self.slots.values())
+
+    @property
+    def file_bytes(self) -> int:
+        """The files' bytes on disk, headers included."""
+        return sum(file.size for file in self.files)
+
+    @property
+    def parameters(self) -> int:
+        return sum(slot.nbytes // slot.dtype.itemsize for slot in self.slots.values())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: slot.shape for name, slot in self.slots.items()}
 
     def create(self, folder: Path) -> None:
         """Create every file in ``folder`` with its header and its final size (the data still holes)."""
         for file in self.files:
+            # 0666 & ~umask, like any file a process creates (safetensors itself creates 0600 files).
             fd = os.open(Path(folder) / file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
             try:
                 write_all(fd, memoryview(file.header), 0)
@@ -109,26 +171,16 @@ class ShardLayout:
             data = file.size - len(file.header)
             total = sum(counts.get(index, 0) for counts in written)
             if total != data:
-                raise RuntimeError(f"{file.name}: the ranks wrote {total} bytes of its {data} data bytes; the export is incomplete")
-
-    def written(self) -> WrittenShards:
-        """The files as ``HFFolderWriter.finish`` takes them (it gives them their final names)."""
-        shapes = {name: slot.shape for name, slot in self.slots.items()}
-        return WrittenShards(
-            files=[file.name for file in self.files],
-            names=[list(file.names) for file in self.files],
-            shapes=shapes,
-            total_bytes=sum(slot.nbytes for slot in self.slots.values()),
-            total_params=sum(slot.nbytes // slot.dtype.itemsize for slot in self.slots.values()),
-        )
+                raise RuntimeError(f"{file.name}: the writers wrote {total} bytes of its {data} data bytes; the export is incomplete")
 
 
 class LayoutWriter:
-    """This rank's share of a ``ShardLayout``: the bytes it holds of each tensor it is given, at their offsets.
+    """One writer's share of a ``ShardLayout``: the bytes it holds of each tensor it is given, at their offsets.
 
-    ``add`` takes a whole tensor, or a ``JoinedShards`` whose parts held by other ranks are meta
-    tensors (skipped: their holders write them). Files are opened at their first write; ``close``
-    writes what is staged and fsyncs each file this rank wrote (on a cluster filesystem another
+    ``add`` takes a whole tensor, or a ``JoinedShards`` whose parts held by other writers are meta
+    tensors (skipped: their holders write them), and writes it before returning (through at most two
+    staging buffers, never a copy of the tensor). Files are opened at their first write; ``close``
+    writes what is staged and fsyncs each file this writer wrote (on a cluster filesystem another
     client's fsync may not flush it).
     """
 
@@ -136,12 +188,15 @@ class LayoutWriter:
         self.folder = Path(folder)
         self.layout = layout
         self._open: dict[int, tuple[int, DataAppender]] = {}
+        self._added: set[str] = set()
         self.written_bytes: dict[int, int] = {}  # file index → data bytes this writer wrote into it
 
     def add(self, name: str, tensor: torch.Tensor | JoinedShards) -> None:
         slot = self.layout.slots.get(name)
         if slot is None:
             raise ValueError(f"tensor {name} is not among the tensors the export planned")
+        if name in self._added:
+            raise ValueError(f"tensor {name} was written twice")
         if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise ValueError(f"tensor {name} is {list(tensor.shape)} {tensor.dtype}; the export planned {list(slot.shape)} {slot.dtype}")
         if isinstance(tensor, JoinedShards) and tensor.dim == 0:
@@ -150,6 +205,7 @@ class LayoutWriter:
             raise ValueError(f"tensor {name}: a join along dim {tensor.dim} cannot be written part by part; it needs every part")
         else:
             pieces = [tensor]
+        self._added.add(name)
         offset = slot.offset
         for piece in pieces:
             if piece.nbytes and not (isinstance(piece, torch.Tensor) and piece.is_meta):
@@ -158,6 +214,7 @@ class LayoutWriter:
             offset += piece.nbytes
 
     def close(self) -> None:
+        """Write what is staged and fsync the files this writer wrote; closing again does nothing."""
         try:
             self._finish_below(len(self.layout.files))
         finally:

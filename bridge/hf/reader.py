@@ -102,6 +102,8 @@ def resolve_hf_folder(path_or_id: str | Path) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected an HF checkpoint folder or a Hub repo id")
+    if _looks_like_a_path(str(path_or_id)):
+        raise CheckpointError(f"no such folder: {path_or_id}")
     from huggingface_hub import snapshot_download
 
     logger.info("downloading %s from the Hugging Face Hub", path_or_id)
@@ -109,6 +111,11 @@ def resolve_hf_folder(path_or_id: str | Path) -> Path:
         return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
     except Exception as err:
         raise CheckpointError(f"{path_or_id!r} is neither a local folder nor a Hub repo that could be downloaded: {err}") from err
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether ``text`` can only be a local path: a Hub repo id is ``name`` or ``namespace/name``, never absolute or dotted."""
+    return text.startswith(("/", "./", "../", "~", ".\\")) or text in (".", "..") or text.count("/") > 1 or text.endswith("/")
 
 
 def read_json(path: str | Path, error: type[ValueError] = CheckpointError) -> dict[str, Any]:

@@ -50,8 +50,14 @@ def vocab_rows(vocab_size: int, tp: int, divisible_by: int = 128, padded: int | 
     return padded
 
 
-def check_parallel_sizes(bridge: ModelBridge, kwargs: dict, sizes: ParallelSizes) -> None:
-    """Fail before any weight moves, naming the setting, when a parallel size does not divide what it splits."""
+def check_parallel_sizes(bridge: ModelBridge, sizes: ParallelSizes, kwargs: dict | None = None) -> None:
+    """Fail before anything starts, naming the setting, when a parallel size does not divide what it splits.
+
+    The one place these sizes are checked: the CLI calls it before starting ranks, every conversion
+    (streamed ones too, which build the model at TP=PP=1 but record the sizes) before writing.
+    ``kwargs``: the bridge's ``transformer_config_kwargs()``, when the caller has them.
+    """
+    kwargs = bridge.transformer_config_kwargs() if kwargs is None else kwargs
     checks = [
         ("num_attention_heads", kwargs["num_attention_heads"], sizes.tp, "tp"),
         ("num_key_value_heads (num_query_groups)", kwargs.get("num_query_groups") or kwargs["num_attention_heads"], sizes.tp, "tp"),
@@ -88,7 +94,7 @@ def build_transformer_config(
     ``sequence_parallel`` defaults to on exactly when Megatron-Core needs it: MoE with TP > 1.
     """
     kwargs = bridge.transformer_config_kwargs()
-    check_parallel_sizes(bridge, kwargs, sizes)
+    check_parallel_sizes(bridge, sizes, kwargs)
     moe = bool(kwargs.get("num_moe_experts"))
     if sequence_parallel is None:
         sequence_parallel = moe and sizes.tp > 1

@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 from bridge.hf.reader import dtype_named, read_json
 from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
+from bridge.runtime.rank_errors import on_rank0
 from bridge.runtime.write_errors import disk_full_reported
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,12 @@ def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = 
     check_writer_dependencies()
     checkpoint_helpers_die_with_this_process()
     folder = iteration_dir(root, iteration)
-    if dist.get_rank() == 0:
+
+    def claim_folder() -> None:
+        check_save_keeps_history(root, iteration)
         folder.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+
+    on_rank0(claim_folder, share=False)
     save_dist_checkpoint(state_dict, folder)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -104,6 +108,30 @@ def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = 
     dist.barrier()
     logger.info("saved Megatron checkpoint %s", folder)
     return folder
+
+
+def check_save_keeps_history(root: str | Path, iteration: int | None) -> None:
+    """Refuse a save that would destroy a checkpoint: a complete saved iteration, or a tracker naming a later one.
+
+    Megatron-Core replaces such a folder with a warning; a rerun of a training command would then
+    silently start over on top of the run before it. An incomplete folder (no ``metadata.json``, a
+    save that died) may be replaced.
+    """
+    root = Path(root)
+    folder = iteration_dir(root, iteration)
+    what = "release" if iteration is None else f"iteration {iteration}"
+    if (folder / "metadata.json").exists():
+        raise MegatronCheckpointError(
+            f"{root} already holds a complete checkpoint at {what} ({folder.name}): a save never replaces one; "
+            "resume from it (--load) or save elsewhere"
+        )
+    if is_checkpoint(root) and iteration is not None:
+        latest = latest_iteration(root)
+        if latest is not None and latest > iteration:
+            raise MegatronCheckpointError(
+                f"{root} holds a checkpoint at iteration {latest}, later than the {what} being saved: "
+                "resume from it (--load) or save elsewhere"
+            )
 
 
 class _PythonFileCommonSave(TorchCommonSaveStrategy):
@@ -180,13 +208,15 @@ def write_source_info(root: str | Path, hf_folder: str | Path, side_files: dict[
 def read_source_info(root: str | Path) -> dict[str, Any]:
     """``bridge.json`` of a checkpoint made by ``hfmb import``; raises when the checkpoint has none."""
     root = Path(root)
+    if not root.exists():
+        raise MegatronCheckpointError(f"the checkpoint folder {root} does not exist")
     if not is_checkpoint(root):
         raise MegatronCheckpointError(f"{root} is not a Megatron checkpoint: no {TRACKER}")
     path = root / SOURCE_INFO
     if not path.is_file() or not (root / HF_CONFIG_DIR / "config.json").is_file():
         raise MegatronCheckpointError(
-            f"{root} has no {SOURCE_INFO} / {HF_CONFIG_DIR}/config.json: it was not written by `hfmb import`, "
-            "so the HF config it belongs to is unknown"
+            f"{root} has no {SOURCE_INFO} / {HF_CONFIG_DIR}/config.json: it was not written by this tool, "
+            "so the HF config it belongs to is unknown; name it with --hf-config DIR (hf_config= in Python)"
         )
     info = read_json(path, MegatronCheckpointError)
     if info.get("format") != SOURCE_INFO_FORMAT:

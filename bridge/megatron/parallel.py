@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,12 +23,6 @@ class ParallelConfigError(ValueError):
     """The requested TP/PP/VPP sizes do not fit the world or the parallel state already set up."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed() -> None:
     """Start torch.distributed from torchrun's environment, or as a world of one."""
     if dist.is_initialized():
@@ -41,7 +34,7 @@ def init_distributed() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in-process: no port to collide on
     logger.info("torch.distributed: %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
 
 

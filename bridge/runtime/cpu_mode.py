@@ -68,6 +68,11 @@ each one was seen failing on megatron-core 0.16.1 / torch 2.13 (CPU build) witho
     by ``MoEAlltoAllTokenDispatcher``: it hands the split sizes to ``all_to_all_single``, which
     rejects tensors. Without it: ``TypeError: all_to_all_single(): incompatible function
     arguments`` at EP>1 (gloo itself handles the uneven all-to-all fine).
+16. ``CUDA_DEVICE_MAX_CONNECTIONS=1`` in the environment (unless set): Megatron-Core warns on every
+    sequence-parallel linear layer without it, advice about CUDA streams a CPU run cannot act on.
+17. A warnings filter drops torch's "The .grad attribute of a Tensor that is not a leaf Tensor is
+    being accessed" where it is attributed to this module: the mode of 1 is the frame that runs
+    Megatron-Core's ``.grad`` reads, so torch names it as the culprit (on a GPU nothing is shown).
 
 Note on 1 and 9: torch runs a TorchFunctionMode's handler with the mode popped, and
 ``Tensor.backward`` / ``torch.autograd.backward`` are themselves torch functions, so the whole
@@ -91,7 +96,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -324,5 +331,9 @@ def enable_cpu_mode() -> None:
             token_dispatcher,
             "maybe_move_tensor_to_cpu",
             _make_maybe_move_tensor_to_cpu(token_dispatcher.maybe_move_tensor_to_cpu),
+        )
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # 16
+        warnings.filterwarnings(  # 17
+            "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor", module=r"bridge\.runtime\.cpu_mode"
         )
         _ENABLED = True

@@ -5,25 +5,32 @@ Used by the tests, the benchmarks and CPU-only conversions that want several glo
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import queue
+import signal
+import time
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# How long a rank's queued report may trail its exit, and how long the others get to stop after a failure.
+REPORT_GRACE_S = 5.0
 
 
 def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
     from bridge.runtime.process_lifetime import die_with_parent
 
     die_with_parent(parent)  # a killed launcher must not leave ranks that go on (and publish their output)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the launcher hosts the rendezvous store: every rank is its client
+    )
     import torch
 
     # Share the cores between the ranks: oversubscribed intra-op threads slow every op down many times.
@@ -40,28 +47,84 @@ def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, ar
         os._exit(1)
     import torch.distributed as dist
 
-    dist.barrier()
-    dist.destroy_process_group()
+    try:
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+    except Exception:  # another rank failed: the launcher reports that rank, not this echo of it
+        os._exit(1)
+
+
+class RankFailedError(RuntimeError):
+    """A local rank raised, or died without a word (killed by a signal, out of memory)."""
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
-    """``fn(*args)`` on ranks 0..world_size-1 (a module-level function); returns each rank's result."""
+    """``fn(*args)`` on ranks 0..world_size-1 (a module-level function); returns each rank's result.
+
+    Any failure ends the run within seconds, not at ``timeout``: a rank that raises, or one that dies
+    without reporting (SIGKILL, the OOM killer), fails it with ``RankFailedError`` naming that rank,
+    and the other ranks are killed. The rendezvous store is hosted here on a port the OS picks while
+    binding it, so concurrent launches cannot collide on a port.
+    """
+    from torch.distributed import TCPStore
+
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, os.getpid(), fn, args, queue)) for r in range(world_size)]
+    report = ctx.Queue()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, os.getpid(), fn, args, report)) for r in range(world_size)]
     for proc in procs:
         proc.start()
     results: dict[int, Any] = {}
+    failed = True
     try:
-        for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while len(results) < world_size:
+            try:
+                rank, ok, value = report.get(timeout=0.5)
+            except queue.Empty:
+                _check_alive(procs, results, report)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size - len(results)} rank(s) did not finish within {timeout:.0f}s") from None
+                continue
             if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
+                raise RankFailedError(f"rank {rank} failed:\n{value}{_deaths(procs, results, exclude=rank)}")
             results[rank] = value
+        failed = False
     finally:
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=REPORT_GRACE_S if failed else 30)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
+        del store
     return [results[r] for r in range(world_size)]
+
+
+def _check_alive(procs: list, results: dict[int, Any], report) -> None:
+    """Raise when a rank exited without a result, once its report (if any) had time to arrive."""
+    silent = [rank for rank, proc in enumerate(procs) if rank not in results and proc.exitcode is not None]
+    if not silent:
+        return
+    with contextlib.suppress(queue.Empty):  # its report may still be in the pipe
+        rank, ok, value = report.get(timeout=REPORT_GRACE_S)
+        if not ok:
+            raise RankFailedError(f"rank {rank} failed:\n{value}{_deaths(procs, results, exclude=rank)}")
+        results[rank] = value
+        return
+    rank = silent[0]
+    raise RankFailedError(f"rank {rank} {_exit_words(procs[rank].exitcode)} without reporting an error{_deaths(procs, results, rank)}")
+
+
+def _deaths(procs: list, results: dict[int, Any], exclude: int) -> str:
+    """Other ranks that died by a signal: often the cause of the failure reported (a lost peer breaks collectives)."""
+    time.sleep(0.2)
+    lost = [
+        f"rank {r} {_exit_words(p.exitcode)}" for r, p in enumerate(procs) if r != exclude and r not in results and (p.exitcode or 0) < 0
+    ]
+    return "\n(also: " + "; ".join(lost) + ")" if lost else ""
+
+
+def _exit_words(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with status {exitcode}"

@@ -23,7 +23,9 @@ import contextlib
 import functools
 import gc
 import os
+import re
 import sys
+import warnings
 from types import FunctionType, ModuleType
 from typing import Any, Callable, Iterator
 
@@ -131,6 +133,22 @@ class _MegatronImportHook:
                     spec.loader = _HookedLoader(spec.loader, hook)
                 return spec
         return None
+
+
+# Warnings about Megatron-Core itself that a user of the bridge has nothing to act on: optional packages it
+# falls back from (to the PyTorch implementations the bridge builds with anyway), and torch's deprecation
+# of the collectives Megatron-Core 0.16 calls.
+MEGATRON_NOTICES: tuple[tuple[str, type[Warning]], ...] = (
+    (re.escape("Transformer Engine and Apex are not installed"), UserWarning),
+    (re.escape("Apex is not installed"), UserWarning),
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
+)
+
+
+def hide_megatron_notices() -> None:
+    """Filter exactly ``MEGATRON_NOTICES`` in this process; ``import bridge`` calls it."""
+    for message, category in MEGATRON_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def install_megatron_import_hook() -> None:

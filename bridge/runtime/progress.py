@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from typing import Iterator
@@ -16,7 +17,12 @@ def elapsed_bar(desc: str) -> Iterator[None]:
     """An elapsed-time bar on rank 0's terminal while the block runs (shown after 2 s)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     bar = tqdm(
-        desc=desc, total=None, bar_format="{desc}: {elapsed}", delay=2.0, disable=rank != 0 or not sys.stderr.isatty(), file=sys.stderr
+        desc=desc,
+        total=None,
+        bar_format="{desc}: {elapsed}",
+        delay=2.0,
+        disable=rank != 0 or not sys.stderr.isatty() or bool(os.environ.get("TQDM_DISABLE")),
+        file=sys.stderr,
     )
     stop = threading.Event()
 

@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
 from bridge.megatron.chunks import unwrap_chunks
+from bridge.runtime.rank_errors import on_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,22 @@ def _state_dict(
 
 
 def save_train_state(
-    root: str | Path, model, optimizer, scheduler, iteration: int, consumed_samples: int, use_distributed_optimizer: bool
+    root: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    iteration: int,
+    consumed_samples: int,
+    use_distributed_optimizer: bool,
+    bridge=None,
 ) -> Path:
-    """Save everything needed to resume at ``iteration`` into ``root/iter_XXXXXXX`` (all ranks call)."""
+    """Save everything needed to resume at ``iteration`` into ``root/iter_XXXXXXX`` (all ranks call).
+
+    With ``bridge`` (the ``AutoBridge`` the model came from), ``root`` also gets the provenance
+    ``hfmb import`` writes (``bridge.json``, ``hf_config/``), so that ``hfmb export`` and ``hfmb verify``
+    take the training checkpoint as they take an imported one. A save never replaces a complete
+    checkpoint (``check_save_keeps_history``).
+    """
     metadata = optimizer_metadata(use_distributed_optimizer)
     train_state = {
         "consumed_samples": consumed_samples,
@@ -180,7 +194,21 @@ def save_train_state(
         "optimizer_metadata": metadata,
     }
     state = _state_dict(model, optimizer, scheduler, iteration, train_state, metadata, is_loading=False)
-    return megatron_checkpoint.save_checkpoint(root, state, iteration)
+    folder = megatron_checkpoint.save_checkpoint(root, state, iteration)
+    if bridge is not None:
+        on_rank0(lambda: _write_provenance_once(root, bridge, model), share=False)
+    return folder
+
+
+def _write_provenance_once(root: str | Path, bridge, model) -> None:
+    from bridge.conversions import write_provenance
+    from bridge.megatron.parallel import ParallelSizes
+
+    if (Path(root) / megatron_checkpoint.SOURCE_INFO).exists():
+        return
+    saved = layout()
+    sizes = ParallelSizes(tp=saved["tp"], pp=saved["pp"], vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    write_provenance(root, bridge, bridge.hf_folder, sizes, unwrap_chunks(model)[0].vocab_size)
 
 
 @dataclass

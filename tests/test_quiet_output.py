@@ -1,0 +1,64 @@
+"""No noise a CPU user cannot act on (issue 19, item 8).
+
+``hfmb -q`` prints the report and nothing else: no progress bars (ours or transformers'), no
+torch.distributed.checkpoint note on a streamed export. The Python API shows no Apex / Transformer
+Engine notices, no CUDA_DEVICE_MAX_CONNECTIONS advice and no non-leaf ``.grad`` warning while a model
+converts and trains a step on CPU at TP=2 with sequence parallelism (where those appear).
+Each command runs in a fresh interpreter, as a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed  # fresh interpreters that start ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+NOISE = ("Apex", "Transformer Engine", "CUDA_DEVICE_MAX_CONNECTIONS", ".grad attribute", "Loading weights", "%|", "torch.distributed")
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}  # Python's defaults, as a user's
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_quiet_import_and_export_print_only_the_report(tiny_checkpoints, tmp_path):
+    hfmb = [sys.executable, "-m", "bridge"]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    for argv in (["import", str(tiny_checkpoints["llama"]), str(ckpt)], ["export", str(ckpt), str(out)]):
+        done = _run(*hfmb, "-q", *argv)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stderr == "", done.stderr
+        assert done.stdout.startswith(f"{argv[0]}ed ")
+
+
+SCRIPT = """
+import itertools
+import sys
+
+import torch
+from bridge import AutoBridge
+from bridge.training import TrainingConfig, make_forward_step, setup_model_and_optimizer, train_step
+
+bridge = AutoBridge.from_hf_pretrained(sys.argv[1], dtype=torch.float32)
+cfg = TrainingConfig(train_iters=1, micro_batch_size=1, global_batch_size=1, seq_length=16, log_interval=1)
+model, optimizer, scheduler = setup_model_and_optimizer(bridge, 2, 1, None, cfg)  # MoE at TP=2: sequence parallel
+tokens = torch.arange(17).remainder(bridge.model_bridge.vocab_size)[None]
+batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, 16), position_ids=torch.arange(16)[None])
+result = train_step(make_forward_step(bridge.model_bridge.vocab_size), [itertools.repeat(batch)], model, optimizer, scheduler, cfg, 1)
+print("loss", result.loss)
+"""
+
+
+def test_the_python_api_shows_no_notices_while_converting_and_training(tiny_moe_checkpoints, tmp_path):
+    script = tmp_path / "convert.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    done = _run("torchrun", "--nproc-per-node=2", str(script), str(tiny_moe_checkpoints["mixtral"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not [word for word in NOISE if word in done.stderr], done.stderr
