@@ -23,7 +23,8 @@ def add_parser(commands, command) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.conversions import plan_conversion, sizes_text
+    from bridge.conversion_plan import plan_conversion
+    from bridge.conversions import sizes_text
 
     plan = plan_conversion(args.hf, sizes=parallel_sizes(args))
     if plan is None:  # not rank 0
