@@ -23,7 +23,7 @@ class ModelBridge:
 
     # Regular expressions of HF tensor names that are not weights (e.g. rotary buffers in old checkpoints).
     hf_ignore: tuple[str, ...] = ()
-    # Other on-disk layouts of the same tensors (bridge/hf_views.py), e.g. transformers-5 fused experts.
+    # Other on-disk layouts of the same tensors (mappings/hf_views.py), e.g. transformers-5 fused experts.
     hf_views: tuple = ()
 
     def __init__(self, hf_config: PretrainedConfig):

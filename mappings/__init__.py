@@ -1,6 +1,5 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
-from bridge.mappings.auto import AutoMapping
 from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
 from bridge.mappings.gated_mlp import GatedMLPMapping
 from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
@@ -8,7 +7,6 @@ from bridge.mappings.qkv import QKVMapping
 from bridge.mappings.registry import MappingRegistry
 
 __all__ = [
-    "AutoMapping",
     "ColumnParallelMapping",
     "GatedMLPMapping",
     "JoinedShards",

@@ -1,7 +1,7 @@
 """The mapping registry: a model's table of Megatron-pattern → HF-pattern mappings.
 
 Resolution is deterministic: a Megatron name must match exactly one pattern (two matches are an
-error in the table, not a tie to break). The registry also reports what no mapping covers.
+error in the table, not a tie to break).
 """
 
 from __future__ import annotations
@@ -30,12 +30,3 @@ class MappingRegistry:
         if mapping is None:
             raise MappingError(f"no mapping for Megatron parameter {megatron_name}")
         return mapping
-
-    def unmapped(self, megatron_names: Iterable[str]) -> list[str]:
-        """Megatron parameters no mapping covers."""
-        return [name for name in megatron_names if self.find(name) is None]
-
-    def unused_hf(self, hf_names: Iterable[str], megatron_names: Iterable[str]) -> list[str]:
-        """HF tensors that no mapping of these Megatron parameters reads."""
-        used = {hf for name in megatron_names if (m := self.find(name)) is not None for hf in m.hf_names}
-        return sorted(set(hf_names) - used)

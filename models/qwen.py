@@ -1,50 +1,48 @@
-"""Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head): the Llama layout plus those tensors."""
+"""Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head): Llama's blocks with that attention option."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridge.mappings import MappingRegistry, QKVMapping, ReplicatedMapping
-from bridge.models.llama import HF_LAYER, LAYER, LlamaBridge, dense_decoder_mappings
+from bridge.mappings import MappingRegistry
+from bridge.models.blocks import attention, dense_mlp, embeddings_and_output, pre_mlp_norm
+from bridge.models.config import attention_config, check_gated_silu, check_no_bias, decoder_config, gated_mlp_config
 from bridge.models.registry import register_bridge
+from bridge.models.rope import RotaryBridge, check_rope
+
+from bridge.model_bridge import ModelBridge
 
 
-class _QwenBridge(LlamaBridge):
-    def check_supported(self) -> None:
-        if getattr(self.hf_config, "use_sliding_window", False):
-            raise self.unsupported("use_sliding_window", True, "per-layer sliding windows (max_window_layers) are not mapped")
-        super().check_supported()
+def check_qwen(bridge: ModelBridge) -> None:
+    """What the Qwen families refuse: sliding windows (``use_sliding_window``), which Qwen applies per layer, and Llama's refusals."""
+    if getattr(bridge.hf_config, "use_sliding_window", False):
+        raise bridge.unsupported("use_sliding_window", True, "per-layer sliding windows (max_window_layers) are not mapped")
+    check_gated_silu(bridge)
+    check_no_bias(bridge, "attention_bias", "mlp_bias")
+    check_rope(bridge)
 
 
 @register_bridge("Qwen2ForCausalLM")
-class Qwen2Bridge(_QwenBridge):
+class Qwen2Bridge(RotaryBridge):
+    def check_supported(self) -> None:
+        check_qwen(self)
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        return {**super().transformer_config_kwargs(), "add_qkv_bias": True}
+        c = self.hf_config
+        return {**decoder_config(c), **attention_config(c, qkv_bias=True), **gated_mlp_config(c)}
 
     def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(
-            dense_decoder_mappings(self.tie_word_embeddings)
-            + [
-                QKVMapping(
-                    LAYER + "self_attention.linear_qkv.bias",
-                    q=HF_LAYER + "self_attn.q_proj.bias",
-                    k=HF_LAYER + "self_attn.k_proj.bias",
-                    v=HF_LAYER + "self_attn.v_proj.bias",
-                )
-            ]
-        )
+        return MappingRegistry([*embeddings_and_output(self.tie_word_embeddings), *attention(qkv_bias=True), *pre_mlp_norm(), *dense_mlp()])
 
 
 @register_bridge("Qwen3ForCausalLM")
-class Qwen3Bridge(_QwenBridge):
+class Qwen3Bridge(RotaryBridge):
+    def check_supported(self) -> None:
+        check_qwen(self)
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        return {**super().transformer_config_kwargs(), "qk_layernorm": True}
+        c = self.hf_config
+        return {**decoder_config(c), **attention_config(c, qk_norm=True), **gated_mlp_config(c)}
 
     def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(
-            dense_decoder_mappings(self.tie_word_embeddings)
-            + [
-                ReplicatedMapping(LAYER + "self_attention.q_layernorm.weight", HF_LAYER + "self_attn.q_norm.weight"),
-                ReplicatedMapping(LAYER + "self_attention.k_layernorm.weight", HF_LAYER + "self_attn.k_norm.weight"),
-            ]
-        )
+        return MappingRegistry([*embeddings_and_output(self.tie_word_embeddings), *attention(qk_norm=True), *pre_mlp_norm(), *dense_mlp()])

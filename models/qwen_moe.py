@@ -1,78 +1,93 @@
-"""Qwen2-MoE (shared expert with a sigmoid gate, dense layers by ``mlp_only_layers``) and Qwen3-MoE (q/k norm)."""
+"""Qwen2-MoE (q/k/v bias, a shared expert with a sigmoid gate) and Qwen3-MoE (q/k norm).
+
+Layers are sparse except those ``mlp_only_layers`` (or ``decoder_sparse_step``) leaves dense.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridge.mappings import GatedMLPMapping, MappingRegistry, ReplicatedMapping, RowParallelMapping
-from bridge.mappings.hf_views import FusedExperts
-from bridge.models.llama import HF_LAYER, LAYER
-from bridge.models.moe import expert_mappings, moe_config_kwargs
-from bridge.models.qwen import Qwen2Bridge, Qwen3Bridge
-from bridge.models.registry import register_bridge
-
-HF_MLP = HF_LAYER + "mlp."
-_FUSED = (
-    FusedExperts(HF_MLP + "experts.gate_up_proj", (HF_MLP + "experts.{e}.gate_proj.weight", HF_MLP + "experts.{e}.up_proj.weight")),
-    FusedExperts(HF_MLP + "experts.down_proj", (HF_MLP + "experts.{e}.down_proj.weight",)),
+from bridge.mappings import MappingRegistry
+from bridge.models.blocks import (
+    attention,
+    dense_mlp,
+    embeddings_and_output,
+    fused_expert_views,
+    pre_mlp_norm,
+    routed_experts,
+    shared_experts,
 )
+from bridge.models.config import attention_config, decoder_config, gated_mlp_config, moe_config
+from bridge.models.qwen import check_qwen
+from bridge.models.registry import register_bridge
+from bridge.models.rope import RotaryBridge
+from transformers import PretrainedConfig
 
 
-def moe_layer_pattern(hf_config) -> list[bool]:
+def moe_layer_pattern(hf_config: PretrainedConfig) -> list[bool]:
     """transformers' rule: a layer is sparse unless listed in ``mlp_only_layers``, every ``decoder_sparse_step``-th."""
     step = getattr(hf_config, "decoder_sparse_step", 1) or 1
     dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
     return [i not in dense and (i + 1) % step == 0 for i in range(hf_config.num_hidden_layers)]
 
 
-class _QwenMoeMixin:
-    hf_views = _FUSED
-
-    def moe_kwargs(self, **extra: Any) -> dict[str, Any]:
-        c = self.hf_config
-        return moe_config_kwargs(
-            c,
-            num_experts=c.num_experts,
-            expert_ffn=c.moe_intermediate_size,
-            normalize_topk=bool(getattr(c, "norm_topk_prob", False)),
-            moe_layers=moe_layer_pattern(c),
-            **extra,
-        )
-
-    def moe_mappings(self) -> list:
-        return expert_mappings(
-            router=HF_MLP + "gate.weight",
-            gate=HF_MLP + "experts.*.gate_proj.weight",
-            up=HF_MLP + "experts.*.up_proj.weight",
-            down=HF_MLP + "experts.*.down_proj.weight",
-        )
+def qwen_moe_config(hf_config: PretrainedConfig, **shared: Any) -> dict[str, Any]:
+    """The MoE fields both Qwen MoE families read the same way; ``shared``: their shared-expert fields."""
+    c = hf_config
+    return moe_config(
+        c,
+        num_experts=c.num_experts,
+        expert_ffn=c.moe_intermediate_size,
+        normalize_topk=bool(getattr(c, "norm_topk_prob", False)),
+        moe_layers=moe_layer_pattern(c),
+        **shared,
+    )
 
 
 @register_bridge("Qwen2MoeForCausalLM")
-class Qwen2MoeBridge(_QwenMoeMixin, Qwen2Bridge):
+class Qwen2MoeBridge(RotaryBridge):
+    hf_views = fused_expert_views()
+
+    def check_supported(self) -> None:
+        check_qwen(self)
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        shared = getattr(self.hf_config, "shared_expert_intermediate_size", 0) or None
-        return {**super().transformer_config_kwargs(), **self.moe_kwargs(shared_expert_ffn=shared, shared_expert_gate=bool(shared))}
+        c = self.hf_config
+        shared = getattr(c, "shared_expert_intermediate_size", 0) or None
+        moe = qwen_moe_config(c, shared_expert_ffn=shared, shared_expert_gate=bool(shared))
+        return {**decoder_config(c), **attention_config(c, qkv_bias=True), **gated_mlp_config(c), **moe}
 
     def mapping_registry(self) -> MappingRegistry:
-        shared = LAYER + "mlp.shared_experts."
         return MappingRegistry(
-            super().mapping_registry().mappings
-            + self.moe_mappings()
-            + [
-                GatedMLPMapping(
-                    shared + "linear_fc1.weight", gate=HF_MLP + "shared_expert.gate_proj.weight", up=HF_MLP + "shared_expert.up_proj.weight"
-                ),
-                RowParallelMapping(shared + "linear_fc2.weight", HF_MLP + "shared_expert.down_proj.weight"),
-                ReplicatedMapping(shared + "gate_weight", HF_MLP + "shared_expert_gate.weight"),
+            [
+                *embeddings_and_output(self.tie_word_embeddings),
+                *attention(qkv_bias=True),
+                *pre_mlp_norm(),
+                *dense_mlp(),
+                *routed_experts(),
+                *shared_experts(gate="mlp.shared_expert_gate"),
             ]
         )
 
 
 @register_bridge("Qwen3MoeForCausalLM")
-class Qwen3MoeBridge(_QwenMoeMixin, Qwen3Bridge):
+class Qwen3MoeBridge(RotaryBridge):
+    hf_views = fused_expert_views()
+
+    def check_supported(self) -> None:
+        check_qwen(self)
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        return {**super().transformer_config_kwargs(), **self.moe_kwargs()}
+        c = self.hf_config
+        return {**decoder_config(c), **attention_config(c, qk_norm=True), **gated_mlp_config(c), **qwen_moe_config(c)}
 
     def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(super().mapping_registry().mappings + self.moe_mappings())
+        return MappingRegistry(
+            [
+                *embeddings_and_output(self.tie_word_embeddings),
+                *attention(qk_norm=True),
+                *pre_mlp_norm(),
+                *dense_mlp(),
+                *routed_experts(),
+            ]
+        )

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from bridge.hf.reader import CheckpointError, NonFinite, SafetensorsReader, non_float_weights, nonfinite_counts
-from bridge.mappings import AutoMapping, JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping
+from bridge.mappings import JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping
 from bridge.megatron.chunks import global_names, is_expert_param, unwrap_chunks
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class PlanEntry:
     """One Megatron parameter of the whole model, as every rank sees it."""
 
     name: str  # global name: layer and expert numbers counted over the whole model
-    kind: str  # the concrete mapping kind (an AutoMapping is resolved on the owning rank)
+    kind: str  # the mapping kind (column, row, qkv, ...)
     local_shape: tuple[int, ...]
     dtype: torch.dtype
     pp_rank: int
@@ -105,12 +105,11 @@ class TransferPlan:
                     unmapped.append(name)
                     continue
                 module = chunk.get_submodule(local_name.rpartition(".")[0])
-                kind = AutoMapping.kind_for(module, param) if isinstance(mapping, AutoMapping) else mapping.kind
                 expert = is_expert_param(module, param)
                 local[name] = LocalParam(index, local_name, param)
                 if _is_source(expert):
                     group = tuple(dist.get_process_group_ranks(tp_group(expert)))
-                    mine.append(PlanEntry(name, kind, tuple(param.shape), param.dtype, pp_rank, vp_stage, expert, rank, group))
+                    mine.append(PlanEntry(name, mapping.kind, tuple(param.shape), param.dtype, pp_rank, vp_stage, expert, rank, group))
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (mine, unmapped))
         all_unmapped = sorted({name for _, names in gathered for name in names})
@@ -138,10 +137,7 @@ class TransferPlan:
 
     def mapping(self, entry: PlanEntry) -> ParamMapping:
         if entry.name not in self._mappings:
-            mapping = self.registry.resolve(entry.name)
-            if isinstance(mapping, AutoMapping):
-                mapping = mapping.specialize(entry.kind)
-            self._mappings[entry.name] = mapping
+            self._mappings[entry.name] = self.registry.resolve(entry.name)
         return self._mappings[entry.name]
 
     def context(self, entry: PlanEntry, tp_rank: int | None = None) -> MappingContext:

@@ -1,0 +1,112 @@
+"""TransformerConfig fragments: the Megatron-Core fields of one part of a decoder, read off an HF config.
+
+A family's ``transformer_config_kwargs`` merges the fragments of its blocks; the ``check_*`` refusals
+name the HF settings a fragment cannot express.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from bridge.model_bridge import ModelBridge, UnsupportedArchitectureError
+
+
+def head_dim(hf_config: PretrainedConfig) -> int:
+    """``head_dim`` where the config sets it (Qwen3 decouples it from the hidden size), else hidden size / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def decoder_config(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """The decoder stack: layers, width, RMSNorm, no linear biases, no dropout (the HF models apply none)."""
+    return dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+    )
+
+
+def attention_config(hf_config: PretrainedConfig, *, qkv_bias: bool = False, qk_norm: bool = False) -> dict[str, Any]:
+    """Grouped-query self-attention (the options as in ``blocks.attention``), softmax in fp32 as transformers computes it."""
+    return dict(
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+        kv_channels=head_dim(hf_config),
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=qk_norm,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def sliding_window_config(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """``sliding_window`` on every layer, when set.
+
+    HF attends to the last ``window`` keys including the current one; Megatron's (left, right) window
+    counts the keys to the left of the query.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    return {"window_size": (window - 1, 0)} if window else {}
+
+
+def gated_mlp_config(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """SwiGLU MLPs (dense ones and experts alike); ``intermediate_size`` is the dense MLP's."""
+    return dict(ffn_hidden_size=hf_config.intermediate_size, gated_linear_unit=True, activation_func=F.silu)
+
+
+def moe_config(
+    hf_config: PretrainedConfig,
+    *,
+    num_experts: int,
+    expert_ffn: int,
+    normalize_topk: bool,
+    moe_layers: list[bool],
+    shared_expert_ffn: int | None = None,
+    shared_expert_gate: bool = False,
+    input_jitter: float = 0.0,
+) -> dict[str, Any]:
+    """Megatron-Core MoE fields for a softmax top-k router as transformers implements it.
+
+    transformers: softmax over all experts, top-k, then (when ``normalize_topk``) renormalise the k
+    weights. Megatron-Core: ``pre_softmax`` takes the top-k of the softmax (no renormalisation);
+    without it, the softmax of the top-k logits, which equals the renormalised weights.
+    """
+    if not any(moe_layers):
+        raise UnsupportedArchitectureError("the config describes an MoE model with no MoE layer")
+    aux = bool(getattr(hf_config, "output_router_logits", False))
+    return dict(
+        num_moe_experts=num_experts,
+        moe_ffn_hidden_size=expert_ffn,
+        moe_router_topk=hf_config.num_experts_per_tok,
+        moe_router_pre_softmax=not normalize_topk,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",  # transformers computes the router softmax in fp32
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0)) if aux else 0.0,
+        moe_expert_capacity_factor=None,  # no token dropping, as in transformers
+        moe_grouped_gemm=False,
+        moe_layer_freq=[int(is_moe) for is_moe in moe_layers],
+        moe_shared_expert_intermediate_size=shared_expert_ffn,
+        moe_shared_expert_gate=shared_expert_gate,
+        moe_input_jitter_eps=input_jitter or None,
+    )
+
+
+def check_gated_silu(bridge: ModelBridge) -> None:
+    """``gated_mlp_config`` maps SiLU-gated MLPs only."""
+    act = getattr(bridge.hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise bridge.unsupported("hidden_act", act, "the bridge maps gated SiLU MLPs only")
+
+
+def check_no_bias(bridge: ModelBridge, *flags: str) -> None:
+    """Refuse HF bias switches: Megatron-Core puts biases on all linear layers or on QKV only."""
+    for flag in flags:
+        if getattr(bridge.hf_config, flag, False):
+            raise bridge.unsupported(flag, True, "Megatron-Core adds biases to all linear layers or to QKV only")

@@ -1,0 +1,64 @@
+"""Rotary position embeddings: HF rope settings → ``GPTModel`` arguments, and the settings Megatron-Core cannot reproduce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from bridge.model_bridge import ModelBridge
+
+# Old checkpoints save the rotary frequencies, which are not weights.
+ROTARY_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+# The Llama-3 rope scaling constants Megatron-Core's RotaryEmbedding hard-codes (rope_utils._apply_scaling).
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_parameters(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """The rope settings of a transformers-5 config (``rope_parameters``) or an older one (``rope_theta``/``rope_scaling``)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if "rope_theta" not in params and getattr(hf_config, "rope_theta", None) is not None:
+        params["rope_theta"] = hf_config.rope_theta
+    legacy = getattr(hf_config, "rope_scaling", None)
+    if legacy and "rope_type" not in params:
+        params.update(legacy)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", 10000.0)
+    return params
+
+
+def _rotary_kwargs(bridge: ModelBridge) -> dict[str, Any]:
+    """Rotary base and scaling of a default, linear or llama3 rope."""
+    rope = rope_parameters(bridge.hf_config)
+    kwargs: dict[str, Any] = {"rotary_base": rope["rope_theta"]}
+    kind = rope["rope_type"]
+    if kind == "llama3":
+        for key, value in MEGATRON_LLAMA3_ROPE.items():
+            if float(rope.get(key, value)) != value:
+                raise bridge.unsupported(f"rope_parameters.{key}", rope[key], f"Megatron-Core's llama3 rope scaling fixes it at {value}")
+        kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+    elif kind == "linear":
+        kwargs["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif kind != "default":
+        raise bridge.unsupported("rope_parameters.rope_type", kind, "supported: default, linear, llama3")
+    return kwargs
+
+
+def check_rope(bridge: ModelBridge) -> None:
+    """Refuse a partial rotary embedding and the rope settings ``RotaryBridge.gpt_model_kwargs`` cannot express."""
+    c = bridge.hf_config
+    # transformers 5 keeps it in rope_parameters; older configs at the top level
+    partial = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise bridge.unsupported("partial_rotary_factor", partial, "only full rotary embeddings are mapped")
+    _rotary_kwargs(bridge)
+
+
+class RotaryBridge(ModelBridge):
+    """Base of the families with rotary position embeddings (their ``check_supported`` calls ``check_rope``)."""
+
+    hf_ignore = ROTARY_BUFFERS
+
+    def gpt_model_kwargs(self) -> dict[str, Any]:
+        """The longest sequence, rotary base and scaling."""
+        return dict(max_sequence_length=self.hf_config.max_position_embeddings, **_rotary_kwargs(self))
