@@ -333,7 +333,7 @@ def worker_generate(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from bridge.tiny_checkpoints import tiny_tokenizer
+    from bridge.demo_model import demo_tokenizer
 
     config = LlamaConfig(
         vocab_size=args.vocab,
@@ -356,7 +356,7 @@ def worker_generate(args) -> None:
                 param.add_(torch.randn_like(param) * 0.1)
     tmp = Path(args.out)
     model.save_pretrained(tmp)
-    tiny_tokenizer(args.vocab).save_pretrained(tmp)
+    demo_tokenizer(args.vocab).save_pretrained(tmp)
     os.replace(tmp, args.folder)
 
 

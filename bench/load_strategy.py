@@ -44,13 +44,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    import torch
+    from transformers import LlamaConfig
+
+    from bridge.demo_model import SMALL_LLAMA, save_random_checkpoint
 
     folder = Path(__file__).parent / "data" / f"llama-h{args.hidden}-l{args.layers}"
     if not (folder / "config.json").exists():
-        build_tiny_checkpoint(
-            "llama",
-            folder,
+        shape = dict(
             hidden_size=args.hidden,
             intermediate_size=args.hidden * 11 // 4,
             num_hidden_layers=args.layers,
@@ -58,6 +59,7 @@ def main() -> None:
             num_key_value_heads=8,
             vocab_size=32000,
         )
+        save_random_checkpoint(LlamaConfig(**{**SMALL_LLAMA, **shape}), folder, dtype=torch.bfloat16)
     size_gb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e9
     reference = statistics.median(run_distributed(_time_loads, 1, str(folder), 1, ["slice"], args.repeats)[0]["slice"])
     results = run_distributed(_time_loads, 2, str(folder), 2, ["slice", "scatter"], args.repeats)[0]

@@ -25,8 +25,8 @@ from megatron.core import parallel_state
 from bridge import AutoBridge
 from bridge.checks.forward import megatron_logits
 from bridge.checks.verify import compare_hf_folders
+from bridge.demo_model import build_demo_checkpoint
 from bridge.megatron.parallel import init_distributed
-from bridge.tiny_checkpoints import build_tiny_checkpoint
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     rank = dist.get_rank()
     source, exported = args.workdir / "hf_source", args.workdir / "hf_exported"
     if rank == 0:
-        build_tiny_checkpoint("llama", source, dtype=torch.float32)
+        build_demo_checkpoint(source, dtype=torch.float32)
         print(f"built a small Llama checkpoint in {source}")
     dist.barrier()
 

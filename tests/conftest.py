@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bridge.tiny_checkpoints import TINY_MODELS, TINY_MOE_MODELS, build_tiny_checkpoint  # noqa: E402
+from tests.tiny_checkpoints import TINY_MODELS, TINY_MOE_MODELS, build_tiny_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,8 +23,8 @@ from bridge.mappings import MappingContext, materialize
 from safetensors.torch import load_file
 
 from bridge import AutoBridge, UnsupportedArchitectureError
-from bridge.tiny_checkpoints import TINY_MODELS, TINY_MOE_MODELS, build_tiny_checkpoint
 from tests.checks import MOE_NAMES, expected_shard, same_bits
+from tests.tiny_checkpoints import TINY_MODELS, TINY_MOE_MODELS, build_tiny_checkpoint
 
 MODELS = [*TINY_MODELS, *TINY_MOE_MODELS]
 # TP 4 needs 4 query groups: the shard test runs it on a variant of each model with 8 heads in 4 groups.

@@ -198,7 +198,7 @@ def _folder_bytes(folder: Path) -> int:
 def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(workdir):
     from bridge.checks.verify import compare_hf_folders
     from bridge.runtime.sizes import parse_size
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from tests.tiny_checkpoints import build_tiny_checkpoint
 
     budget = parse_size(BUDGET)
     hf = build_tiny_checkpoint("llama", workdir / "big-hf", **BIG)

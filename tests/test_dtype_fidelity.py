@@ -19,9 +19,9 @@ import torch
 
 from bridge.checks.verify import compare_hf_folders
 from bridge.runtime.local_launch import run_distributed
-from bridge.tiny_checkpoints import build_tiny_checkpoint
 from tests.edited_checkpoints import edited_copy
 from tests.test_cli import EXIT_OK, _cli
+from tests.tiny_checkpoints import build_tiny_checkpoint
 
 NORM, UP = "model.norm.weight", "model.layers.0.mlp.up_proj.weight"
 

@@ -225,7 +225,7 @@ def test_leftovers_of_dead_processes_are_removed(tiny_checkpoints, tmp_path):
 def larger_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     """A larger tiny Llama and its Megatron checkpoint, imported by a plain `python -m bridge import --tp 2 --in-memory`
     (which starts its two ranks itself; the exports below stream in one process)."""
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from tests.tiny_checkpoints import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("larger")
     hf = build_tiny_checkpoint("llama", root / "hf", hidden_size=128, intermediate_size=512, num_attention_heads=4, vocab_size=2000)

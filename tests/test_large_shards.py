@@ -184,7 +184,7 @@ def test_a_sparse_shard_larger_than_ram_reads_within_a_small_address_space(tmp_p
 
 @pytest.mark.distributed
 def test_a_shard_twice_the_budget_imports_within_it_bit_identical(tmp_path):
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from tests.tiny_checkpoints import build_tiny_checkpoint
 
     hf = build_tiny_checkpoint("llama", tmp_path / "hf", **DIMS)
     (shard,) = hf.glob("*.safetensors")

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bridge.demo_model import VOCAB_SIZE
 from bridge.runtime.local_launch import run_distributed
-from bridge.tiny_checkpoints import TINY_MODELS, VOCAB_SIZE
 from tests.case_matrix import case_results, run_cases
+from tests.tiny_checkpoints import TINY_MODELS
 
 pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from bridge import AutoBridge
+from bridge.demo_model import VOCAB_SIZE
 from bridge.megatron.parallel import ParallelConfigError
 from bridge.runtime.local_launch import run_distributed
-from bridge.tiny_checkpoints import TINY_MOE_MODELS, VOCAB_SIZE, build_tiny_checkpoint
 from tests.case_matrix import case_results, run_cases
+from tests.tiny_checkpoints import TINY_MOE_MODELS, build_tiny_checkpoint
 
 LAYOUTS = {
     "tp1": {},

@@ -69,7 +69,7 @@ _MEASURE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from tests.tiny_checkpoints import build_tiny_checkpoint
 
     return build_tiny_checkpoint("llama", tmp_path_factory.mktemp("reader-memory") / "hf", **DIMS)
 

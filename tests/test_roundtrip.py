@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bridge.runtime.local_launch import run_distributed
-from bridge.tiny_checkpoints import TINY_MODELS
 from tests.case_matrix import case_results, run_cases
+from tests.tiny_checkpoints import TINY_MODELS
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 WORLD = 4

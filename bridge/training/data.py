@@ -154,12 +154,12 @@ def prepare_demo(workdir: str | Path) -> tuple[Path, list[str]]:
     (``weight prefix weight prefix``). What already exists in ``workdir`` is reused, so a resumed
     demo trains the same model on the same data.
     """
-    from bridge.tiny_checkpoints import build_tiny_checkpoint
+    from bridge.demo_model import build_demo_checkpoint
 
     workdir = Path(workdir)
     hf_folder = workdir / "hf_tiny_llama"
     if not (hf_folder / "config.json").exists():
-        build_tiny_checkpoint("llama", hf_folder, dtype=torch.float32)
+        build_demo_checkpoint(hf_folder, dtype=torch.float32)
     data_paths = []
     for name, weight, seed in (("corpus_a", "0.7", 0), ("corpus_b", "0.3", 1)):
         prefix = workdir / "data" / name

@@ -1,0 +1,78 @@
+"""Tiny HF checkpoints of every supported family, with the switches of their real configs (test fixtures).
+
+Each is ``bridge.demo_model.SMALL_LLAMA``'s dimensions under the family's config class plus the
+settings that change its mapping (rope scaling, tied embeddings, q/k norm, q/k/v bias, experts,
+shared experts, dense layers among sparse ones).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridge.demo_model import SMALL_LLAMA, save_random_checkpoint
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+# name → (config class name, config overrides)
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama3.1": ("LlamaConfig", {"rope_parameters": _LLAMA3_ROPE}),
+    "llama3.2": ("LlamaConfig", {"rope_parameters": _LLAMA3_ROPE, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+}
+
+_MOE = dict(num_experts_per_tok=2, output_router_logits=False)
+TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", {**_MOE, "num_local_experts": 4, "intermediate_size": 32, "sliding_window": None}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            **_MOE,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": False,
+        },
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
+}
+
+
+def tiny_config(name: str, **overrides: Any):
+    """The config of the tiny ``name`` model (see ``TINY_MODELS``, ``TINY_MOE_MODELS``) with ``overrides``.
+
+    The tables are deep-copied: transformers edits the ``rope_parameters`` dict it is given.
+    """
+    import transformers
+
+    class_name, extra = {**TINY_MODELS, **TINY_MOE_MODELS}[name]
+    return getattr(transformers, class_name)(**copy.deepcopy({**SMALL_LLAMA, **extra, **overrides}))
+
+
+def build_tiny_checkpoint(
+    name: str,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    save_original_format: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Save a randomly initialised tiny ``name`` model with a tokenizer to ``out_dir`` (``save_random_checkpoint``)."""
+    return save_random_checkpoint(
+        tiny_config(name, **overrides), out_dir, dtype=dtype, seed=seed, save_original_format=save_original_format
+    )
