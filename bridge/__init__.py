@@ -2,7 +2,7 @@
 
 The public names are imported lazily, so that ``import bridge.runtime.cpu_mode`` (or a spawned rank's
 launcher) does not pay for transformers before it needs it. Importing the package installs
-``bridge.runtime.megatron_import``'s hook, which makes a later ``import megatron.core`` ~1.3 s cheaper,
+``bridge.runtime.megatron_import``'s hook, which makes a later ``import megatron.core`` cheaper,
 and hides Megatron-Core's notices a user cannot act on (missing Apex / Transformer Engine, deprecated collectives).
 """
 

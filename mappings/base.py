@@ -56,8 +56,8 @@ class JoinedShards:
     """A tensor given as the parts it is joined from along ``dim`` (TP shards, or row blocks of them), not yet joined.
 
     Export hands these to the folder writer, which copies their bytes (``copy_bytes``) from the
-    parts straight into its staging buffers: the join is never made in memory (on the project's
-    VMs, fresh memory for a copy cost more than writing it). ``materialize()`` is the plain
+    parts straight into its staging buffers: the join is never made in memory (docs/design.md,
+    "Copies that are never made"). ``materialize()`` is the plain
     ``torch.cat`` for everyone else.
     """
 
@@ -195,8 +195,8 @@ def assemble_rows(
     """``torch.cat(parts, dim=0)``, written into ``out`` when given (converting the dtype as ``copy_`` does).
 
     Loading passes the parameter itself as ``out``, so a shard is copied once, from the file's map
-    into the parameter, and no shard-sized temporary is made (fresh memory costs more to touch on
-    these VMs than the copy itself). ``copy(rows_of_out, part)`` does each copy into ``out`` (default
+    into the parameter, and no shard-sized temporary is made (docs/design.md, "Copies that are
+    never made"). ``copy(rows_of_out, part)`` does each copy into ``out`` (default
     ``rows_of_out.copy_(part)``): a parameter on a GPU is filled through pinned buffers that way.
     """
     shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])

@@ -95,8 +95,8 @@ def export_tensors(
     parameter (``joined`` only) comes to each of its holders, with the other holders' parts as meta
     tensors: each writes its own.
 
-    The holders of a parameter's shards send them straight to its writer, point-to-point (gloo's
-    ``gather`` moved 1 GB/s where send/recv moved 5 GB/s between two local ranks). Every rank posts
+    The holders of a parameter's shards send them straight to its writer, point-to-point (faster
+    than a collective ``gather``: docs/design.md). Every rank posts
     its sends and receives in the one global order, so that NCCL's in-order streams pair them up.
     Sends go out at once (they are the parameters themselves, no copies); receives run ahead of the
     writing within a window of the most bytes one parameter needs received (half the largest

@@ -1,9 +1,9 @@
 """Keep Python's full garbage collections off the objects that exist before a conversion starts.
 
-A converting process holds ~300k objects of torch, transformers and Megatron-Core, and a full
-(generation-2) collection walks all of them: 0.11–0.14 s on the project's 2-core machine, at a
-point the allocations of the conversion happen to trigger (seen in the middle of an export: 0.8 s
-instead of 0.65 s, in some runs and not in others). ``frozen_heap`` moves those objects to the
+A converting process holds hundreds of thousands of objects of torch, transformers and
+Megatron-Core, and a full (generation-2) collection walks all of them, at whatever point the
+conversion's allocations trigger one (docs/design.md, "Start-up and the garbage collector").
+``frozen_heap`` moves those objects to the
 permanent generation for the duration (``gc.freeze``) and back at the end (``gc.unfreeze``): the
 collector keeps running, so cyclic garbage the conversion makes is still collected, but its full
 collections only walk what the conversion made.

@@ -1,16 +1,16 @@
-"""A one-shot import hook that cuts ``import megatron.core`` from ~1.8 s to ~0.5 s (2-core CPU machine).
+"""A one-shot import hook that makes ``import megatron.core`` skip work a conversion never uses (docs/design.md).
 
 ``install_megatron_import_hook`` (run by ``import bridge``) installs it; what Megatron-Core computes
 does not change:
 
 - Megatron-Core 0.16.1 decorates its fused functions with ``megatron.core.jit.jit_fuser``, which is
   ``torch.compile``, while ``import megatron.core`` runs. The first ``torch.compile`` call imports
-  torch's compiler stack (dynamo, inductor, functorch, networkx: ~1.1 s), in a conversion that
+  torch's compiler stack (dynamo, inductor, functorch, networkx), in a conversion that
   never calls those functions. The hook makes ``jit_fuser`` build the same ``torch.compile``
   wrapper at a function's first call instead (``lazy_torch_compile``). No environment variable or
   API of 0.16.1 does this; ``disable_jit_fuser()`` can only run after the decorations.
 - The cyclic garbage collector is paused while ``megatron/core/__init__.py`` runs: the full
-  collections that import triggers walk torch's and transformers' objects too (two fewer, ~0.2 s).
+  collections that import triggers walk torch's and transformers' objects too.
 
 Nothing changes when Megatron-Core was imported before ``bridge``; set
 ``HFMB_EAGER_MEGATRON_IMPORT=1`` to import it untouched. A lazy ``jit_fuser`` in Megatron-Core
