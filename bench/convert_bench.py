@@ -424,22 +424,18 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     for path in results:
         path.unlink(missing_ok=True)
     common = ["--folder", str(folder), "--out", str(out)]
-    procs = []
+    procs, stores = [], []
     # Write back what earlier measurements (or other users) left dirty, so that no measurement pays for another's.
     os.sync()
     launch = time.time()
     if kind in ("bridge", "rawwrite"):
-        port = _free_port()
+        from bridge.runtime.local_launch import host_rendezvous
+
+        store, store_env = host_rendezvous()
+        stores.append(store)  # the ranks' rendezvous, kept until they are done
         for rank in range(world):
             env = (
-                dict(
-                    RANK=str(rank),
-                    WORLD_SIZE=str(world),
-                    LOCAL_RANK=str(rank),
-                    LOCAL_WORLD_SIZE=str(world),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                )
+                dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), **store_env)
                 if world > 1
                 else {}
             )
@@ -447,6 +443,7 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     else:
         procs.append(_launch(kind, [*common, "--result", str(results[0])], None, logs[0]))
     _wait(procs, logs, args.timeout, name)
+    stores.clear()
     records = []
     for path in results:
         record = json.loads(path.read_text())
@@ -457,14 +454,6 @@ def run_measurement(kind: str, folder: Path, work: Path, args, layout: str | Non
     else:
         shutil.rmtree(out, ignore_errors=True)
     return records
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def summarise(runs: list[list[dict]]) -> list[dict]:

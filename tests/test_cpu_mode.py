@@ -6,14 +6,11 @@ pytest process is never patched and no `torch.distributed` / `parallel_state` st
 
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bridge.runtime import cpu_mode
+from bridge.runtime.local_launch import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode only exists on machines without CUDA")
 
@@ -22,38 +19,25 @@ VOCAB, SEQ, BATCH = 128, 16, 2
 
 
 # --------------------------------------------------------------------------------------------
-# Multi-process launcher (to be moved to a shared test helper).
+# Multi-process launcher: the project's own (``run_distributed``), with CPU mode on in every rank.
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _in_cpu_mode(fn, args) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
 
-
-def _bootstrap(rank, world_size, port, fn, args):
     torch.set_num_threads(1)
     cpu_mode.enable_cpu_mode()
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
-    )
     try:
-        fn(rank, world_size, *args)
+        fn(dist.get_rank(), dist.get_world_size(), *args)
     finally:
-        from megatron.core import parallel_state
-
         parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def run_workers(fn, world_size: int, *args) -> None:
-    """Run module-level `fn(rank, world_size, *args)` in `world_size` spawned gloo processes."""
-    mp.spawn(_bootstrap, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    """Run module-level `fn(rank, world_size, *args)` on `world_size` gloo ranks, CPU mode on."""
+    run_distributed(_in_cpu_mode, world_size, fn, args)
 
 
 # --------------------------------------------------------------------------------------------

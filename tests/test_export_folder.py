@@ -31,9 +31,8 @@ from bridge.hf.layout import ShardLayout
 from bridge.hf.metadata import ConfigMismatchError
 from bridge.hf.output_folder import OutputFolderError, temp_name
 from bridge.runtime.sizes import parse_size
+from tests.commands import HFMB, ROOT, clean_env, hfmb
 from tests.edited_checkpoints import edited_copy
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write(source: Path, out: Path, *, max_shard_size="5GB", overwrite=False, tensors=None, config=None, check=None) -> Path:
@@ -230,28 +229,19 @@ def larger_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("larger")
     hf = build_tiny_checkpoint("llama", root / "hf", hidden_size=128, intermediate_size=512, num_attention_heads=4, vocab_size=2000)
     ckpt = root / "ckpt"
-    result = _hfmb("import", str(hf), str(ckpt), "--tp", "2", "--in-memory")
+    result = hfmb("import", str(hf), str(ckpt), "--tp", "2", "--in-memory")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 local ranks" in result.stderr and "imported LlamaForCausalLM" in result.stdout
     return hf, ckpt
 
 
-def _env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONWARNINGS": "ignore"}
-
-
-def _hfmb(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridge", *argv], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
-
-
 def _kill_mid_export(ckpt: Path, out: Path, *extra: str) -> None:
     """Start `hfmb export`, SIGKILL it once its temporary folder beside ``out`` holds a shard; assert it was killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "export", str(ckpt), str(out), "--max-shard-size", "64KB", *extra],
+        [*HFMB, "export", str(ckpt), str(out), "--max-shard-size", "64KB", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=clean_env(),
         cwd=ROOT,
     )
     deadline = time.time() + 300
@@ -281,7 +271,7 @@ def test_killed_export_leaves_the_target_absent_or_untouched(larger_checkpoint, 
     _kill_mid_export(ckpt, out, "--overwrite")
     assert _snapshot(out) == before
     # a completed export replaces it, and the killed runs' temporary folders are cleaned up
-    result = _hfmb("export", str(ckpt), str(out), "--overwrite", "--max-shard-size", "64KB")
+    result = hfmb("export", str(ckpt), str(out), "--overwrite", "--max-shard-size", "64KB")
     assert result.returncode == 0, result.stderr[-3000:]
     assert compare_hf_folders(hf, out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -23,8 +23,8 @@ import pytest
 from bridge.hf.folder_writer import HFFolderWriter
 from bridge.hf.layout import ShardLayout
 from bridge.hf.output_folder import MEGATRON_CHECKPOINT, OutputFolderError, claimed_target, temp_name
+from tests.commands import HFMB, ROOT, clean_env, hfmb
 
-ROOT = Path(__file__).resolve().parent.parent
 EXIT_INPUT = 2
 
 
@@ -232,19 +232,10 @@ def test_a_link_to_nowhere_is_refused(tiny_checkpoints, tmp_path):
 # ---------------------------------------------------------------- CLI: import / export targets
 
 
-def _env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONWARNINGS": "ignore"}
-
-
-def _hfmb(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridge", *argv], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def imported(tiny_checkpoints, tmp_path_factory) -> Path:
     ckpt = tmp_path_factory.mktemp("imported") / "ckpt"
-    result = _hfmb("import", str(tiny_checkpoints["llama"]), str(ckpt))
+    result = hfmb("import", str(tiny_checkpoints["llama"]), str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
     return ckpt
 
@@ -254,9 +245,9 @@ def test_cli_export_and_import_refuse_a_home_like_target_with_overwrite(tiny_che
     home = _home_like(tmp_path / "home")
     (home / "latest_checkpointed_iteration.txt").write_text("release")
     before = _tree(home)
-    exported = _hfmb("export", str(imported), str(home), "--overwrite")
+    exported = hfmb("export", str(imported), str(home), "--overwrite")
     assert exported.returncode == EXIT_INPUT and "holds '.bashrc'" in exported.stderr, exported.stderr[-2000:]
-    imported_again = _hfmb("import", str(tiny_checkpoints["llama"]), str(home), "--overwrite")
+    imported_again = hfmb("import", str(tiny_checkpoints["llama"]), str(home), "--overwrite")
     assert imported_again.returncode == EXIT_INPUT and "holds '.bashrc'" in imported_again.stderr, imported_again.stderr[-2000:]
     assert _tree(home) == before
 
@@ -264,9 +255,9 @@ def test_cli_export_and_import_refuse_a_home_like_target_with_overwrite(tiny_che
 @pytest.mark.distributed
 def test_cli_import_overwrites_its_own_checkpoint(tiny_checkpoints, imported, tmp_path):
     ckpt = tmp_path / "ckpt"
-    first = _hfmb("import", str(tiny_checkpoints["qwen3"]), str(ckpt))
+    first = hfmb("import", str(tiny_checkpoints["qwen3"]), str(ckpt))
     assert first.returncode == 0, first.stderr[-2000:]
-    second = _hfmb("import", str(tiny_checkpoints["llama"]), str(ckpt), "--overwrite")
+    second = hfmb("import", str(tiny_checkpoints["llama"]), str(ckpt), "--overwrite")
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads((ckpt / "bridge.json").read_text())["architecture"] == "LlamaForCausalLM"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -277,7 +268,7 @@ def test_cli_export_into_the_checkpoint_through_a_link_is_refused(imported, tmp_
     link = tmp_path / "out"
     link.symlink_to(imported)
     before = _tree(imported)
-    result = _hfmb("export", str(imported), str(link), "--overwrite")
+    result = hfmb("export", str(imported), str(link), "--overwrite")
     assert result.returncode == EXIT_INPUT and "overlaps the checkpoint" in result.stderr, result.stderr[-2000:]
     assert _tree(imported) == before
 
@@ -302,10 +293,10 @@ def _all_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
 def test_ranks_die_with_a_killed_launcher_and_publish_nothing(tiny_checkpoints, tmp_path):
     out = tmp_path / "ckpt"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "import", str(tiny_checkpoints["llama"]), str(out), "--tp", "2", "--in-memory"],
+        [*HFMB, "import", str(tiny_checkpoints["llama"]), str(out), "--tp", "2", "--in-memory"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=clean_env(),
         cwd=ROOT,
     )
     try:
@@ -363,7 +354,7 @@ time.sleep(600)
 @pytest.mark.distributed
 def test_checkpoint_writer_helpers_die_with_their_rank(tmp_path):
     rank = subprocess.Popen(
-        [sys.executable, "-c", _SAVE_AND_WAIT, str(tmp_path / "ckpt")], stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT
+        [sys.executable, "-c", _SAVE_AND_WAIT, str(tmp_path / "ckpt")], stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT
     )
     try:
         assert rank.stdout.readline().strip() == "saved"

@@ -9,30 +9,29 @@ Each command runs in a fresh interpreter, as a user's would.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from tests.commands import ROOT, clean_env, hfmb
+
 pytestmark = pytest.mark.distributed  # fresh interpreters that start ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 NOISE = ("Apex", "Transformer Engine", "CUDA_DEVICE_MAX_CONNECTIONS", ".grad attribute", "Loading weights", "%|", "torch.distributed")
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}  # Python's defaults, as a user's
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+def _user_env() -> dict[str, str]:
+    """Python's default warning filters, as a user's interpreter has them."""
+    env = clean_env()
+    del env["PYTHONWARNINGS"]
+    return env
 
 
 def test_quiet_import_and_export_print_only_the_report(tiny_checkpoints, tmp_path):
-    hfmb = [sys.executable, "-m", "bridge"]
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     for argv in (["import", str(tiny_checkpoints["llama"]), str(ckpt)], ["export", str(ckpt), str(out)]):
-        done = _run(*hfmb, "-q", *argv)
+        done = hfmb("-q", *argv, env=_user_env())
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stderr == "", done.stderr
         assert done.stdout.startswith(f"{argv[0]}ed ")
@@ -59,6 +58,7 @@ print("loss", result.loss)
 def test_the_python_api_shows_no_notices_while_converting_and_training(tiny_moe_checkpoints, tmp_path):
     script = tmp_path / "convert.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    done = _run("torchrun", "--nproc-per-node=2", str(script), str(tiny_moe_checkpoints["mixtral"]))
+    argv = ["torchrun", "--nproc-per-node=2", str(script), str(tiny_moe_checkpoints["mixtral"])]
+    done = subprocess.run(argv, capture_output=True, text=True, env=_user_env(), cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not [word for word in NOISE if word in done.stderr], done.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bridge.runtime.local_launch import RankFailedError, run_distributed
+from tests.commands import HFMB
 
 pytestmark = pytest.mark.distributed
 
@@ -97,7 +97,7 @@ def test_under_torchrun_a_killed_rank_ends_the_job(tmp_path):
 
 def test_a_closed_output_pipe_exits_2_with_one_line(tiny_checkpoints):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "plan", str(tiny_checkpoints["llama"]), "--tp", "2"],
+        [*HFMB, "plan", str(tiny_checkpoints["llama"]), "--tp", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

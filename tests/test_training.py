@@ -25,6 +25,7 @@ import torch
 
 from bridge.runtime.local_launch import run_distributed
 from tests.case_matrix import case_results, run_cases
+from tests.commands import hfmb
 
 pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
 
@@ -337,7 +338,7 @@ def test_example_script_converts_trains_saves_and_exports(workdir):
     from bridge.checks.verify import compare_hf_folders
 
     exported = out / "hfmb_export"
-    done = subprocess.run([sys.executable, "-m", "bridge", "export", str(out / "ckpt"), str(exported)], capture_output=True, text=True)
+    done = hfmb("export", str(out / "ckpt"), str(exported))
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert compare_hf_folders(out / "hf_export", exported) == []
 

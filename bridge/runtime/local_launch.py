@@ -19,18 +19,25 @@ import torch.multiprocessing as mp
 REPORT_GRACE_S = 5.0
 
 
-def _worker(rank: int, world_size: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
+def host_rendezvous():
+    """A rendezvous store hosted by this (launching) process, and the environment its ranks join it with.
+
+    The port is the one the OS gives while binding, so concurrent launches cannot collide on it (a
+    port picked free and bound later by rank 0 can be taken meanwhile). Keep the store while the ranks run.
+    """
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    # torchrun's switch for "the launcher hosts the store": every rank connects as a client.
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    return store, env
+
+
+def _worker(rank: int, world_size: int, store_env: dict, parent: int, fn: Callable, args: tuple, queue) -> None:
     from bridge.runtime.process_lifetime import die_with_parent
 
     die_with_parent(parent)  # a killed launcher must not leave ranks that go on (and publish their output)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        TORCHELASTIC_USE_AGENT_STORE="True",  # the launcher hosts the rendezvous store: every rank is its client
-    )
+    os.environ.update(store_env, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch
 
     # Share the cores between the ranks: oversubscribed intra-op threads slow every op down many times.
@@ -64,14 +71,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     Any failure ends the run within seconds, not at ``timeout``: a rank that raises, or one that dies
     without reporting (SIGKILL, the OOM killer), fails it with ``RankFailedError`` naming that rank,
     and the other ranks are killed. The rendezvous store is hosted here on a port the OS picks while
-    binding it, so concurrent launches cannot collide on a port.
+    binding it (``host_rendezvous``).
     """
-    from torch.distributed import TCPStore
-
     ctx = mp.get_context("spawn")
     report = ctx.Queue()
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, os.getpid(), fn, args, report)) for r in range(world_size)]
+    store, store_env = host_rendezvous()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_env, os.getpid(), fn, args, report)) for r in range(world_size)]
     for proc in procs:
         proc.start()
     results: dict[int, Any] = {}
