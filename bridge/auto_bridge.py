@@ -16,7 +16,8 @@ from bridge.engine.export import export_tensors
 from bridge.engine.plan import TransferPlan, validate_checkpoint
 from bridge.hf import metadata as export_metadata
 from bridge.hf.dtype_choice import DtypeChoice, choose_param_dtype
-from bridge.hf.reader import SafetensorsReader, read_hf_config, resolve_hf_folder
+from bridge.hf.folder import read_hf_config, resolve_hf_folder
+from bridge.hf.reader import SafetensorsReader
 from bridge.megatron import builder as megatron_builder
 from bridge.megatron import parallel
 from bridge.megatron.parallel import ParallelSizes

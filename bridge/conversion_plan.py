@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bridge.auto_bridge import AutoBridge
 from bridge.conversions import model_sizes
 from bridge.engine.plan import CheckpointMatch, TransferPlan, count_nonfinite_weights, match_checkpoint
-from bridge.hf.reader import NonFinite
+from bridge.hf.weight_values import NonFinite
 from bridge.megatron.parallel import ParallelSizes, init_distributed
 
 

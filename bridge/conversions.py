@@ -26,6 +26,7 @@ from bridge.auto_bridge import AutoBridge
 from bridge.engine.plan import count_nonfinite_weights
 from bridge.hf import metadata
 from bridge.hf.dtype_choice import export_rounding
+from bridge.hf.folder import dtype_named
 from bridge.hf.output_folder import (
     HF_MODEL_FOLDER,
     MEGATRON_CHECKPOINT,
@@ -35,7 +36,7 @@ from bridge.hf.output_folder import (
     claimed_target,
     real_target,
 )
-from bridge.hf.reader import NonFinite, dtype_named
+from bridge.hf.weight_values import NonFinite
 from bridge.megatron import checkpoint as mc
 from bridge.megatron.builder import check_parallel_sizes
 from bridge.megatron.foreign_checkpoint import check_fits, checkpoint_record

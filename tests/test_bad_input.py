@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bridge import AutoBridge, UnsupportedArchitectureError
-from bridge.hf.reader import CheckpointError
+from bridge.hf.folder import CheckpointError
 from bridge.megatron.parallel import ParallelConfigError
 from bridge.runtime.local_launch import run_distributed
 from tests.edited_checkpoints import edited_copy

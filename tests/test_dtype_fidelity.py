@@ -162,7 +162,7 @@ def test_holds_exactly_covers_range_precision_and_subnormals():
 
 def test_choice_prefers_the_config_where_it_is_exact_and_refuses_float64():
     from bridge.hf.dtype_choice import choose_param_dtype
-    from bridge.hf.reader import CheckpointError
+    from bridge.hf.folder import CheckpointError
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert choose_param_dtype({"w": bf16}, fp32, None).params == fp32  # exact, and what transformers would load

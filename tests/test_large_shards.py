@@ -28,7 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bridge.hf.reader import CheckpointError, SafetensorsReader
+from bridge.hf.folder import CheckpointError
+from bridge.hf.reader import SafetensorsReader
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.hf.reader import CheckpointError, resolve_hf_folder
+from bridge.hf.folder import CheckpointError, resolve_hf_folder
 
 SCRIPT = textwrap.dedent(
     """

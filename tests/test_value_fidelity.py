@@ -198,8 +198,9 @@ def test_counting_reads_a_tensor_in_bounded_blocks(tmp_path, monkeypatch):
     """Counting streams a tensor in blocks of at most ``COUNT_BLOCK_BYTES`` and counts across their edges."""
     from safetensors.torch import save_file
 
-    from bridge.hf import reader as hf_checkpoint
-    from bridge.hf.reader import NonFinite, SafetensorsReader, nonfinite_counts
+    from bridge.hf import weight_values
+    from bridge.hf.reader import SafetensorsReader
+    from bridge.hf.weight_values import NonFinite, nonfinite_counts
 
     weight = torch.randn(100, 8)
     weight[0, 0] = weight[57, 3] = float("nan")
@@ -208,7 +209,7 @@ def test_counting_reads_a_tensor_in_bounded_blocks(tmp_path, monkeypatch):
         {"w": weight, "scalar": torch.tensor(float("inf")), "fine": torch.ones(4), "ids": torch.zeros(3, dtype=torch.int64)},
         tmp_path / "model.safetensors",
     )
-    monkeypatch.setattr(hf_checkpoint, "COUNT_BLOCK_BYTES", 3 * 8 * 4)  # three rows
+    monkeypatch.setattr(weight_values, "COUNT_BLOCK_BYTES", 3 * 8 * 4)  # three rows
     reads: list[torch.Size] = []
     read = SafetensorsReader.read
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bridge.hf.reader import CheckpointError, SafetensorsReader
+from bridge.hf.folder import CheckpointError
+from bridge.hf.reader import SafetensorsReader
 
 logger = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ def _exit_status_of(check) -> int:
 
 def _verify_folders(args: argparse.Namespace) -> int:
     from bridge.checks.verify import compare_hf_folders, load_hf_tensors, transformers_load_report
+    from bridge.hf.folder import CheckpointError, resolve_hf_folder
     from bridge.hf.metadata import config_differences, read_json
-    from bridge.hf.reader import CheckpointError, resolve_hf_folder
 
     expected, actual = resolve_hf_folder(args.hf), args.other
     if not (actual / "config.json").is_file():

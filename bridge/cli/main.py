@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-memory streams in one process: run without torchrun (the checkpoint loads at any TP/PP)")
     world = 1 if streams(args) else _world_needed(args)
     _configure_logging(args.quiet)
-    if not args.quiet and os.environ.get("RANK", "0") == "0":  # a word within the first second, before torch loads
-        source = args.ckpt if args.command == "export" else args.hf
-        print(f"hfmb {args.command}: checking {source} against the parallel sizes", file=sys.stderr, flush=True)
     try:
         _check_before_start(args)
     except BaseException as err:
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_before_start(args: argparse.Namespace) -> None:
     """The parallel sizes against the model's config, in a second or two, before any rank or model starts."""
     from bridge.cli.common import parallel_sizes
-    from bridge.hf.reader import read_hf_config, resolve_hf_folder
+    from bridge.hf.folder import read_hf_config, resolve_hf_folder
     from bridge.megatron import checkpoint as mc
     from bridge.megatron.builder import check_parallel_sizes
     from bridge.models import bridge_for

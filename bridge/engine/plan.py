@@ -20,7 +20,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from bridge.hf.reader import CheckpointError, NonFinite, SafetensorsReader, non_float_weights, nonfinite_counts
+from bridge.hf.folder import CheckpointError
+from bridge.hf.reader import SafetensorsReader
+from bridge.hf.weight_values import NonFinite, non_float_weights, nonfinite_counts
 from bridge.mappings import JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping
 from bridge.megatron.chunks import global_names, is_expert_param, unwrap_chunks
 

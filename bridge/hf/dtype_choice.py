@@ -17,8 +17,8 @@ from typing import Mapping
 
 import torch
 
+from bridge.hf.folder import CheckpointError
 from bridge.hf.metadata import dtype_name
-from bridge.hf.reader import CheckpointError
 
 logger = logging.getLogger(__name__)
 

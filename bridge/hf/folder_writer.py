@@ -21,9 +21,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from bridge.hf.folder import INDEX_NAME
 from bridge.hf.layout import LayoutWriter, ShardLayout
 from bridge.hf.output_folder import HF_MODEL_FOLDER, claimed_target
-from bridge.hf.reader import INDEX_NAME
 from bridge.mappings import JoinedShards
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from bridge.hf.reader import SIDE_FILES, read_json  # read_json: also for the callers that read JSON through here
+from bridge.hf.folder import SIDE_FILES, read_json  # read_json: also for the callers that read JSON through here
 
 # Keys that differ between two configs of the same model without changing it.
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash"})

@@ -1,4 +1,4 @@
-"""Reading an HF checkpoint folder: where it is, its config, and its safetensors tensors, lazily.
+"""Reading an HF checkpoint's safetensors tensors, lazily (the folder and its config: ``bridge.hf.folder``).
 
 A tensor is read only when a mapping narrows it, so a rank that needs one TP slice reads just that
 slice, through a memory map of a bounded window of its file (never the whole file), so that a shard
@@ -12,14 +12,15 @@ import json
 import logging
 import mmap
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
+from bridge.hf.folder import CheckpointError, weight_files
+
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 # safetensors dtype name → torch dtype, as ``safetensors.torch`` names them (the writer uses it inverted).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     label: dtype
@@ -49,25 +50,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 # Names the reader refuses: F4's recorded shape counts 4-bit values, not torch elements.
 _UNREADABLE = frozenset({"F4"})
-# Dtypes a float weight may be stored in. Any other (integers, bool, fp8, complex) would be imported
-# by a cast that changes what the values mean: quantized checkpoints need their own formats.
-WEIGHT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
-# Most bytes of a tensor read at once when counting its NaN/Inf values, so that counting a huge tensor stays small.
-COUNT_BLOCK_BYTES = 8 * 2**20
-# Files besides the weights that a complete HF folder carries and an export copies verbatim.
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 # Least bytes of a file mapped at once (see ``SafetensorsReader``), so that small models map rarely.
 MIN_REOPEN_BYTES = 64 * 2**20
 # Memory that parsing a safetensors header takes per header byte (the JSON parse, then the reader's
@@ -78,122 +60,6 @@ MAX_HEADER_BYTES = 100_000_000
 # A header longer than this and than the tensor data it describes is refused unparsed: in a real
 # checkpoint every entry (~100 bytes) describes a weight of kilobytes at least.
 PLAUSIBLE_HEADER_BYTES = 2**20
-# Config settings that must be positive integers (when present and not null): a 0, a negative or a
-# string would otherwise fail deep inside transformers or Megatron-Core with a message naming neither.
-POSITIVE_CONFIG_SETTINGS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-)
-
-
-class CheckpointError(ValueError):
-    """The HF checkpoint is missing, unreadable or does not match what the model needs."""
-
-
-def resolve_hf_folder(path_or_id: str | Path) -> Path:
-    """A local folder as is; otherwise a Hub repo id, downloaded (config, weights, tokenizer) to the HF cache."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; expected an HF checkpoint folder or a Hub repo id")
-    if _looks_like_a_path(str(path_or_id)):
-        raise CheckpointError(f"no such folder: {path_or_id}")
-    from huggingface_hub import snapshot_download
-
-    logger.info("downloading %s from the Hugging Face Hub", path_or_id)
-    try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
-    except Exception as err:
-        raise CheckpointError(f"{path_or_id!r} is neither a local folder nor a Hub repo that could be downloaded: {err}") from err
-
-
-def _looks_like_a_path(text: str) -> bool:
-    """Whether ``text`` can only be a local path: a Hub repo id is ``name`` or ``namespace/name``, never absolute or dotted."""
-    return text.startswith(("/", "./", "../", "~", ".\\")) or text in (".", "..") or text.count("/") > 1 or text.endswith("/")
-
-
-def read_json(path: str | Path, error: type[ValueError] = CheckpointError) -> dict[str, Any]:
-    """The JSON object in ``path``; raises ``error`` naming the file when it is empty, not JSON or not an object."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise error(f"{path} is not a JSON file (not UTF-8 text: {err})") from err
-    if not text.strip():
-        raise error(f"{path} is empty; expected a JSON object")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise error(f"{path} holds a JSON {type(value).__name__}; expected a JSON object")
-    return value
-
-
-def dtype_named(name: Any) -> torch.dtype | None:
-    """The torch dtype a config or ``bridge.json`` names (``"bfloat16"``), or None when ``name`` names none."""
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def read_hf_config(folder: Path, trust_remote_code: bool = False):
-    """``folder``'s config.json as transformers reads it; a broken file or setting raises ``CheckpointError`` naming it."""
-    from transformers import AutoConfig
-
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; expected an HF checkpoint folder")
-    check_config_settings(path, read_json(path))
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as err:  # transformers' own validation: its messages rarely name the file
-        raise CheckpointError(f"transformers cannot read {path}: {type(err).__name__}: {err}") from err
-
-
-def check_config_settings(path: Path, config: dict[str, Any]) -> None:
-    """Refuse settings that would fail later with a message naming neither file nor setting (dtype, sizes)."""
-    for key in ("dtype", "torch_dtype"):
-        value = config.get(key)
-        if value is not None and dtype_named(value) is None:
-            raise CheckpointError(
-                f"{path}: {key} is {json.dumps(value)}, which is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')"
-            )
-    for key in POSITIVE_CONFIG_SETTINGS:
-        value = config.get(key)
-        if value is not None and (type(value) is not int or value < 1):
-            raise CheckpointError(f"{path}: {key} is {json.dumps(value)}; it must be a positive integer")
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of ``folder``: those its index names (as vLLM and transformers read), else every ``*.safetensors``.
-
-    An index entry must name a file inside the folder: an absolute path or a ``..`` is refused.
-    """
-    folder = Path(folder)
-    index = folder / INDEX_NAME
-    if not index.exists():
-        return sorted(folder.glob("*.safetensors"))
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} has no 'weight_map' (an object of tensor name → safetensors file name)")
-    files = set()
-    for name, file in weight_map.items():
-        if not isinstance(file, str) or not file:
-            raise CheckpointError(f"{index}: the weight_map entry for {name} is {json.dumps(file)}; expected a safetensors file name")
-        relative = PurePosixPath(file)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise CheckpointError(f"{index}: the weight_map entry for {name} ({json.dumps(file)}) points outside the model folder {folder}")
-        files.add(folder / relative)
-    for path in files:
-        if not path.is_file():
-            raise CheckpointError(f"{INDEX_NAME} names {path.name}, which is not in {folder}")
-    return sorted(files)
 
 
 def header_bytes(path: Path) -> int:
@@ -482,68 +348,3 @@ class SafetensorsReader:
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {name: self.lazy(name).dtype for name in self._file_of}
-
-
-def non_float_weights(reader: SafetensorsReader, names: Iterable[str]) -> list[str]:
-    """A line for each of ``names`` (float weights the model reads) stored in a dtype other than ``WEIGHT_DTYPES``.
-
-    Importing one would cast it: int8 or fp8 codes without their scales, or a bool mask, would
-    silently become weights of another meaning.
-    """
-    problems = []
-    for name in names:
-        if name not in reader:
-            continue
-        dtype = reader.lazy(name).dtype
-        if dtype not in WEIGHT_DTYPES:
-            problems.append(f"{name} in {reader.file_of(name).name} is {str(dtype).removeprefix('torch.')}")
-    return problems
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """How many NaN and ±Inf values a tensor holds, of how many."""
-
-    nan: int
-    inf: int
-    total: int
-
-    def __bool__(self) -> bool:
-        return bool(self.nan or self.inf)
-
-
-def count_nonfinite(tensor) -> NonFinite:
-    """NaN and ±Inf values in ``tensor`` (a ``LazyTensor`` or a view of one), read in blocks of rows.
-
-    Each block is at most ``COUNT_BLOCK_BYTES`` (one row at least) and is dropped before the next
-    is read, so that counting streams however large the tensor is.
-    """
-    if not tensor.shape:  # a scalar: nothing to narrow
-        return _count_block(tensor.select_slice(()))
-    rows = tensor.shape[0]
-    row_bytes = max(1, torch.Size(tensor.shape[1:]).numel() * tensor.dtype.itemsize)
-    step = max(1, COUNT_BLOCK_BYTES // row_bytes)
-    nan = inf = 0
-    for start in range(0, rows, step):
-        found = _count_block(tensor.narrow(0, start, min(step, rows - start)))
-        nan, inf = nan + found.nan, inf + found.inf
-    return NonFinite(nan, inf, tensor.shape.numel())
-
-
-def _count_block(block: torch.Tensor) -> NonFinite:
-    if bool(torch.isfinite(block).all()):
-        return NonFinite(0, 0, block.numel())
-    return NonFinite(int(torch.isnan(block).sum()), int(torch.isinf(block).sum()), block.numel())
-
-
-def nonfinite_counts(reader: SafetensorsReader, names: Iterable[str]) -> dict[str, NonFinite]:
-    """The counts of those of ``names`` that hold NaN or Inf, one tensor at a time.
-
-    Names not in the checkpoint and tensors not of a float weight's dtype are skipped: validation
-    reports them.
-    """
-    counts = {}
-    for name in names:
-        if name in reader and reader.lazy(name).dtype in WEIGHT_DTYPES and (found := count_nonfinite(reader.lazy(name))):
-            counts[name] = found
-    return counts

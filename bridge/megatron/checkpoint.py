@@ -33,7 +33,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonSaveStrategy
 
-from bridge.hf.reader import dtype_named, read_json
+from bridge.hf.folder import dtype_named, read_json
 from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.process_lifetime import checkpoint_helpers_die_with_this_process
 from bridge.runtime.rank_errors import on_rank0

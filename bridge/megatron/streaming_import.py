@@ -31,7 +31,9 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from tqdm import tqdm
 
 from bridge.engine.plan import PlanEntry, TransferPlan, validate_checkpoint
-from bridge.hf.reader import HEADER_MEMORY_FACTOR, NonFinite, SafetensorsReader, header_bytes, nonfinite_counts, weight_files
+from bridge.hf.folder import weight_files
+from bridge.hf.reader import HEADER_MEMORY_FACTOR, SafetensorsReader, header_bytes
+from bridge.hf.weight_values import NonFinite, nonfinite_counts
 from bridge.mappings import MappingError
 from bridge.megatron import checkpoint as mc
 from bridge.megatron.streaming import DEFAULT_MAX_MEMORY, MemoryBudgetError, meta_model, region, returned_to_the_os, tensor_bytes
