@@ -1,6 +1,7 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
 from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
+from bridge.mappings.fused import FusedRowsMapping, fused_gate_up, fused_qkv
 from bridge.mappings.gated_mlp import GatedMLPMapping
 from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 from bridge.mappings.qkv import QKVMapping
@@ -8,6 +9,7 @@ from bridge.mappings.registry import MappingRegistry
 
 __all__ = [
     "ColumnParallelMapping",
+    "FusedRowsMapping",
     "GatedMLPMapping",
     "JoinedShards",
     "MappingContext",
@@ -21,5 +23,7 @@ __all__ = [
     "TensorSource",
     "VocabParallelMapping",
     "copy_bytes",
+    "fused_gate_up",
+    "fused_qkv",
     "materialize",
 ]

@@ -274,6 +274,11 @@ class ParamMapping:
     def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, "torch.Tensor | JoinedShards"]:
         raise NotImplementedError
 
+    def role_rows(self, ctx: MappingContext, rows: int) -> dict[str, int]:
+        """Rows of each HF role tensor, in ``hf_param`` order, when one tensor of ``rows`` rows holds them all
+        stacked along dim 0 (``FusedRowsMapping``); mappings whose roles never come fused do not say."""
+        raise MappingError(f"{self.megatron_param}: {type(self).__name__} does not say how its HF tensors stack into one")
+
 
 def _fill(pattern: str, values: Sequence[str]) -> str:
     parts = pattern.split("*")

@@ -18,6 +18,10 @@ class GatedMLPMapping(ParamMapping):
     def __init__(self, megatron_param: str, *, gate: str, up: str):
         super().__init__(megatron_param, {"gate": gate, "up": up})
 
+    def role_rows(self, ctx: MappingContext, rows: int) -> dict[str, int]:
+        """Gate and up: half of ``rows`` each (an odd count fits neither, and the caller's sum check says so)."""
+        return {"gate": rows // 2, "up": rows // 2}
+
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         gate, up = hf["gate"], hf["up"]
         if tuple(gate.shape) != tuple(up.shape):

@@ -19,10 +19,14 @@ class QKVMapping(ParamMapping):
     def __init__(self, megatron_param: str, *, q: str, k: str, v: str):
         super().__init__(megatron_param, {"q": q, "k": k, "v": v})
 
+    def role_rows(self, ctx: MappingContext, rows: int = 0) -> dict[str, int]:
+        """q, k and v rows: all query heads, then one head per query group each (``rows`` is not needed)."""
+        groups, d = ctx.num_query_groups, ctx.head_dim
+        return {"q": ctx.num_attention_heads * d, "k": groups * d, "v": groups * d}
+
     def _check(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> None:
         groups, d = ctx.num_query_groups, ctx.head_dim
-        expected_rows = {"q": ctx.num_attention_heads * d, "k": groups * d, "v": groups * d}
-        for role, rows in expected_rows.items():
+        for role, rows in self.role_rows(ctx).items():
             if hf[role].shape[0] != rows:
                 raise MappingError(
                     f"{self.hf_param[role]}: has {hf[role].shape[0]} rows, expected {rows} "

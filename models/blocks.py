@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridge.mappings import GatedMLPMapping, ParamMapping, QKVMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
+from bridge.mappings import (
+    GatedMLPMapping,
+    ParamMapping,
+    QKVMapping,
+    ReplicatedMapping,
+    RowParallelMapping,
+    VocabParallelMapping,
+    fused_gate_up,
+    fused_qkv,
+)
 from bridge.mappings.hf_views import FusedExperts, Renamed
 
 LAYER = "decoder.layers.*."
@@ -42,7 +51,10 @@ def norm(hf: str, *megatron: str) -> list[ParamMapping]:
 
 @dataclass(frozen=True)
 class AttentionNames:
-    """HF module paths of a layer's self-attention and its input norm (Llama's names by default)."""
+    """HF module paths of a layer's self-attention and its input norm (Llama's names by default).
+
+    ``qkv``: one module whose weight holds q rows, then k rows, then v rows (Phi-3), read instead of ``q``/``k``/``v``.
+    """
 
     input_norm: str = "input_layernorm"
     q: str = "self_attn.q_proj"
@@ -51,15 +63,19 @@ class AttentionNames:
     o: str = "self_attn.o_proj"
     q_norm: str = "self_attn.q_norm"
     k_norm: str = "self_attn.k_norm"
+    qkv: str | None = None
 
 
 def attention(names: AttentionNames = AttentionNames(), *, qkv_bias: bool = False, qk_norm: bool = False) -> list[ParamMapping]:
     """Self-attention and its input norm: q/k/v (and their biases) fused into ``linear_qkv``, the output projection,
     and with ``qk_norm`` the per-head norms of q and k."""
 
-    def qkv(suffix: str) -> QKVMapping:
+    def qkv(suffix: str) -> ParamMapping:
+        megatron = f"{LAYER}self_attention.linear_qkv.{suffix}"
+        if names.qkv:
+            return fused_qkv(megatron, f"{HF_LAYER}{names.qkv}.{suffix}")
         q, k, v = (f"{HF_LAYER}{name}.{suffix}" for name in (names.q, names.k, names.v))
-        return QKVMapping(f"{LAYER}self_attention.linear_qkv.{suffix}", q=q, k=k, v=v)
+        return QKVMapping(megatron, q=q, k=k, v=v)
 
     mappings = [*norm(names.input_norm, "input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"), qkv("weight")]
     if qkv_bias:
@@ -76,19 +92,26 @@ def pre_mlp_norm(hf: str = "post_attention_layernorm") -> list[ParamMapping]:
 
 @dataclass(frozen=True)
 class MLPNames:
-    """HF module paths of a SwiGLU MLP in a layer: its gate, up and down projections under ``prefix``."""
+    """HF module paths of a SwiGLU MLP in a layer: its gate, up and down projections under ``prefix``.
+
+    ``gate_up``: one module whose weight holds gate rows, then up rows (Phi-3), read instead of ``gate``/``up``.
+    """
 
     prefix: str = "mlp."
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    gate_up: str | None = None
 
 
 def gated_mlp(megatron: str, names: MLPNames) -> list[ParamMapping]:
     """A SwiGLU MLP under the Megatron module prefix ``megatron``: gate and up fused into ``linear_fc1``, down as ``linear_fc2``."""
     hf = HF_LAYER + names.prefix
+    fc1 = megatron + "linear_fc1.weight"
     return [
-        GatedMLPMapping(megatron + "linear_fc1.weight", gate=f"{hf}{names.gate}.weight", up=f"{hf}{names.up}.weight"),
+        fused_gate_up(fc1, f"{hf}{names.gate_up}.weight")
+        if names.gate_up
+        else GatedMLPMapping(fc1, gate=f"{hf}{names.gate}.weight", up=f"{hf}{names.up}.weight"),
         RowParallelMapping(megatron + "linear_fc2.weight", f"{hf}{names.down}.weight"),
     ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.models.config import head_dim
 from transformers import PretrainedConfig
 
 from bridge.model_bridge import ModelBridge
@@ -27,10 +28,26 @@ def rope_parameters(hf_config: PretrainedConfig) -> dict[str, Any]:
     return params
 
 
+def partial_rotary_factor(hf_config: PretrainedConfig) -> float:
+    """The share of each head's dims that rope rotates (transformers 5 keeps it in ``rope_parameters``, older configs at the top)."""
+    factor = (getattr(hf_config, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None)
+    )
+    return 1.0 if factor is None else float(factor)
+
+
 def _rotary_kwargs(bridge: ModelBridge) -> dict[str, Any]:
-    """Rotary base and scaling of a default, linear or llama3 rope."""
+    """Rotary base, scaling and share of rotated dims of a default, linear or llama3 rope.
+
+    A partial rotary embedding is Megatron-Core's ``rotary_percent``: both rotate the leading
+    ``int(head_dim × factor)`` dims of each head, split in halves (transformers' ``rotate_half`` inside
+    ``q[..., :rotary_dim]``, Megatron-Core's ``_apply_rotary_pos_emb_bshd``), and leave the rest as is.
+    """
     rope = rope_parameters(bridge.hf_config)
     kwargs: dict[str, Any] = {"rotary_base": rope["rope_theta"]}
+    partial = partial_rotary_factor(bridge.hf_config)
+    if partial != 1.0:
+        kwargs["rotary_percent"] = partial
     kind = rope["rope_type"]
     if kind == "llama3":
         for key, value in MEGATRON_LLAMA3_ROPE.items():
@@ -39,18 +56,29 @@ def _rotary_kwargs(bridge: ModelBridge) -> dict[str, Any]:
         kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
     elif kind == "linear":
         kwargs["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif kind == "longrope":
+        raise bridge.unsupported(
+            "rope_parameters.rope_type",
+            kind,
+            "LongRoPE (short_factor/long_factor: Phi-3-128k, Phi-3.5-mini, Phi-4-mini) is not implemented",
+        )
     elif kind != "default":
         raise bridge.unsupported("rope_parameters.rope_type", kind, "supported: default, linear, llama3")
     return kwargs
 
 
-def check_rope(bridge: ModelBridge) -> None:
-    """Refuse a partial rotary embedding and the rope settings ``RotaryBridge.gpt_model_kwargs`` cannot express."""
-    c = bridge.hf_config
-    # transformers 5 keeps it in rope_parameters; older configs at the top level
-    partial = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
-    if partial not in (None, 1.0):
-        raise bridge.unsupported("partial_rotary_factor", partial, "only full rotary embeddings are mapped")
+def check_rope(bridge: ModelBridge, *, partial_rotary: bool = False) -> None:
+    """Refuse the rope settings ``RotaryBridge.gpt_model_kwargs`` cannot express, and a partial rotary embedding
+    unless the family declares it (``partial_rotary``: its transformers model rotates the leading dims of each
+    head, as Megatron-Core's ``rotary_percent`` does; checked by logits for Phi-3)."""
+    partial = partial_rotary_factor(bridge.hf_config)
+    if partial != 1.0:
+        if not partial_rotary:
+            raise bridge.unsupported("partial_rotary_factor", partial, f"only full rotary embeddings are mapped for {bridge.architecture}")
+        dims, of = int(head_dim(bridge.hf_config) * partial), head_dim(bridge.hf_config)
+        if not 0 < dims < of or dims % 2:
+            why = f"it rotates {dims} of {of} dims per head; an even number below {of} is mapped"
+            raise bridge.unsupported("partial_rotary_factor", partial, why)
     _rotary_kwargs(bridge)
 
 

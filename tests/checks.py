@@ -37,6 +37,26 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Te
     return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
 
 
+def _split_qkv(hf: dict[str, torch.Tensor], p: str, kind: str) -> tuple[torch.Tensor, ...]:
+    """A layer's q, k, v: their own tensors, or the row blocks of a fused ``qkv_proj`` (Phi-3), whose q rows
+    are as many as ``o_proj``'s input columns and whose k and v rows split the rest in halves."""
+    fused = hf.get(f"{p}self_attn.qkv_proj.{kind}")
+    if fused is None:
+        return tuple(hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv")
+    q_rows = hf[f"{p}self_attn.o_proj.weight"].shape[1]
+    kv_rows = (fused.shape[0] - q_rows) // 2
+    return fused[:q_rows], fused[q_rows : q_rows + kv_rows], fused[q_rows + kv_rows :]
+
+
+def _gate_up(hf: dict[str, torch.Tensor], p: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's MLP gate and up: their own tensors, or the two halves of a fused ``gate_up_proj`` (Phi-3)."""
+    fused = hf.get(p + "mlp.gate_up_proj.weight")
+    if fused is None:
+        return hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]
+    ffn = hf[p + "mlp.down_proj.weight"].shape[1]
+    return fused[:ffn], fused[ffn:]
+
+
 def expected_shard(
     name: str,
     hf: dict[str, torch.Tensor],
@@ -79,10 +99,10 @@ def expected_shard(
         return "replicated", hf[p + "mlp.shared_expert_gate.weight"]
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
-        fused = _interleave_qkv(*(hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"), groups)
+        fused = _interleave_qkv(*_split_qkv(hf, p, kind), groups)
         return "qkv", fused.chunk(tp, dim=0)[rank]
     if rest == "mlp.linear_fc1.weight":
-        return "gated_mlp", _gated(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"], tp, rank)
+        return "gated_mlp", _gated(*_gate_up(hf, p), tp, rank)
     row = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight", "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
     if rest in row:
         return "row", hf[p + row[rest]].chunk(tp, dim=1)[rank]

@@ -121,6 +121,7 @@ def test_config_translation_carries_the_hf_values(folders, name):
         assert gpt["rope_scaling"] is True and gpt["rope_scaling_factor"] == rope["factor"]
     else:
         assert not gpt.get("rope_scaling") and "seq_len_interpolation_factor" not in gpt
+    assert gpt.get("rotary_percent", 1.0) == rope.get("partial_rotary_factor", 1.0)
     # HF attends to the last sliding_window keys including the query's own; Megatron counts those to its left.
     window = cfg.get("sliding_window")
     assert got.get("window_size") == ((window - 1, 0) if window else None)
@@ -130,6 +131,14 @@ def test_config_translation_carries_the_hf_values(folders, name):
 
 _LLAMA3_ROPE = TINY_MODELS["llama3.1"][1]["rope_parameters"]
 _YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+_PHI4_MINI_ROPE = TINY_MODELS["phi4-mini"][1]["rope_parameters"]
+# Phi-4-mini's LongRoPE (one factor per rotated pair of dims: 16 × 0.75 / 2), and Phi-3-mini-128k's in the legacy form
+_LONGROPE = {**_PHI4_MINI_ROPE, "rope_type": "longrope", "short_factor": [1.0] * 6, "long_factor": [4.0] * 6}
+_LEGACY_LONGROPE = {
+    "rope_parameters": None,
+    "rope_theta": 10000.0,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
+}
 
 
 def _refusal(name: str, edits: dict[str, Any], setting: str, *marks: pytest.MarkDecorator):
@@ -161,6 +170,15 @@ REFUSALS = [
     _refusal("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
     _refusal("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
     _refusal("qwen3_moe", {"rope_parameters": _YARN}, "rope_parameters.rope_type='yarn'"),
+    _refusal(  # partial rotary is mapped only where a family declares it (Phi-3)
+        "mistral", {"rope_parameters": {**_PHI4_MINI_ROPE, "partial_rotary_factor": 0.5}}, "partial_rotary_factor=0.5"
+    ),
+    _refusal("phi3", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+    _refusal("phi4-mini", {"rope_parameters": _LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
+    _refusal("phi3", {**_LEGACY_LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
+    _refusal(  # 16 × 0.7 = 11 rotated dims: odd, untested
+        "phi4-mini", {"rope_parameters": {**_PHI4_MINI_ROPE, "partial_rotary_factor": 0.7}}, "partial_rotary_factor=0.7"
+    ),
 ]
 
 
@@ -175,17 +193,27 @@ def test_unsupported_setting_is_refused_by_name(folders, tmp_path, name, edits, 
     assert str(refused.value).startswith(_config(folder)["architectures"][0] + ":")
 
 
+def test_phi3_legacy_rope_keys_are_read(folders, tmp_path):
+    """Phi-3 / Phi-4-mini config.json files predating transformers 5: ``rope_theta``, ``partial_rotary_factor`` at the top."""
+    legacy = {**_config(folders["phi4-mini"]), "rope_parameters": None, "rope_scaling": None, "rope_theta": 250000.0}
+    (tmp_path / "config.json").write_text(json.dumps({**legacy, "partial_rotary_factor": 0.75}))
+    gpt = AutoBridge.from_hf_pretrained(tmp_path).model_bridge.gpt_model_kwargs()
+    assert gpt["rotary_base"] == 250000.0 and gpt["rotary_percent"] == 0.75
+
+
 # ---------------------------------------------------------------- every mapping's shards
 
 _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the first (or only) part of, local layer spec
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attn.q_proj.weight": "self_attention.linear_qkv.weight",
     "self_attn.q_proj.bias": "self_attention.linear_qkv.bias",
+    "self_attn.qkv_proj.weight": "self_attention.linear_qkv.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
     "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
     "mlp.gate_proj.weight": "mlp.linear_fc1.weight",
+    "mlp.gate_up_proj.weight": "mlp.linear_fc1.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
     "mlp.gate.weight": "mlp.router.weight",
     "block_sparse_moe.gate.weight": "mlp.router.weight",

@@ -5,6 +5,7 @@ The registered families use the default names; ``test_architectures`` checks the
 
 from __future__ import annotations
 
+from bridge.mappings import FusedRowsMapping
 from bridge.mappings.hf_views import FusedExperts, Renamed
 from bridge.models.blocks import (
     AttentionNames,
@@ -77,3 +78,18 @@ def test_fused_expert_views_present_transformers_5_names_under_the_family_s_own(
         FusedExperts("model.layers.*.mlp.experts.down_proj", (expert + "w2.weight",)),
     )
     assert not any(isinstance(view, Renamed) for view in fused_expert_views())  # the router is already named mlp.gate
+
+
+def test_fused_names_read_one_tensor_for_q_k_v_and_for_gate_up():
+    """Phi-3's layout: ``qkv`` and ``gate_up`` replace the separate q/k/v and gate/up names."""
+    attn = {
+        m.megatron_param.removeprefix("decoder.layers.*."): m for m in attention(AttentionNames(qkv="self_attn.qkv_proj"), qkv_bias=True)
+    }
+    for suffix in ("weight", "bias"):
+        qkv = attn[f"self_attention.linear_qkv.{suffix}"]
+        assert isinstance(qkv, FusedRowsMapping) and qkv.hf_param == {"": f"model.layers.*.self_attn.qkv_proj.{suffix}"}
+        assert list(qkv.inner.hf_param) == ["q", "k", "v"]
+    mlp = _table(dense_mlp(MLPNames(gate_up="gate_up_proj")))
+    assert mlp["mlp.linear_fc1.weight"] == _layer("mlp.gate_up_proj")
+    assert mlp["mlp.linear_fc2.weight"] == _layer("mlp.down_proj")
+    assert list(dense_mlp(MLPNames(gate_up="gate_up_proj"))[1].inner.hf_param) == ["gate", "up"]

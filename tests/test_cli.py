@@ -2,8 +2,8 @@
 
 Two groups of worker processes run the commands in-process (``bridge.cli.main``), as torchrun
 would: one group of 4 ranks (TP2·PP2 plan / import / verify, an export at another layout) and one
-of a single rank (everything at TP=PP=1, the failure exits, a permuted-QKV checkpoint). The tests
-then read their exit codes and reports.
+of a single rank (everything at TP=PP=1, the failure exits, permuted-QKV checkpoints: two query heads of
+a Llama, k and v of a Phi-3). The tests then read their exit codes and reports.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def multi_rank_session(hf: dict[str, str], root: str) -> dict:
     }
 
 
-def _permute_query_heads(ckpt: str, out: str) -> None:
-    """Copy a checkpoint and save, as its iteration 10 (as a training run would), the same weights with
-    the two query heads of group 0 in layer 1's fused QKV swapped (a classic interleave bug)."""
+def _swap_qkv_heads(ckpt: str, out: str, first: int = 0, second: int = 1) -> None:
+    """Copy a checkpoint and save, as its iteration 10 (as a training run would), the same weights with two
+    heads' rows of layer 1's fused QKV swapped: head blocks ``first`` and ``second`` of its group 0, counted in
+    Megatron's order (its query heads, then k, then v). The defaults swap two query heads (a classic interleave
+    bug); with 2 query heads per group, 2 and 3 swap k and v."""
     from megatron.core import parallel_state
 
     from bridge import AutoBridge
@@ -64,11 +66,12 @@ def _permute_query_heads(ckpt: str, out: str) -> None:
     bridge = AutoBridge.from_hf_pretrained(mc.hf_config_folder(ckpt), dtype=getattr(torch, info["params_dtype"]))
     model = bridge.to_megatron_model(load_weights=False)
     mc.load_model(ckpt, model)
-    d = bridge.hf_config.head_dim
+    d = model[0].config.kv_channels
     weight = model[0].decoder.layers[1].self_attention.linear_qkv.weight
+    a, b = slice(first * d, (first + 1) * d), slice(second * d, (second + 1) * d)
     with torch.no_grad():
-        first, second = weight[:d].clone(), weight[d : 2 * d].clone()
-        weight[:d], weight[d : 2 * d] = second, first
+        rows_a, rows_b = weight[a].clone(), weight[b].clone()
+        weight[a], weight[b] = rows_b, rows_a
     mc.save_checkpoint(out, mc.model_state_dict(model), iteration=10)
     parallel_state.destroy_model_parallel()
 
@@ -108,10 +111,17 @@ def single_rank_session(hf: dict[str, str], broken: dict[str, str], root: str, m
     r["verify_folders_differ"] = _cli("verify", hf["llama"], out)
     r["verify_convert"] = _cli("verify", hf["llama"])
     r["verify_ckpt"] = _cli("verify", hf["llama"], ckpt)
-    _permute_query_heads(ckpt, bad)
+    _swap_qkv_heads(ckpt, bad)
     r["verify_permuted"] = _cli("verify", hf["llama"], bad)
     r["verify_release_of_permuted"] = _cli("verify", hf["llama"], bad, "--iteration", "release")
     r["verify_mismatched_config"] = _cli("verify", hf["qwen3"], ckpt)
+    phi, phi_bad = str(root_path / "phi3-ckpt"), str(root_path / "phi3-kv-swapped")
+    r["import_phi"] = _cli("import", hf["phi3"], phi)  # one process: streamed through the fused mappings, both ways
+    r["verify_phi"] = _cli("verify", hf["phi3"], phi)
+    r["export_phi"] = _cli("export", phi, str(root_path / "phi3-out"))
+    r["phi_roundtrip"] = compare_hf_folders(hf["phi3"], root_path / "phi3-out")
+    _swap_qkv_heads(phi, phi_bad, 2, 3)  # Phi-3's fused qkv_proj: layer 1's k and v rows of group 0 swapped
+    r["verify_phi_kv_swapped"] = _cli("verify", hf["phi3"], phi_bad)
     r["export_multi"] = _cli("export", multi_ckpt, str(root_path / "qwen2-from-tp2pp2-at-tp1"))
     r["multi_roundtrip"] = compare_hf_folders(hf["qwen2"], root_path / "qwen2-from-tp2pp2-at-tp1")
     edited = root_path / "llama-ckpt-edited-config"
@@ -338,6 +348,18 @@ def test_verify_fails_on_a_permuted_qkv_group(single):
     assert _metric(out, "logits max abs diff").endswith("FAIL")
     assert "VERIFY FAILED" in out
     # the hidden states show where it starts: layer 0 is exact, layer 1 (the permuted one) is not
+    layers = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s+(\d)\s+(\S+)\s+\S+\s+\S+$", out, re.M)}
+    assert layers[0] <= 1e-6 < layers[1]
+
+
+@pytest.mark.distributed
+def test_verify_fails_on_swapped_key_and_value_rows_of_a_fused_qkv(single):
+    assert single["import_phi"][0] == EXIT_OK, single["import_phi"]
+    _assert_passed(single["verify_phi"])
+    assert single["export_phi"][0] == EXIT_OK and single["phi_roundtrip"] == [], single["export_phi"]
+    code, out, _ = single["verify_phi_kv_swapped"]
+    assert code == EXIT_CHECK, out
+    assert _metric(out, "logits max abs diff").endswith("FAIL") and "VERIFY FAILED" in out
     layers = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s+(\d)\s+(\S+)\s+\S+\s+\S+$", out, re.M)}
     assert layers[0] <= 1e-6 < layers[1]
 

@@ -2,7 +2,7 @@
 
 Each is ``bridge.demo_model.SMALL_LLAMA``'s dimensions under the family's config class plus the
 settings that change its mapping (rope scaling, tied embeddings, q/k norm, q/k/v bias, experts,
-shared experts, dense layers among sparse ones).
+shared experts, dense layers among sparse ones, fused q/k/v and gate/up, partial rotary, sliding windows).
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"sliding_window": 4096}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    # Phi-3-mini-4k: fused qkv_proj / gate_up_proj, an odd sliding window (2047 there) shorter than the tests' sequences
+    "phi3": ("Phi3Config", {"sliding_window": 7, "pad_token_id": 2}),
+    # Phi-4-mini: rope over 3/4 of each head, tied embeddings, no window (its LongRoPE is refused)
+    "phi4-mini": (
+        "Phi3Config",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+            "tie_word_embeddings": True,
+            "sliding_window": None,
+            "pad_token_id": 2,
+        },
+    ),
 }
 
 _MOE = dict(num_experts_per_tok=2, output_router_logits=False)
