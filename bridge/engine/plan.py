@@ -24,7 +24,7 @@ from bridge.hf.folder import CheckpointError
 from bridge.hf.reader import SafetensorsReader
 from bridge.hf.weight_values import NonFinite, non_float_weights, nonfinite_counts
 from bridge.mappings import JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping
-from bridge.megatron.chunks import global_names, is_expert_param, unwrap_chunks
+from bridge.megatron.chunks import global_names, is_adapter_param, is_expert_param, unwrap_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class TransferPlan:
         self._meta_exports: dict[str, tuple[list[torch.Tensor], dict[str, torch.Tensor | JoinedShards]]] = {}
 
     @classmethod
-    def build(cls, model, registry: MappingRegistry, hf_vocab_size: int) -> "TransferPlan":
+    def build(cls, model, registry: MappingRegistry, hf_vocab_size: int, adapters: bool = False) -> "TransferPlan":
+        """The plan of the model's own parameters, or with ``adapters`` of its LoRA adapters alone (``bridge.lora``)."""
         chunks = unwrap_chunks(model)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         rank = dist.get_rank()
@@ -101,6 +102,8 @@ class TransferPlan:
             vp_stage = getattr(chunk, "vp_stage", None) or 0
             names = global_names(chunk)
             for local_name, param in chunk.named_parameters():
+                if is_adapter_param(param) != adapters:
+                    continue
                 name = names[local_name]
                 mapping = registry.find(name)
                 if mapping is None:
@@ -120,16 +123,7 @@ class TransferPlan:
         entries = {entry.name: entry for found, _ in gathered for entry in found}
         order = {name: i for i, name in enumerate(entries)}
         ordered = sorted(entries.values(), key=lambda e: (e.vp_stage, e.pp_rank, order[e.name]))
-        config = chunks[0].config
-        ctx = MappingContext(
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-            num_attention_heads=config.num_attention_heads,
-            num_query_groups=config.num_query_groups or config.num_attention_heads,
-            head_dim=config.kv_channels,
-            vocab_size=hf_vocab_size,
-            padded_vocab_size=chunks[0].vocab_size,
-        )
+        ctx = mapping_context(chunks, hf_vocab_size)
         expert_ctx = replace(
             ctx,
             tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
@@ -238,6 +232,20 @@ class TransferPlan:
             written[writer] = written.get(writer, 0) + self.full_bytes(entry)
             writers[entry.name] = writer
         return writers
+
+
+def mapping_context(chunks: Sequence[torch.nn.Module], hf_vocab_size: int) -> MappingContext:
+    """This rank's (non-expert) mapping context for the model of ``chunks`` (unwrapped ``GPTModel`` chunks)."""
+    config = chunks[0].config
+    return MappingContext(
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups or config.num_attention_heads,
+        head_dim=config.kv_channels,
+        vocab_size=hf_vocab_size,
+        padded_vocab_size=chunks[0].vocab_size,
+    )
 
 
 def meta_shard(entry: PlanEntry) -> torch.Tensor:

@@ -7,6 +7,8 @@ import re
 import torch
 from megatron.core import parallel_state
 
+# Set (True) on the LoRA adapter parameters ``bridge.lora`` adds: plans of the model's own weights skip them.
+ADAPTER_ATTR = "bridge_lora_adapter"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
@@ -48,3 +50,8 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
 def is_expert_param(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
     """Routed-expert weights: Megatron marks their modules ``is_expert`` (and, at EP > 1, the params ``allreduce=False``)."""
     return bool(getattr(module, "is_expert", False)) or not getattr(param, "allreduce", True)
+
+
+def is_adapter_param(param: torch.nn.Parameter) -> bool:
+    """LoRA adapter parameters (``bridge.lora``), which are not weights of the HF checkpoint."""
+    return bool(getattr(param, ADAPTER_ATTR, False))

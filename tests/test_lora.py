@@ -1,0 +1,404 @@
+"""LoRA (issue 18): adapters on the bridged model equal peft on transformers; PEFT adapter export and import; merged export.
+
+The fast tier checks the settings, the target names read off the mapping registry and where each
+role's rows sit in a fused ``linear_qkv`` shard. The distributed tests run every case of one world
+size in one group of spawned ranks (``tests/case_matrix.py``): TP1 on one rank, TP2·PP2 on four.
+Models are the tiny bf16 "llama" loaded as fp32 on both sides; B is drawn non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from bridge.mappings import MappingContext, QKVMapping
+from safetensors.torch import load_file
+
+from bridge.lora import LoraConfig, LoraError, resolve_targets
+from bridge.lora.layers import column_role_rows
+from bridge.runtime.local_launch import run_distributed
+from tests.case_matrix import case_results, run_cases
+from tests.tiny_checkpoints import tiny_config
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = {"all": ALL_LINEARS, "qv": ("q_proj", "v_proj")}
+LAYOUTS = {1: (1, 1), 4: (2, 2)}  # world size → (tp, pp)
+MOE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+R, ALPHA, SEED, B_STD = 4, 8, 1, 0.05
+_TRAIN_GRADS: dict[int, list[dict]] = {}  # world size → the first stage's "train" results, filled by ``session``
+
+
+def _llama_bridge():
+    from bridge.models import bridge_for
+
+    return bridge_for(tiny_config("llama", architectures=["LlamaForCausalLM"]))
+
+
+# ---------------------------------------------------------------- fast tier: settings, targets, row layout
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r=0, alpha=8, targets=["q_proj"]), "rank r=0"),
+        (dict(r=-2, alpha=8, targets=["q_proj"]), "rank r=-2"),
+        (dict(r=4, alpha=0, targets=["q_proj"]), "alpha=0"),
+        (dict(r=4, alpha=8, targets=[]), "name at least one module"),
+        (dict(r=4, alpha=8, targets=["q_proj"], dropout=1.0), "dropout=1.0"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(LoraError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_a_target_the_architecture_lacks_is_named():
+    model_bridge = _llama_bridge()
+    with pytest.raises(LoraError, match=r"'gate_up_proj' do not exist in LlamaForCausalLM; its linear modules are: down_proj, gate_proj"):
+        resolve_targets(model_bridge.mapping_registry(), ("q_proj", "gate_up_proj"), "LlamaForCausalLM")
+
+
+def test_targets_come_from_the_mapping_registry():
+    adapted = resolve_targets(_llama_bridge().mapping_registry(), ("q_proj", "v_proj", "down_proj"), "LlamaForCausalLM")
+    found = {linear.module: [role.target for role in linear.roles] for linear in adapted}
+    assert found == {"decoder.layers.*.self_attention.linear_qkv": ["q_proj", "v_proj"], "decoder.layers.*.mlp.linear_fc2": ["down_proj"]}
+    (qkv, fc2) = adapted
+    assert not qkv.row_parallel and fc2.row_parallel
+    assert qkv.roles[0].peft_name("A") == "base_model.model.model.layers.*.self_attn.q_proj.lora_A.weight"
+
+
+def test_routed_expert_targets_are_refused():
+    from bridge.models import bridge_for
+
+    model_bridge = bridge_for(tiny_config("mixtral", architectures=["MixtralForCausalLM"]))
+    with pytest.raises(LoraError, match=r"'w1' adapts the routed MoE experts .* not supported yet"):
+        resolve_targets(model_bridge.mapping_registry(), ("w1",), "MixtralForCausalLM")
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_fused_qkv_rows_of_each_role_follow_megatrons_interleaved_groups(tp_rank):
+    """4 heads of dim 2 in 2 groups at TP2: each rank holds one group, [q q k v] rows (q: 2 heads × 2 rows)."""
+    ctx = MappingContext(
+        tp_rank=tp_rank, tp_size=2, num_attention_heads=4, num_query_groups=2, head_dim=2, vocab_size=8, padded_vocab_size=8
+    )
+    mapping = QKVMapping("qkv.weight", q="q", k="k", v="v")
+    rows = {found.target: found.positions.tolist() for found in column_role_rows(mapping, ctx, 8, {"q": "q_proj", "v": "v_proj"})}
+    assert rows == {"q_proj": [0, 1, 2, 3], "v_proj": [6, 7]}
+
+
+def test_peft_settings_that_change_the_update_are_refused():
+    doc = LoraConfig(r=4, alpha=8, targets=["q_proj"]).peft_config("base")
+    assert LoraConfig.from_peft_config(doc, "cfg") == LoraConfig(r=4, alpha=8, targets=["q_proj"])
+    for key, value in [("use_dora", True), ("use_rslora", True), ("bias", "all"), ("modules_to_save", ["lm_head"])]:
+        with pytest.raises(LoraError, match=f"{key}="):
+            LoraConfig.from_peft_config({**doc, key: value}, "cfg")
+    with pytest.raises(LoraError, match="regular expression"):
+        LoraConfig.from_peft_config({**doc, "target_modules": ".*proj"}, "cfg")
+
+
+# ---------------------------------------------------------------- distributed: one session per world size
+
+
+def lora_session(checkpoint: str, moe_checkpoint: str, peft_adapters: dict[str, str], root: str, tokens: torch.Tensor) -> dict:
+    """Every LoRA case on this rank at the world size's layout (``LAYOUTS``)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from bridge import AutoBridge
+    from bridge.checks.forward import megatron_logits
+    from bridge.lora import (
+        apply_lora,
+        export_adapter_weights,
+        load_peft_adapter,
+        lora_config_of,
+        save_merged_hf_pretrained,
+        save_peft_adapter,
+    )
+
+    tp, pp = LAYOUTS[dist.get_world_size()]
+    out = Path(root) / f"tp{tp}pp{pp}"
+
+    def fresh(folder: str = checkpoint):
+        parallel_state.destroy_model_parallel()
+        bridge = AutoBridge.from_hf_pretrained(folder, dtype=torch.float32)
+        return bridge, bridge.to_megatron_model(tp=tp, pp=pp)
+
+    def logits_of(model, bridge) -> dict:
+        logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
+        holder = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+        return {"logits": logits} if holder else {}
+
+    def run_case(case: tuple[str, str]) -> dict:
+        kind, name = case
+        bridge, model = fresh(moe_checkpoint if kind == "moe" else checkpoint)
+        if kind == "moe":  # attention adapters on an MoE model: at TP > 1 Megatron's MoE needs sequence parallelism, refused
+            try:
+                apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=MOE_TARGETS), seed=SEED, b_std=B_STD)
+            except LoraError as err:
+                return {"error": str(err)}
+            save_peft_adapter(model, bridge, out / "moe-adapter")
+            return logits_of(model, bridge)
+        if kind == "apply":
+            apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=TARGETS[name]), seed=SEED, b_std=B_STD)
+            result = logits_of(model, bridge)
+            save_peft_adapter(model, bridge, out / f"{name}-adapter")
+            save_merged_hf_pretrained(model, bridge, out / f"{name}-merged32", dtype=torch.float32)
+            save_merged_hf_pretrained(model, bridge, out / f"{name}-merged")
+            streamed = {key: value.clone() for key, value in export_adapter_weights(model, bridge)}
+            if dist.get_rank() == 0:
+                result["streamed"] = streamed
+            return result
+        if kind == "import":
+            load_peft_adapter(model, bridge, peft_adapters[name])
+            result = logits_of(model, bridge)
+            save_peft_adapter(model, bridge, out / f"{name}-reexport")
+            return result
+        if kind == "bad_adapter":
+            try:
+                load_peft_adapter(model, bridge, peft_adapters[name])
+            except Exception as err:  # the test reads the message
+                return {"error": (type(err).__name__, str(err)), "has_adapters": lora_config_of(model) is not None}
+            return {"error": None}
+        return frozen_base_step(model, bridge, tokens)
+
+    cases = (
+        [("apply", name) for name in TARGETS]
+        + [("import", name) for name in TARGETS]
+        + [("bad_adapter", "rank8"), ("train", ""), ("moe", "")]
+    )
+    return run_cases(cases, run_case)
+
+
+def frozen_base_step(model, bridge, tokens: torch.Tensor) -> dict:
+    """One forward/backward through Megatron's schedule and one Adam step on the adapters: what changed, what has grads."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from bridge.lora import LoraConfig, adapter_parameters, apply_lora
+    from bridge.megatron.chunks import global_names, unwrap_chunks
+
+    apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=ALL_LINEARS), seed=SEED, b_std=B_STD)
+    (chunk,) = unwrap_chunks(model)
+    base = {name: param.detach().clone() for name, param in chunk.named_parameters() if "lora_" not in name}
+    adapters = {name: param.detach().clone() for name, param in chunk.named_parameters() if "lora_" in name}
+    optimizer = torch.optim.Adam(adapter_parameters(model), lr=1e-2)
+    seq = tokens.shape[1]
+    micro = list(tokens.split(1))
+    position_ids = torch.arange(seq).unsqueeze(0)
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
+
+    def forward_step(data_iterator, module):
+        ids = next(data_iterator)
+        output = module(ids, position_ids, causal, labels=ids)
+        return output, lambda loss: (loss.float().mean(), {})
+
+    chunk.train()
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro),
+        model=chunk,
+        num_microbatches=len(micro),
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    grads = {name: param.grad is not None for name, param in chunk.named_parameters()}
+    names = global_names(chunk)
+    first_layer = {  # the adapters' gradients in layer 0, by global name, to compare across layouts
+        names[name]: param.grad.clone()
+        for name, param in chunk.named_parameters()
+        if param.grad is not None and names[name].startswith("decoder.layers.0.")
+    }
+    optimizer.step()
+    params = dict(chunk.named_parameters())
+    return {
+        "base_unchanged": all(torch.equal(params[name].detach(), value) for name, value in base.items()),
+        "base_requires_grad": [name for name in base if params[name].requires_grad],
+        "grads": grads,
+        "adapters_changed": sum(not torch.equal(params[name].detach(), value) for name, value in adapters.items()),
+        "adapter_count": len(adapters),
+        "optimizer_params": sum(len(group["params"]) for group in optimizer.param_groups),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "first_layer_grads": first_layer,
+    }
+
+
+def _peft_adapter(checkpoint: Path, folder: Path, targets: tuple[str, ...], r: int = R) -> Path:
+    """An adapter made by peft on transformers (B drawn non-zero), saved with ``save_pretrained``."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+        PeftLoraConfig(r=r, lora_alpha=ALPHA, target_modules=list(targets), task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, B_STD)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tiny_checkpoints, tiny_moe_checkpoints, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lora")
+    checkpoint = tiny_checkpoints["llama"]
+    adapters = {name: _peft_adapter(checkpoint, root / f"peft-{name}", targets) for name, targets in TARGETS.items()}
+    rank8 = _peft_adapter(checkpoint, root / "peft-rank8", TARGETS["qv"], r=8)  # its config then says r=4: shapes disagree
+    config = json.loads((rank8 / "adapter_config.json").read_text())
+    (rank8 / "adapter_config.json").write_text(json.dumps({**config, "r": R}))
+    adapters["rank8"] = rank8
+    tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    return {"checkpoint": checkpoint, "moe": tiny_moe_checkpoints["mixtral"], "adapters": adapters, "root": root / "out", "tokens": tokens}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS), ids=lambda world: "tp{}-pp{}".format(*LAYOUTS[world]))
+def session(request, lora_inputs) -> dict:
+    world = request.param
+    results = run_distributed(
+        lora_session,
+        world,
+        str(lora_inputs["checkpoint"]),
+        str(lora_inputs["moe"]),
+        {k: str(v) for k, v in lora_inputs["adapters"].items()},
+        str(lora_inputs["root"]),
+        lora_inputs["tokens"],
+    )
+    tp, pp = LAYOUTS[world]
+    _TRAIN_GRADS[world] = [result for result in case_results(results, ("train", "")) if result["pp_rank"] == 0]
+    return {"results": results, "out": lora_inputs["root"] / f"tp{tp}pp{pp}", **lora_inputs}
+
+
+def _held(results: list, case: tuple, key: str):
+    (value,) = [result[key] for result in case_results(results, case) if key in result]
+    return value
+
+
+def _peft_model(checkpoint: Path, adapter: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), adapter).eval()
+
+
+def _peft_logits(checkpoint: Path, adapter: Path, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return _peft_model(checkpoint, adapter)(tokens).logits
+
+
+def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_forward_with_adapters_equals_peft_on_transformers(session, targets):
+    ours = _held(session["results"], ("apply", targets), "logits")
+    theirs = _peft_logits(session["checkpoint"], session["out"] / f"{targets}-adapter", session["tokens"])
+    diff = (ours - theirs).abs().max().item()
+    print(f"LoRA logits {session['out'].name} {targets}: max abs diff {diff:.3g}")
+    assert diff <= 1e-4
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_exported_adapter_folder_is_what_peft_writes(session, targets):
+    folder = session["out"] / f"{targets}-adapter"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", R, ALPHA)
+    assert config["target_modules"] == sorted(TARGETS[targets])
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert len(tensors) == 2 * len(TARGETS[targets]) * 4
+    streamed = _held(session["results"], ("apply", targets), "streamed")  # adapters_only streaming: the same pairs
+    assert streamed.keys() == tensors.keys() and all(torch.equal(streamed[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_merged_export_equals_peft_merge_and_unload(session, targets):
+    merged = _peft_model(session["checkpoint"], session["out"] / f"{targets}-adapter").merge_and_unload().state_dict()
+    fp32 = _folder_tensors(session["out"] / f"{targets}-merged32")
+    assert all(torch.equal(fp32[name], merged[name]) for name in fp32), "fp32 merge differs from peft's"
+    stored = _folder_tensors(session["out"] / f"{targets}-merged")  # the source's bf16: peft's fp32 merge rounded once
+    assert all(stored[name].dtype == torch.bfloat16 and torch.equal(stored[name], merged[name].to(torch.bfloat16)) for name in stored)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_imported_peft_adapter_exports_byte_identical_and_matches_peft(session, targets):
+    source = session["adapters"][targets]
+    again = session["out"] / f"{targets}-reexport"
+    theirs, ours = load_file(source / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and ours[k].numpy().tobytes() == theirs[k].numpy().tobytes() for k in ours)
+    a, b = (json.loads((folder / "adapter_config.json").read_text()) for folder in (source, again))
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "bias", "fan_in_fan_out"):
+        assert a[key] == b[key], key
+    assert sorted(a["target_modules"]) == b["target_modules"]
+    assert Path(a["base_model_name_or_path"]).resolve() == Path(b["base_model_name_or_path"]).resolve()
+    logits = _held(session["results"], ("import", targets), "logits")
+    diff = (logits - _peft_logits(session["checkpoint"], source, session["tokens"])).abs().max().item()
+    print(f"LoRA logits {session['out'].name} imported {targets}: max abs diff {diff:.3g}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.distributed
+def test_an_adapter_whose_shapes_disagree_with_its_config_is_named(session):
+    (result, *_) = case_results(session["results"], ("bad_adapter", "rank8"))
+    kind, message = result["error"]
+    assert kind == "CheckpointError" and re.search(
+        r"wrong shapes: .*q_proj\.lora_A\.weight .* is \[8, 64\], the model needs \[4, 64\]", message
+    )
+    assert not result["has_adapters"]
+
+
+@pytest.mark.distributed
+def test_only_adapters_train_and_the_base_stays_bit_identical(session):
+    for result in case_results(session["results"], ("train", "")):
+        assert result["base_unchanged"] and not result["base_requires_grad"]
+        assert {name for name, has in result["grads"].items() if has} == {name for name in result["grads"] if "lora_" in name}
+        assert result["adapters_changed"] == result["adapter_count"] == result["optimizer_params"] > 0
+
+
+@pytest.mark.distributed
+def test_attention_adapters_on_an_moe_model_equal_peft_or_are_refused_with_sequence_parallelism(session):
+    if session["out"].name != "tp1pp1":
+        (result, *_) = case_results(session["results"], ("moe", ""))
+        assert "sequence parallelism is not supported yet" in result["error"]
+        return
+    ours = _held(session["results"], ("moe", ""), "logits")
+    theirs = _peft_logits(session["moe"], session["out"] / "moe-adapter", session["tokens"])
+    diff = (ours - theirs).abs().max().item()
+    print(f"LoRA logits {session['out'].name} mixtral attention: max abs diff {diff:.3g}")
+    assert diff <= 1e-4 and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.distributed
+def test_adapter_gradients_at_tp2_pp2_are_the_tp1_gradients_split_like_the_adapters(session):
+    """Same seed, same tokens: replicated adapters (A of a column-parallel linear, B of a row-parallel one) get the whole
+    TP1 gradient on every TP rank, split ones (B column-parallel, A row-parallel) their slice of it."""
+    if session["out"].name == "tp1pp1" or 1 not in _TRAIN_GRADS:
+        pytest.skip("compares the TP2·PP2 session with the TP1 one (run both)")
+    (tp1,) = _TRAIN_GRADS[1]
+    whole = tp1["first_layer_grads"]
+    assert len(whole) == 2 * len(ALL_LINEARS)
+    for result in _TRAIN_GRADS[4]:
+        t = result["tp_rank"]
+        assert result["first_layer_grads"].keys() == whole.keys()
+        for name, grad in result["first_layer_grads"].items():
+            full = whole[name]
+            expected = full if grad.shape == full.shape else full.chunk(2, dim=0 if grad.shape[0] != full.shape[0] else 1)[t]
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
