@@ -65,12 +65,13 @@ class RankFailedError(RuntimeError):
     """A local rank raised, or died without a word (killed by a signal, out of memory)."""
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 1800) -> list[Any]:
     """``fn(*args)`` on ranks 0..world_size-1 (a module-level function); returns each rank's result.
 
     Any failure ends the run within seconds, not at ``timeout``: a rank that raises, or one that dies
     without reporting (SIGKILL, the OOM killer), fails it with ``RankFailedError`` naming that rank,
-    and the other ranks are killed. The rendezvous store is hosted here on a port the OS picks while
+    and the other ranks are killed. ``timeout`` only bounds ranks that are all alive and stuck (a
+    loaded 2-core machine ran a four-rank test matrix for over 600 s). The rendezvous store is hosted here on a port the OS picks while
     binding it (``host_rendezvous``).
     """
     ctx = mp.get_context("spawn")
