@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -41,11 +41,13 @@ from bridge.megatron import checkpoint as mc
 from bridge.megatron.builder import check_parallel_sizes
 from bridge.megatron.foreign_checkpoint import check_fits, checkpoint_record
 from bridge.megatron.parallel import ParallelSizes, init_distributed
+from bridge.runtime.memory_budget import memory_budget
 from bridge.runtime.progress import elapsed_bar
 from bridge.runtime.rank_errors import on_rank0
 from bridge.runtime.sizes import parse_size
 
-DEFAULT_MAX_MEMORY = "4GB"
+if TYPE_CHECKING:
+    from bridge.megatron.streaming import Streamed
 
 
 def one_process() -> bool:
@@ -108,12 +110,14 @@ def import_hf_checkpoint(
     Writes ``out/release/`` (iteration "release", which Megatron-LM's ``--load`` resumes from at
     any TP/PP), the tracker file, and ``hf_config/`` + ``bridge.json`` so that the export needs no
     HF folder. ``stream`` (default: in one process) converts tensor by tensor within
-    ``max_memory`` (default 4GB), padding the vocabulary as ``sizes.tp`` needs; otherwise each rank
-    builds its shards at ``sizes``. All ranks call it.
+    ``max_memory`` (default: ``bridge.runtime.memory_budget``'s share of the available memory),
+    padding the vocabulary as ``sizes.tp`` needs; otherwise each rank builds its shards at
+    ``sizes``. All ranks call it.
     """
     stream = one_process() if stream is None else stream
     if max_memory is not None and not stream:
         raise ValueError("max_memory bounds a streamed conversion (one process); it cannot be combined with stream=False")
+    budget = memory_budget(max_memory) if stream else None  # a typo fails before anything runs
     init_distributed()
     with contextlib.ExitStack() as stack:
         target = _claim(stack, Path(out), overwrite, MEGATRON_CHECKPOINT)
@@ -129,9 +133,10 @@ def import_hf_checkpoint(
             if stream:
                 from bridge.megatron.streaming_import import import_checkpoint
 
-                budget = max_memory or DEFAULT_MAX_MEMORY
-                padded_vocab = import_checkpoint(bridge, tmp, max_memory=budget, vocab_divisible_by=128 * sizes.tp, nonfinite=nonfinite)
-                how = f"streamed in one process within --max-memory {budget}, loads at any layout (vocabulary padded for tp={sizes.tp})"
+                padded_vocab, streamed = import_checkpoint(
+                    bridge, tmp, max_memory=budget, vocab_divisible_by=128 * sizes.tp, nonfinite=nonfinite
+                )
+                how = f"streamed in one process ({streamed.text()}), loads at any layout (vocabulary padded for tp={sizes.tp})"
             else:
                 padded_vocab = model[0].vocab_size
                 with elapsed_bar("saving Megatron checkpoint"):
@@ -240,6 +245,7 @@ def export_megatron_checkpoint(
         raise ValueError("max_memory bounds a streamed conversion (one process); it cannot be combined with stream=False")
     ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
     parse_size(max_shard_size)  # a typo fails before anything runs
+    budget = memory_budget(max_memory) if stream else None
     init_distributed()
 
     def check_sources() -> None:
@@ -261,10 +267,10 @@ def export_megatron_checkpoint(
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
         check = check_loads_in_transformers if load_check else None
         if stream:
-            checked = _stream_export(
-                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite
+            checked, streamed = _stream_export(
+                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite
             )
-            how = f"streamed within --max-memory {max_memory or 'the default ' + DEFAULT_MAX_MEMORY}"
+            how = f"streamed ({streamed.text()})"
         else:
             from bridge.engine.folder_export import write_hf_folder
 
@@ -298,9 +304,9 @@ def _with_bar(check, desc: str):
 
 
 def _stream_export(
-    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, max_memory, max_shard_size, overwrite
-) -> bool:
-    """The bounded-memory export (one process); returns whether transformers' load check ran."""
+    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite
+) -> tuple[bool, Streamed]:
+    """The bounded-memory export (one process); returns whether transformers' load check ran, and the peak it measured."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     from bridge.megatron.streaming_export import export_hf_folder
@@ -312,7 +318,7 @@ def _stream_export(
             out,
             padded_vocab_size=int(info["padded_vocab_size"]),
             iteration=iteration,
-            max_memory=max_memory or DEFAULT_MAX_MEMORY,
+            max_memory=budget,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             target_dtype=target_dtype,

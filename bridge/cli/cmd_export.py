@@ -13,9 +13,10 @@ EXAMPLES = """examples:
   hfmb export ./ckpt ./hf-out --dtype bfloat16 --max-shard-size 2GB
   hfmb export ./ckpt ./hf-out --max-memory 8GB          # stream within 8GB, whatever the model size
   torchrun --nproc-per-node=4 -m bridge export ./ckpt ./hf-out --tp 2 --pp 2 --overwrite
-As one process (no torchrun) it streams a few tensors at a time within --max-memory (default 4GB;
-shards are capped to a quarter of it) from a checkpoint saved at any layout; under torchrun with several
-ranks, or with --in-memory, the model is loaded at --tp/--pp (which may differ from the saved ones).
+As one process (no torchrun) it streams a few tensors at a time within --max-memory (default: 60% of
+the available memory; the report gives the peak measured) from a checkpoint saved at any layout; under
+torchrun with several ranks, or with --in-memory, the model is loaded at --tp/--pp (which may differ
+from the saved ones).
 The folder is written beside the target and renamed into place only after transformers loaded it
 with an empty load report (when streaming, if the weights fit half of --max-memory); an existing
 non-empty target is refused unless --overwrite."""

@@ -15,10 +15,10 @@ EXAMPLES = """examples:
   torchrun --nproc-per-node=8 -m bridge import ./my-hf-model ./ckpt --tp 4 --pp 2
 Writes a Megatron-Core distributed checkpoint in Megatron-LM's layout (iteration "release"), plus
 hf_config/ and bridge.json so that `hfmb export` needs no HF folder. Written atomically.
-As one process (no torchrun) it streams tensor by tensor within --max-memory (default 4GB): the
-checkpoint does not depend on the layout, so it loads at any TP/PP (--tp only sets the vocabulary
-padding that layout needs). Under torchrun with several ranks, or with --in-memory, each rank builds
-its shards of the model and they save together."""
+As one process (no torchrun) it streams tensor by tensor within --max-memory (default: 60% of the
+available memory; the report gives the peak measured): the checkpoint does not depend on the layout,
+so it loads at any TP/PP (--tp only sets the vocabulary padding that layout needs). Under torchrun
+with several ranks, or with --in-memory, each rank builds its shards of the model and they save together."""
 
 
 def add_parser(commands, command) -> None:

@@ -71,7 +71,8 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
         "--max-memory",
         type=_size,
         help="stream tensor by tensor in one process, using at most this much memory beyond the program itself, e.g. 4GB, 500MB "
-        "(default 4GB when run as one process)",
+        "(default when run as one process: 60%% of the available memory, within the cgroup's limit where one is set); "
+        "a budget too small for the largest tensor is refused at once, naming the least that would do",
     )
     group.add_argument(
         "--in-memory", action="store_true", help="build the whole model at --tp/--pp instead of streaming (the default under torchrun)"

@@ -1,23 +1,26 @@
 """Megatron-Core dist checkpoint (saved at any layout) → HF folder within ``--max-memory``; one process.
 
-``dist_checkpointing``'s reader fills a few whole TP=1 parameters at a time (as many as fit the
-budget) from the saved chunks that overlap them; each goes through ``megatron_to_hf`` into the HF
-folder's writer, which writes it to disk before the next one is read, and is dropped. The files are
-laid out up front from the meta model's exported names and shapes (``export_layout``). Peak memory
-is about three copies of the parameters of one batch, whatever the model size; a parameter that
-cannot be converted within the budget is refused before anything is written.
+``dist_checkpointing``'s reader fills a few whole TP=1 parameters at a time (a batch: as many as fit
+the budget, up to ``BATCH_BYTES``) from the saved chunks that overlap them; each goes through
+``megatron_to_hf`` into the HF folder's writer, which streams it to disk through two staging buffers
+before the next batch is read, and is dropped. The files are laid out up front from the meta
+model's exported names and shapes (``export_layout``), in shards of ``--max-shard-size``. What a
+batch holds: ``_Batch.held``. A budget below what the largest parameter holds alone, with the margin, is
+refused before anything is written, naming it and the budget that would do.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import CachedMetadataFileSystemReader
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
@@ -26,28 +29,104 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from tqdm import tqdm
 
 from bridge.engine.export import export_layout
-from bridge.engine.plan import PlanEntry
+from bridge.engine.plan import PlanEntry, TransferPlan
+from bridge.hf.data_appender import STAGE_BYTES
 from bridge.hf.folder_writer import HFFolderWriter
 from bridge.megatron import checkpoint as mc
-from bridge.megatron.streaming import DEFAULT_MAX_MEMORY, MemoryBudgetError, meta_model, region, returned_to_the_os, tensor_bytes
+from bridge.megatron import streaming
+from bridge.megatron.streaming import meta_model, model_chunks, region, returned_to_the_os, tensor_bytes
 from bridge.runtime.gc_freeze import frozen_heap
+from bridge.runtime.memory_budget import MemoryBudget
+from bridge.runtime.peak_memory import PeakMemory
 from bridge.runtime.sizes import parse_size
-from bridge.runtime.write_errors import disk_full_reported
-from bridge.runtime.write_errors import size_text as _size_text
+from bridge.runtime.write_errors import disk_full_reported, size_text
 
 logger = logging.getLogger(__name__)
 
-# Share of the budget set aside for writing, and the most a shard may hold (see docs/design.md): 1/_SHARD_SHARE.
-_SHARD_SHARE = 4
-# Share of the budget left to bookkeeping (model metadata, DCP plans) and allocator slack.
-_SLACK_SHARE = 4
+# Parameters read in one batch at most (beyond one parameter larger than that): fewer reads save
+# about 10 ms each, which a larger batch no longer buys back.
+BATCH_BYTES = 2**30
+# The folder writer's staging buffers: two for the file being written.
+_WRITER_BYTES = 2 * STAGE_BYTES
 
 
-def _parameter_chunks(model_dict: dict) -> dict[str, list[ShardedTensor]]:
-    """State-dict key → the ShardedTensors it is saved as (factories built; their data are meta views of the parameter)."""
-    built = dict(model_dict)  # apply_factories replaces entries of this copy, not of the model's state dict
-    apply_factories(built)
-    return {key: [sh for sh in nested_values({key: value}) if isinstance(sh, ShardedTensor)] for key, value in built.items()}
+@dataclass(frozen=True)
+class _Need:
+    """What converting one parameter holds: the whole parameter, each saved chunk read for it, a tensor cast before writing."""
+
+    entry: PlanEntry
+    parameter: int
+    reads: tuple[int, ...]  # bytes of each saved chunk its reads load (torch.load loads a saved chunk whole)
+    cast: int  # the largest of its HF tensors written in another dtype than the parameter's (a cast copy), or 0
+
+
+def _needs(plan: TransferPlan, entries: list[PlanEntry], chunks: dict[str, list[ShardedTensor]], metadata: Metadata, pick) -> list[_Need]:
+    """Each parameter's ``_Need``, from the checkpoint's metadata (its saved chunks) and the export's dtypes."""
+    saved = _SavedChunks(metadata)
+    needs = []
+    for entry in entries:
+        reads = tuple(size for sh in chunks[entry.name] for size in saved.read_for(sh))
+        casts = [t.numel() * pick(name, t.dtype).itemsize for name, t in plan.meta_export(entry).items() if pick(name, t.dtype) != t.dtype]
+        needs.append(_Need(entry, tensor_bytes(entry.local_shape, entry.dtype), reads, max(casts, default=0)))
+    return needs
+
+
+class _SavedChunks:
+    """The chunks a checkpoint saved of each tensor, found by the region a read covers.
+
+    A key of stacked layers or experts is saved as one chunk per layer (or expert): chunks are
+    grouped by their offsets along such leading axes (``prepend_axis_num``, one element wide), so
+    that each region is checked against its own layer's chunks rather than every layer's.
+    """
+
+    def __init__(self, metadata: Metadata):
+        self.metadata = metadata
+        self._groups: dict[tuple[str, int], dict[tuple[int, ...], list[ChunkStorageMetadata]]] = {}
+
+    def read_for(self, sh: ShardedTensor) -> list[int]:
+        """Bytes of each saved chunk of ``sh.key`` that overlaps ``sh``'s region (each is loaded whole to read the overlap)."""
+        saved = self.metadata.state_dict_metadata[sh.key]
+        lead = sh.prepend_axis_num
+        start, size = tuple(sh.global_offset), (1,) * lead + tuple(sh.local_shape)
+        groups = self._groups.get((sh.key, lead))
+        if groups is None:
+            groups = self._groups[(sh.key, lead)] = {}
+            for chunk in saved.chunks:
+                one_wide = all(length == 1 for length in chunk.sizes[:lead])
+                groups.setdefault(tuple(chunk.offsets[:lead]) if one_wide else (), []).append(chunk)
+        candidates = groups.get(start[:lead], []) + (groups.get((), []) if lead else [])
+        return [
+            math.prod(chunk.sizes) * saved.properties.dtype.itemsize
+            for chunk in candidates
+            if all(c < s + n and s < c + m for c, m, s, n in zip(chunk.offsets, chunk.sizes, start, size))
+        ]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What consecutive parameters read together hold at their peak: ``held``."""
+
+    count: int = 0
+    parameters: int = 0
+    reads: tuple[int, ...] = ()  # the two largest saved chunks read for them
+    cast: int = 0
+
+    def plus(self, need: _Need) -> _Batch:
+        reads = tuple(heapq.nlargest(2, self.reads + need.reads))
+        return _Batch(self.count + 1, self.parameters + need.parameter, reads, max(self.cast, need.cast))
+
+    def held(self) -> list[tuple[str, int]]:
+        """(what, bytes): the parameters; either the two largest saved chunks read (torch's reader holds
+        the chunk it loaded last while it loads the next) or the largest cast tensor (made after the
+        reads, while the parameters not yet written are held); the writer's staging buffers."""
+        read = sum(self.reads)
+        besides = ("saved chunks being read", read) if read >= self.cast else ("a tensor cast to its HF dtype", self.cast)
+        parameters = ("the parameter" if self.count == 1 else "the parameters", self.parameters)
+        return [parameters, besides, ("the writer's buffers", _WRITER_BYTES)]
+
+    def minimum(self) -> int:
+        """The least budget it fits."""
+        return streaming.with_margin(sum(size for _, size in self.held()))
 
 
 def check_global_shapes(chunks: dict[str, list[ShardedTensor]], metadata: Metadata, folder: Path) -> None:
@@ -66,7 +145,8 @@ class _RegionLoadPlanner(LoadPlanner):
     """Reads given regions of global tensors (sharded key, global offset, tensor to fill) from a torch_dist checkpoint.
 
     Whatever layout the checkpoint was saved at, DCP's resharding reads the saved chunks that
-    overlap each region (one saved chunk in memory at a time) and copies the overlap in.
+    overlap each region and copies the overlap in (a saved chunk is loaded whole, and torch's reader
+    holds the one it loaded last while it loads the next).
     """
 
     def __init__(self, targets: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
@@ -116,19 +196,27 @@ def _read_parameters(
     return fulls
 
 
-def _batches(entries: list[PlanEntry], room: int) -> Iterator[list[PlanEntry]]:
-    """Consecutive entries whose conversion (about three copies of each) fits ``room`` together."""
-    batch: list[PlanEntry] = []
-    used = 0
-    for entry in entries:
-        need = 3 * tensor_bytes(entry.local_shape, entry.dtype)
-        if batch and used + need > room:
-            yield batch
-            batch, used = [], 0
-        batch.append(entry)
-        used += need
-    if batch:
-        yield batch
+def _check_budget(needs: list[_Need], budget: MemoryBudget) -> None:
+    """Refuse ``budget`` if the parameter that holds the most, alone, does not fit it; names it and the budget that would do."""
+    largest = max(needs, key=lambda need: _Batch().plus(need).minimum())
+    alone = _Batch().plus(largest)
+    if alone.minimum() > budget.bytes:
+        raise streaming.over_budget(largest.entry.name, alone.held(), budget, alone.minimum())
+
+
+def _batches(needs: list[_Need], budget: int) -> Iterator[list[PlanEntry]]:
+    """Consecutive parameters that fit ``budget`` together, and ``BATCH_BYTES`` unless one alone is larger."""
+    entries: list[PlanEntry] = []
+    batch = _Batch()
+    for need in needs:
+        grown = batch.plus(need)
+        if entries and (grown.minimum() > budget or grown.parameters > BATCH_BYTES):
+            yield entries
+            entries, grown = [], _Batch().plus(need)
+        entries.append(need.entry)
+        batch = grown
+    if entries:
+        yield entries
 
 
 @frozen_heap()
@@ -139,76 +227,69 @@ def export_hf_folder(
     *,
     padded_vocab_size: int,
     iteration: int | None | str = "latest",
-    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    max_memory: MemoryBudget | int | str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     target_dtype: Callable[[str, torch.dtype], torch.dtype] | None = None,
     config: dict,
     side_files: dict[str, Path | str] | None = None,
     check: Callable[[Path], None] | None = None,
-) -> bool:
+) -> tuple[bool, streaming.Streamed]:
     """Stream a Megatron checkpoint (any layout it was saved at) into an HF folder within ``max_memory``; one process.
 
+    ``max_memory``: a size, or None for the default (``bridge.runtime.memory_budget``); a budget
+    too small for some parameter is refused before the folder's writer starts.
     ``target_dtype(hf_name, dtype)`` picks each tensor's dtype (default: the model's). The folder
-    is written atomically by ``HFFolderWriter``, in shards of at most a quarter of the budget.
+    is written atomically by ``HFFolderWriter``, in shards of at most ``max_shard_size``.
     ``check(folder)`` (transformers' load check) runs before publishing when the weights fit half
-    the budget, and is skipped with a warning otherwise; returns whether it ran.
+    the budget, and is skipped with a warning otherwise. Returns whether it ran, and the budget
+    with the peak measured.
     """
-    budget = parse_size(max_memory)
-    shard = min(parse_size(max_shard_size), budget // _SHARD_SHARE)
-    if shard < parse_size(max_shard_size):
-        logger.info("shards of at most %s, to stay within --max-memory %s", _size_text(shard), _size_text(budget))
+    budget = streaming.budget_of(max_memory)
+    pick = target_dtype or (lambda name, dtype: dtype)
     if iteration == "latest":
         iteration = mc.latest_iteration(root)
     folder = mc.iteration_dir(root, iteration)  # type: ignore[arg-type]
     if not (folder / "metadata.json").exists():
         raise mc.MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
     _, plan, state = meta_model(bridge, padded_vocab_size=padded_vocab_size)
-    entries = plan.exported_entries()
-    room = budget - shard - budget // _SLACK_SHARE
-    for entry in entries:
-        need = 3 * tensor_bytes(entry.local_shape, entry.dtype)
-        if need > room:
-            raise MemoryBudgetError(
-                f"{entry.name} needs about {_size_text(need)} to convert, but --max-memory {_size_text(budget)} leaves "
-                f"{_size_text(room)} for it beside the {_size_text(shard)} set aside for writing and bookkeeping; "
-                f"raise --max-memory to at least {_size_text(2 * need + 1)}"
-            )
-    (model_key,) = [key for key, value in state.items() if isinstance(value, dict)]
-    chunks = _parameter_chunks(state[model_key])
-    reader = CachedMetadataFileSystemReader(str(folder))  # one read of .metadata for all the batches
-    check_global_shapes(chunks, reader.read_metadata(), folder)
-    params = {name: plan.local[name].param for name in plan.local}
-    missing = [entry.name for entry in entries if not chunks.get(entry.name)]
-    if missing:
-        raise mc.MegatronCheckpointError(f"parameters with no entry in the model's sharded state dict: {', '.join(missing)}")
-    layout = export_layout(plan, target_dtype, shard)
-    weights = layout.data_bytes
+    # Measured from here: the modules imported so far are the program's, not the conversion's.
+    with PeakMemory() as peak:
+        entries = plan.exported_entries()
+        chunks = model_chunks(state)
+        missing = [entry.name for entry in entries if not chunks.get(entry.name)]
+        if missing:
+            raise mc.MegatronCheckpointError(f"parameters with no entry in the model's sharded state dict: {', '.join(missing)}")
+        reader = CachedMetadataFileSystemReader(str(folder))  # one read of .metadata for all the batches
+        metadata = reader.read_metadata()
+        check_global_shapes(chunks, metadata, folder)
+        needs = _needs(plan, entries, chunks, metadata, pick)
+        _check_budget(needs, budget)
+        params = {name: plan.local[name].param for name in plan.local}
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size))
+        checked: list[Path] = []
 
-    def bounded_check(tmp_dir: Path) -> None:
-        if 2 * weights > budget:  # transformers would hold the whole model (and a copy while loading it)
-            logger.warning(
-                "not loading the export in transformers: its %s of weights do not fit --max-memory %s",
-                _size_text(weights),
-                _size_text(budget),
-            )
-            return
-        check(tmp_dir)  # type: ignore[misc]
-        checked.append(tmp_dir)
+        def bounded_check(tmp_dir: Path) -> None:
+            if 2 * layout.data_bytes > budget.bytes:  # transformers would hold the whole model (and a copy while loading it)
+                logger.warning(
+                    "not loading the export in transformers: its %s of weights do not fit %s", size_text(layout.data_bytes), budget.text
+                )
+                return
+            check(tmp_dir)  # type: ignore[misc]
+            checked.append(tmp_dir)
 
-    checked: list[Path] = []
-    with (
-        disk_full_reported(Path(out_dir), layout.file_bytes),
-        returned_to_the_os(),
-        HFFolderWriter(out_dir, layout, overwrite=overwrite) as writer,
-    ):
-        with tqdm(total=len(entries), desc="exporting", unit="tensor", delay=2.0) as progress:
-            for batch in _batches(entries, room):
-                loaded = _read_parameters(reader, batch, chunks, params)
-                for entry in batch:
-                    for name, tensor in plan.mapping(entry).megatron_to_hf([loaded.pop(entry.name)], plan.context(entry, 0)).items():
-                        writer.add(name, tensor if target_dtype is None else tensor.to(target_dtype(name, tensor.dtype)))
-                    progress.update(1)
-                del loaded
-        writer.finish(config, side_files, check=None if check is None else bounded_check)
-    return bool(checked)
+        with (
+            disk_full_reported(Path(out_dir), layout.file_bytes),
+            returned_to_the_os(),
+            HFFolderWriter(out_dir, layout, overwrite=overwrite) as writer,
+        ):
+            with tqdm(total=len(entries), desc="exporting", unit="tensor", delay=2.0) as progress:
+                for batch in _batches(needs, budget.bytes):
+                    loaded = _read_parameters(reader, batch, chunks, params)
+                    for entry in batch:
+                        for name, tensor in plan.mapping(entry).megatron_to_hf([loaded.pop(entry.name)], plan.context(entry, 0)).items():
+                            writer.add(name, tensor.to(pick(name, tensor.dtype)))
+                        progress.update(1)
+                    del loaded
+            writer.finish(config, side_files, check=None if check is None else bounded_check)
+    return bool(checked), streaming.Streamed(budget, peak.peak, peak.exact)

@@ -4,9 +4,10 @@
 ``metadata.json`` and the DCP ``.metadata`` exactly as it always does) with a save strategy whose
 planner builds each chunk from the HF files through its parameter's mapping (the ``hf_to_megatron``
 the in-memory load runs) when torch's serial file writer asks for it, and frees it once written.
-Peak memory is about twice the largest parameter and its HF tensors, plus a window of the HF files
-mapped at a time (a quarter of the budget) and their parsed headers; a parameter or headers that do
-not fit are refused before anything is written.
+What it holds for each parameter (``_held``): the parameter, a part of it written as a tensor of its
+own, and the pages of its HF tensors mapped (with one window of ``WINDOW_BYTES``); beside the parsed
+headers of the HF files. A budget below the largest of those with the margin is refused before
+anything is written, naming the parameter and the budget that would do.
 """
 
 from __future__ import annotations
@@ -36,41 +37,63 @@ from bridge.hf.reader import HEADER_MEMORY_FACTOR, SafetensorsReader, header_byt
 from bridge.hf.weight_values import NonFinite, nonfinite_counts
 from bridge.mappings import MappingError
 from bridge.megatron import checkpoint as mc
-from bridge.megatron.streaming import DEFAULT_MAX_MEMORY, MemoryBudgetError, meta_model, region, returned_to_the_os, tensor_bytes
+from bridge.megatron.streaming import (
+    MemoryBudgetError,
+    MiB,
+    Streamed,
+    budget_of,
+    meta_model,
+    model_chunks,
+    over_budget,
+    region,
+    returned_to_the_os,
+    size_arg,
+    tensor_bytes,
+    with_margin,
+)
 from bridge.runtime.gc_freeze import frozen_heap
-from bridge.runtime.sizes import parse_size
-from bridge.runtime.write_errors import size_text as _size_text
+from bridge.runtime.memory_budget import MemoryBudget
+from bridge.runtime.peak_memory import PeakMemory
+from bridge.runtime.write_errors import size_text
 
 logger = logging.getLogger(__name__)
 
-# Share of the budget the mapped window of the HF files may take: 1/_MAPPED_SHARE.
-_MAPPED_SHARE = 4
+# The window of the HF files mapped at a time (``SafetensorsReader``'s ``reopen_bytes``): tensors
+# smaller than it share one; a larger one is mapped just for its read. Every page is faulted in once
+# either way, and a file page is mapped again by its own fault-around, so a small window costs no time.
+WINDOW_BYTES = 8 * MiB
 
 
-def _import_budget(need: int) -> int:
-    """The smallest ``--max-memory`` whose share beside the HF files' mapped pages is ``need``."""
-    return need * _MAPPED_SHARE // (_MAPPED_SHARE - 1) + 1
-
-
-def _header_memory(folder: Path, budget: int) -> int:
+def _header_memory(folder: Path, budget: MemoryBudget) -> int:
     """Memory the HF files' headers take once parsed (the readers keep them), from their lengths alone.
 
-    Headers that would not fit what the budget leaves beside the mapped pages are refused before any is parsed.
+    Headers that alone would not fit the budget are refused before any is parsed (with a lower bound
+    of the budget the conversion needs: the parameters are counted once the headers are parsed).
     """
     lengths = {path: header_bytes(path) for path in weight_files(folder)}
     memory = HEADER_MEMORY_FACTOR * sum(lengths.values())
-    if memory > budget - budget // _MAPPED_SHARE:
+    minimum = with_margin(memory + WINDOW_BYTES)
+    if memory > budget.bytes:
         largest = max(lengths, key=lengths.__getitem__)
         raise MemoryBudgetError(
-            f"the safetensors headers of {folder} take about {_size_text(memory)} of memory once parsed ({largest.name}'s header "
-            f"alone is {lengths[largest]:,} bytes), more than --max-memory {_size_text(budget)} leaves for the conversion; "
-            f"raise --max-memory to at least {_size_text(_import_budget(memory))}"
+            f"the safetensors headers of {folder} take about {size_text(memory)} of memory once parsed ({largest.name}'s header "
+            f"alone is {lengths[largest]:,} bytes), more than {budget.text} allows beside the conversion; "
+            f"raise --max-memory to at least {size_arg(minimum)}"
         )
     return memory
 
 
-def _hf_bytes(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader) -> int:
-    return sum(reader.lazy(name).nbytes for name in plan.mapping(entry).hf_names)
+def _held(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, chunks: list[ShardedTensor]) -> list[tuple[str, int]]:
+    """What is held at once while ``entry`` is built and written, as (what, bytes).
+
+    The parameter; the largest part of it written as a tensor of its own (a clone: torch's writer
+    saves a tensor's whole storage); the HF files' mapped pages: its HF tensors (views of each stay
+    mapped until it is built) and the window mapped before them, whose pages other tensors touched.
+    """
+    whole = tensor_bytes(entry.local_shape, entry.dtype)
+    parts = [sh.data.numel() * entry.dtype.itemsize for sh in chunks if tuple(sh.data.shape) != tuple(entry.local_shape)]
+    mapped = sum(reader.lazy(name).nbytes for name in plan.mapping(entry).hf_names) + WINDOW_BYTES
+    return [("the parameter", whole), ("a part of it written on its own", max(parts, default=0)), ("the HF files' mapped pages", mapped)]
 
 
 class _HFSource:
@@ -165,6 +188,7 @@ class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
                     torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
             finally:
                 planner.release()
+                self.source.reader.release()  # the window mapped last (its pages would stay resident with the reader)
 
 
 def _chunk_index(sharded_state_dict: dict, params: dict[str, tuple[PlanEntry, torch.Tensor]]) -> dict:
@@ -190,45 +214,53 @@ def _chunk_index(sharded_state_dict: dict, params: dict[str, tuple[PlanEntry, to
     return index
 
 
+def _check_budget(plan: TransferPlan, reader: SafetensorsReader, state: dict, headers: int, budget: MemoryBudget) -> None:
+    """Refuse ``budget`` if the parameter that holds the most does not fit it beside the parsed headers, naming both."""
+    chunks = model_chunks(state)
+    headers_held = ("the parsed headers", headers)
+    held = {entry.name: [*_held(plan, entry, reader, chunks.get(entry.name, [])), headers_held] for entry in plan.entries}
+    largest = max(plan.entries, key=lambda entry: sum(size for _, size in held[entry.name]))
+    need = sum(size for _, size in held[largest.name])
+    if with_margin(need) > budget.bytes:
+        what = f"{largest.name} (from {', '.join(plan.mapping(largest).hf_names)})"
+        raise over_budget(what, held[largest.name], budget, with_margin(need))
+
+
 @frozen_heap()
 def import_checkpoint(
     bridge,
     root: str | Path,
     *,
-    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    max_memory: MemoryBudget | int | str | None = None,
     vocab_divisible_by: int = 128,
     nonfinite: dict[str, NonFinite] | None = None,
-) -> int:
+) -> tuple[int, Streamed]:
     """Write ``bridge``'s HF checkpoint as a Megatron-LM checkpoint at ``root`` (iteration "release") within ``max_memory``.
 
-    ``vocab_divisible_by`` is Megatron-LM's ``make_vocab_size_divisible_by`` × the TP size the
-    checkpoint is meant for, so that the padded vocabulary is the one that layout would have.
-    ``nonfinite``, when given, receives the NaN/Inf counts of the HF tensors that hold any, counted
-    as they stream. One process; returns the padded vocabulary size.
+    ``max_memory``: a size, or None for the default (``bridge.runtime.memory_budget``). A budget
+    too small for some parameter is refused before ``root`` is created. ``vocab_divisible_by`` is
+    Megatron-LM's ``make_vocab_size_divisible_by`` × the TP size the checkpoint is meant for, so
+    that the padded vocabulary is the one that layout would have. ``nonfinite``, when given,
+    receives the NaN/Inf counts of the HF tensors that hold any, counted as they stream. One
+    process; returns the padded vocabulary size and the budget with the peak measured.
     """
-    budget = parse_size(max_memory)
-    reopen = budget // _MAPPED_SHARE
+    budget = budget_of(max_memory)
     headers = _header_memory(Path(bridge.hf_folder), budget)  # before any header is parsed
     model, plan, state = meta_model(bridge, vocab_divisible_by=vocab_divisible_by)
     validate_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
-    room = budget - reopen - headers
-    for entry in plan.entries:
-        need = 2 * (_hf_bytes(plan, entry, bridge.reader) + tensor_bytes(entry.local_shape, entry.dtype))
-        if need > room:
-            raise MemoryBudgetError(
-                f"{entry.name} (from {', '.join(plan.mapping(entry).hf_names)}) needs about {_size_text(need)} to convert, but "
-                f"--max-memory {_size_text(budget)} leaves {_size_text(room)} for it (1/{_MAPPED_SHARE} goes to the HF files' "
-                f"mapped pages, {_size_text(headers)} to their parsed headers); "
-                f"raise --max-memory to at least {_size_text(_import_budget(need + headers))}"
-            )
+    _check_budget(plan, bridge.reader, state, headers, budget)
     params = {entry.name: (entry, plan.local[entry.name].param) for entry in plan.entries}
     state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them
     folder = mc.iteration_dir(root, None)
-    folder.mkdir(parents=True, exist_ok=True)
-    mc.check_writer_dependencies()
-    with returned_to_the_os():
-        strategy = _StreamingSaveStrategy(params, _HFSource(bridge, plan, reopen, {} if nonfinite is None else nonfinite))
-        mc.save_dist_checkpoint(state, folder, strategy, needed=sum(tensor_bytes(entry.local_shape, entry.dtype) for entry in plan.entries))
-    mc.write_tracker(root, None)
-    logger.info("saved Megatron checkpoint %s (streamed, --max-memory %s)", folder, _size_text(budget))
-    return model[0].vocab_size
+    # Measured from here: the modules imported so far are the program's, not the conversion's.
+    with PeakMemory() as peak:
+        folder.mkdir(parents=True, exist_ok=True)
+        mc.check_writer_dependencies()
+        with returned_to_the_os():
+            strategy = _StreamingSaveStrategy(params, _HFSource(bridge, plan, WINDOW_BYTES, {} if nonfinite is None else nonfinite))
+            needed = sum(tensor_bytes(entry.local_shape, entry.dtype) for entry in plan.entries)
+            mc.save_dist_checkpoint(state, folder, strategy, needed=needed)
+        mc.write_tracker(root, None)
+    streamed = Streamed(budget, peak.peak, peak.exact)
+    logger.info("saved Megatron checkpoint %s (streamed, %s)", folder, streamed.text())
+    return model[0].vocab_size, streamed
