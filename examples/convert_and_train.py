@@ -148,7 +148,8 @@ def main() -> None:
 
     tokenizer = load_tokenizer(hf_model)
     dataset = build_gpt_dataset(data_paths, tokenizer, cfg.seq_length, cfg.train_iters * cfg.global_batch_size, seed=cfg.seed)
-    iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
+    # A resumed run that is already at --train-iters has no samples left to draw (and needs none).
+    iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed) if start < cfg.train_iters else []
 
     def save(iteration: int) -> None:
         consumed = iteration * cfg.global_batch_size
