@@ -68,7 +68,11 @@ def test_export_with_its_hf_config_gives_the_original_back(results, how):
 def test_a_config_that_does_not_fit_is_refused_naming_the_tensor(results, how):
     code, stdout, stderr = results[f"wider_{how}"]
     assert code == EXIT_INPUT, stdout + stderr
-    assert "tensor decoder.layers.mlp.linear_fc2.weight is [4, 64, 128], the model of this config needs [4, 64, 256]" in stderr, stderr
+    misfits = (  # the first one the path checks: either MLP weight
+        "tensor decoder.layers.mlp.linear_fc1.weight is [4, 256, 64], the model of this config needs [4, 512, 64]",
+        "tensor decoder.layers.mlp.linear_fc2.weight is [4, 64, 128], the model of this config needs [4, 64, 256]",
+    )
+    assert any(misfit in stderr for misfit in misfits), stderr
     assert f"wider-{how}" not in results["left"]
 
 

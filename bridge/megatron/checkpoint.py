@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,21 @@ def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = 
     dist.barrier()
     logger.info("saved Megatron checkpoint %s", folder)
     return folder
+
+
+def check_global_shapes(needed: Iterable, saved: Mapping[str, Sequence[int]], root: str | Path) -> None:
+    """Every ``ShardedTensor`` of ``needed`` is in ``saved`` (key → global shape) with its global shape.
+
+    Raises before anything is read, naming the first tensor that is missing or shaped otherwise.
+    """
+    for tensor in needed:
+        found = saved.get(tensor.key)
+        if found is None:
+            raise MegatronCheckpointError(f"{root} has no tensor {tensor.key}, which the model of this config needs")
+        if tuple(found) != tuple(tensor.global_shape):
+            raise MegatronCheckpointError(
+                f"{root}: tensor {tensor.key} is {list(found)}, the model of this config needs {list(tensor.global_shape)}"
+            )
 
 
 def check_save_keeps_history(root: str | Path, iteration: int | None) -> None:

@@ -17,7 +17,14 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from bridge.hf.metadata import dtype_name
-from bridge.megatron.checkpoint import MegatronCheckpointError, hf_config_folder, iteration_dir, latest_iteration, read_source_info
+from bridge.megatron.checkpoint import (
+    MegatronCheckpointError,
+    check_global_shapes,
+    hf_config_folder,
+    iteration_dir,
+    latest_iteration,
+    read_source_info,
+)
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -69,21 +76,9 @@ def derived_record(root: str | Path, hf_folder: Path, iteration: int | str | Non
 
 
 def check_fits(model_state: dict, root: str | Path, iteration: int | str | None = "latest") -> None:
-    """Every tensor of ``model_state`` (Megatron-LM's model entries) is saved at ``root`` with its global shape.
-
-    Raises ``MegatronCheckpointError`` naming the first that is missing or shaped otherwise.
-    """
-    stored = stored_tensors(root, iteration)
-    for needed in nested_values(model_state):
-        if not isinstance(needed, ShardedTensor):
-            continue
-        found = stored.get(needed.key)
-        if found is None:
-            raise MegatronCheckpointError(f"{root} has no tensor {needed.key}, which the model of this config needs")
-        if tuple(found.global_shape) != tuple(needed.global_shape):
-            raise MegatronCheckpointError(
-                f"{root}: tensor {needed.key} is {list(found.global_shape)}, the model of this config needs {list(needed.global_shape)}"
-            )
+    """Every tensor of ``model_state`` (Megatron-LM's model entries) is saved at ``root`` with its global shape."""
+    saved = {key: tuple(tensor.global_shape) for key, tensor in stored_tensors(root, iteration).items()}
+    check_global_shapes((v for v in nested_values(model_state) if isinstance(v, ShardedTensor)), saved, root)
 
 
 def _iteration_folder(root: str | Path, iteration: int | str | None) -> Path:

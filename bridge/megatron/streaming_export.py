@@ -129,18 +129,6 @@ class _Batch:
         return streaming.with_margin(sum(size for _, size in self.held()))
 
 
-def check_global_shapes(chunks: dict[str, list[ShardedTensor]], metadata: Metadata, folder: Path) -> None:
-    """Every tensor the model needs is in the checkpoint with its global shape; raises before anything is read."""
-    for sh in (sh for shards in chunks.values() for sh in shards):
-        saved = metadata.state_dict_metadata.get(sh.key)
-        if not isinstance(saved, TensorStorageMetadata):
-            raise mc.MegatronCheckpointError(f"{sh.key} from model not in the checkpoint {folder}")
-        if tuple(saved.size) != tuple(sh.global_shape):
-            raise mc.MegatronCheckpointError(
-                f"Global shape mismatch for loaded ({tuple(saved.size)}) and expected ({tuple(sh.global_shape)}) tensor for key {sh.key}"
-            )
-
-
 class _RegionLoadPlanner(LoadPlanner):
     """Reads given regions of global tensors (sharded key, global offset, tensor to fill) from a torch_dist checkpoint.
 
@@ -262,7 +250,8 @@ def export_hf_folder(
             raise mc.MegatronCheckpointError(f"parameters with no entry in the model's sharded state dict: {', '.join(missing)}")
         reader = CachedMetadataFileSystemReader(str(folder))  # one read of .metadata for all the batches
         metadata = reader.read_metadata()
-        check_global_shapes(chunks, metadata, folder)
+        saved = {key: tuple(m.size) for key, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+        mc.check_global_shapes((sh for shards in chunks.values() for sh in shards), saved, root)
         needs = _needs(plan, entries, chunks, metadata, pick)
         _check_budget(needs, budget)
         params = {name: plan.local[name].param for name in plan.local}
