@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from bridge.mappings import MappingRegistry
+from bridge.megatron.layers.layer_shape import LayerShape
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -25,6 +26,8 @@ class ModelBridge:
     hf_ignore: tuple[str, ...] = ()
     # Other on-disk layouts of the same tensors (mappings/hf_views.py), e.g. transformers-5 fused experts.
     hf_views: tuple = ()
+    # How the decoder layer differs from Megatron-Core's pre-norm GPT layer (post-norms, q/k norm over the projection).
+    layer_shape: LayerShape = LayerShape()
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config

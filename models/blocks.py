@@ -10,8 +10,10 @@ the built model lacks is never matched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from bridge.mappings import (
+    ColumnParallelMapping,
     GatedMLPMapping,
     ParamMapping,
     QKVMapping,
@@ -54,9 +56,10 @@ class AttentionNames:
     """HF module paths of a layer's self-attention and its input norm (Llama's names by default).
 
     ``qkv``: one module whose weight holds q rows, then k rows, then v rows (Phi-3), read instead of ``q``/``k``/``v``.
+    ``input_norm`` None: the layer has no norm before attention (OLMo-2).
     """
 
-    input_norm: str = "input_layernorm"
+    input_norm: str | None = "input_layernorm"
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
@@ -66,9 +69,12 @@ class AttentionNames:
     qkv: str | None = None
 
 
-def attention(names: AttentionNames = AttentionNames(), *, qkv_bias: bool = False, qk_norm: bool = False) -> list[ParamMapping]:
+def attention(
+    names: AttentionNames = AttentionNames(), *, qkv_bias: bool = False, qk_norm: Literal[False, "head", "projection"] = False
+) -> list[ParamMapping]:
     """Self-attention and its input norm: q/k/v (and their biases) fused into ``linear_qkv``, the output projection,
-    and with ``qk_norm`` the per-head norms of q and k."""
+    and the q and k norms: per head (``"head"``, one weight of head_dim every rank holds) or over the whole
+    projection (``"projection"``, a weight of heads × head_dim split with the heads; ``LayerShape.qk_norm``)."""
 
     def qkv(suffix: str) -> ParamMapping:
         megatron = f"{LAYER}self_attention.linear_qkv.{suffix}"
@@ -77,12 +83,23 @@ def attention(names: AttentionNames = AttentionNames(), *, qkv_bias: bool = Fals
         q, k, v = (f"{HF_LAYER}{name}.{suffix}" for name in (names.q, names.k, names.v))
         return QKVMapping(megatron, q=q, k=k, v=v)
 
-    mappings = [*norm(names.input_norm, "input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"), qkv("weight")]
+    input_norm = norm(names.input_norm, "input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight") if names.input_norm else []
+    mappings = [*input_norm, qkv("weight")]
     if qkv_bias:
         mappings.append(qkv("bias"))
-    if qk_norm:
+    if qk_norm == "projection":
+        mappings += [
+            ColumnParallelMapping(f"{LAYER}self_attention.{role}_layernorm.weight", f"{HF_LAYER}{hf}.weight")
+            for role, hf in (("q", names.q_norm), ("k", names.k_norm))
+        ]
+    elif qk_norm:
         mappings += norm(names.q_norm, "self_attention.q_layernorm.weight") + norm(names.k_norm, "self_attention.k_layernorm.weight")
     return [*mappings, RowParallelMapping(f"{LAYER}self_attention.linear_proj.weight", f"{HF_LAYER}{names.o}.weight")]
+
+
+def post_norms(attention: str = "post_attention_layernorm", mlp: str = "post_feedforward_layernorm") -> list[ParamMapping]:
+    """The norms on the attention and the MLP outputs (``LayerShape.post_norms``: OLMo-2, Gemma 2/3)."""
+    return norm(attention, "post_self_attn_layernorm.weight") + norm(mlp, "post_mlp_layernorm.weight")
 
 
 def pre_mlp_norm(hf: str = "post_attention_layernorm") -> list[ParamMapping]:
@@ -116,9 +133,13 @@ def gated_mlp(megatron: str, names: MLPNames) -> list[ParamMapping]:
     ]
 
 
-def dense_mlp(names: MLPNames = MLPNames(), *, pre_norm: str = "post_attention_layernorm") -> list[ParamMapping]:
-    """A layer's dense MLP, with its pre-MLP norm under TE's fused name (``pre_mlp_norm`` maps the module of its own)."""
-    return [*norm(pre_norm, "mlp.linear_fc1.layer_norm_weight"), *gated_mlp(LAYER + "mlp.", names)]
+def dense_mlp(names: MLPNames = MLPNames(), *, pre_norm: str | None = "post_attention_layernorm") -> list[ParamMapping]:
+    """A layer's dense MLP, with its pre-MLP norm under TE's fused name (``pre_mlp_norm`` maps the module of its own).
+
+    ``pre_norm`` None: the layer has no norm before the MLP (OLMo-2).
+    """
+    fused_norm = norm(pre_norm, "mlp.linear_fc1.layer_norm_weight") if pre_norm else []
+    return [*fused_norm, *gated_mlp(LAYER + "mlp.", names)]
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,22 @@ def expected_shard(
     row = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight", "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
     if rest in row:
         return "row", hf[p + row[rest]].chunk(tp, dim=1)[rank]
-    norms = {
-        "input_layernorm.weight": "input_layernorm.weight",
-        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    qk_norms = {
         "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
         "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    }
+    if rest in qk_norms:
+        weight = hf[p + qk_norms[rest]]
+        head_dim = _split_qkv(hf, p, "weight")[1].shape[0] // groups
+        if weight.numel() == head_dim:
+            return "replicated", weight  # one norm per head (Qwen3)
+        return "projection_norm", weight.chunk(tp, dim=0)[rank]  # one norm over all heads, split with them (OLMo)
+    post_normed = p + "post_feedforward_layernorm.weight" in hf  # then HF's post_attention_layernorm is a post-norm too
+    norms = {
+        "input_layernorm.weight": "input_layernorm.weight",
+        "pre_mlp_layernorm.weight": "pre_feedforward_layernorm.weight" if post_normed else "post_attention_layernorm.weight",
+        "post_self_attn_layernorm.weight": "post_attention_layernorm.weight",
+        "post_mlp_layernorm.weight": "post_feedforward_layernorm.weight",
     }
     return "replicated", hf[p + norms[rest]]
 

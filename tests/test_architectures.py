@@ -125,6 +125,13 @@ def test_config_translation_carries_the_hf_values(folders, name):
     # HF attends to the last sliding_window keys including the query's own; Megatron counts those to its left.
     window = cfg.get("sliding_window")
     assert got.get("window_size") == ((window - 1, 0) if window else None)
+    # The layer's shape, read off the tensors: pre-norms, norms on the sublayer outputs, q/k norms per head or per projection.
+    shape = model_bridge.layer_shape
+    assert shape.pre_norms == ("input_layernorm.weight" in layer0)
+    assert shape.post_norms == ("post_feedforward_layernorm.weight" in layer0)
+    if got["qk_layernorm"]:
+        per_head = hf["model.layers.0.self_attn.q_norm.weight"].numel() == got["kv_channels"]
+        assert shape.qk_norm == ("head" if per_head else "projection")
 
 
 # ---------------------------------------------------------------- refusals
@@ -176,6 +183,9 @@ REFUSALS = [
     _refusal("phi3", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
     _refusal("phi4-mini", {"rope_parameters": _LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
     _refusal("phi3", {**_LEGACY_LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
+    _refusal("olmo2", {"attention_bias": True}, "attention_bias=True"),
+    _refusal("olmo2", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    _refusal("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     _refusal(  # 16 × 0.7 = 11 rotated dims: odd, untested
         "phi4-mini", {"rope_parameters": {**_PHI4_MINI_ROPE, "partial_rotary_factor": 0.7}}, "partial_rotary_factor=0.7"
     ),
@@ -220,7 +230,10 @@ _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the f
     "mlp.shared_expert.gate_proj.weight": "mlp.shared_experts.linear_fc1.weight",
     "mlp.shared_expert.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
     "mlp.shared_expert_gate.weight": "mlp.shared_experts.gate_weight",
+    "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
 }
+# In a layer with post-norms (OLMo-2) HF's post_attention_layernorm normalises the attention output.
+_POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS, "post_attention_layernorm.weight": "post_self_attn_layernorm.weight"}
 _EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|w1|down_proj|w2)\.weight")
 # HF tensors that join the parameter of an earlier one (k/v into q's QKV, up into gate's fc1).
 _LATER_PARTS = re.compile(
@@ -238,10 +251,12 @@ def _megatron_names(hf: dict[str, torch.Tensor]) -> list[str]:
     unknown = sorted(n for n in hf if n not in outside and not n.startswith("model.layers."))
     layers = sorted({int(n.split(".")[2]) for n in hf if n.startswith("model.layers.")})
     for layer in layers:
-        for rest in sorted(_layer_tensors(hf, layer)):
+        tensors = _layer_tensors(hf, layer)
+        params = _POST_NORM_LAYER_PARAMS if "post_feedforward_layernorm.weight" in tensors else _LAYER_PARAMS
+        for rest in sorted(tensors):
             expert = _EXPERT.fullmatch(rest)
-            if rest in _LAYER_PARAMS:
-                names.append(f"decoder.layers.{layer}.{_LAYER_PARAMS[rest]}")
+            if rest in params:
+                names.append(f"decoder.layers.{layer}.{params[rest]}")
             elif expert:
                 fc = "linear_fc1" if expert.group(2) in ("gate_proj", "w1") else "linear_fc2"
                 names.append(f"decoder.layers.{layer}.mlp.experts.local_experts.{expert.group(1)}.{fc}.weight")

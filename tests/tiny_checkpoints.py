@@ -2,7 +2,8 @@
 
 Each is ``bridge.demo_model.SMALL_LLAMA``'s dimensions under the family's config class plus the
 settings that change its mapping (rope scaling, tied embeddings, q/k norm, q/k/v bias, experts,
-shared experts, dense layers among sparse ones, fused q/k/v and gate/up, partial rotary, sliding windows).
+shared experts, dense layers among sparse ones, fused q/k/v and gate/up, partial rotary, sliding windows,
+post-norms, q/k norms over the whole projection).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "pad_token_id": 2,
         },
     ),
+    # OLMo-2: no pre-norms, norms on the attention and MLP outputs, q/k norms over the whole projection
+    "olmo2": ("Olmo2Config", {"pad_token_id": 2}),
 }
 
 _MOE = dict(num_experts_per_tok=2, output_router_logits=False)
@@ -61,6 +64,8 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
+    # OLMoE: q/k norms over the whole projection, top-k of the softmax not renormalised, every layer sparse
+    "olmoe": ("OlmoeConfig", {**_MOE, "num_experts": 4, "intermediate_size": 32, "norm_topk_prob": False, "pad_token_id": 2}),
 }
 
 

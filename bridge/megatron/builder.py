@@ -6,7 +6,8 @@ instead (``tag_tensor_parallel_params``), so that a converted model trains exact
 built itself.
 The decoder spec is derived from the config alone (``get_gpt_decoder_block_spec``: dense and MoE
 layers alike): Transformer Engine's modules when TE is importable on a GPU, Megatron-Core's local
-modules otherwise, with norms that allow sequence parallelism (``bridge/norms.py``).
+modules otherwise, with norms that allow sequence parallelism, edited to the family's ``layer_shape``
+(``bridge/megatron/layers/``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
-from bridge.megatron.norms import use_torch_norms_with_sequence_parallel
+from bridge.megatron.layers.norms import use_torch_norms_with_sequence_parallel
+from bridge.megatron.layers.spec import apply_layer_shape
 from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
 from bridge.model_bridge import ModelBridge
 from bridge.runtime import cpu_mode
@@ -129,17 +131,23 @@ def build_transformer_config(
         raise ParallelConfigError(f"Megatron-Core rejects the config derived from {bridge.architecture}: {err}") from err
 
 
-def use_transformer_engine() -> bool:
-    return cpu_mode.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+def use_transformer_engine(bridge: ModelBridge) -> bool:
+    """Transformer Engine's spec on a GPU that has it, for the layers Megatron-Core's own spec builds.
+
+    A family whose ``layer_shape`` needs the project's own modules gets the local spec everywhere.
+    """
+    return (
+        bridge.layer_shape.is_megatron_default and cpu_mode.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    )
 
 
-def decoder_spec(config: TransformerConfig, vp_stage: int | None):
+def decoder_spec(bridge: ModelBridge, config: TransformerConfig, vp_stage: int | None):
     """The decoder block spec of this rank's layers (in virtual stage ``vp_stage``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    te = use_transformer_engine()
+    te = use_transformer_engine(bridge)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=config.normalization, vp_stage=vp_stage)
-    return spec if te else use_torch_norms_with_sequence_parallel(spec)
+    return spec if te else apply_layer_shape(use_torch_norms_with_sequence_parallel(spec), bridge.layer_shape)
 
 
 @frozen_heap()
@@ -151,7 +159,7 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
         vp_stage = stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_spec(config, vp_stage),
+            transformer_layer_spec=decoder_spec(bridge, config, vp_stage),
             vocab_size=vocab_size,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import queue
 import signal
 import time
@@ -46,7 +47,8 @@ def _worker(rank: int, world_size: int, store_env: dict, parent: int, fn: Callab
         from bridge.megatron.parallel import init_distributed
 
         init_distributed()
-        queue.put((rank, True, fn(*args)))
+        # By value: a tensor put as is travels as a file descriptor this process serves, gone once it exits.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # report every failure to the parent instead of hanging it
         queue.put((rank, False, traceback.format_exc()))
         queue.close()
@@ -94,7 +96,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 continue
             if not ok:
                 raise RankFailedError(f"rank {rank} failed:\n{value}{_deaths(procs, results, exclude=rank)}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         failed = False
     finally:
         for proc in procs:
@@ -115,7 +117,7 @@ def _check_alive(procs: list, results: dict[int, Any], report) -> None:
         rank, ok, value = report.get(timeout=REPORT_GRACE_S)
         if not ok:
             raise RankFailedError(f"rank {rank} failed:\n{value}{_deaths(procs, results, exclude=rank)}")
-        results[rank] = value
+        results[rank] = pickle.loads(value)
         return
     rank = silent[0]
     raise RankFailedError(f"rank {rank} {_exit_words(procs[rank].exitcode)} without reporting an error{_deaths(procs, results, rank)}")
