@@ -3,6 +3,7 @@
     python bench/memory_bench.py                      # 32 layers: ~16 GB bf16, needs ~48 GB of disk under --work
     python bench/memory_bench.py --layers 8           # the same tensors, fewer layers (~5.5 GB)
     python bench/memory_bench.py --max-memory 4GB     # a given budget instead of the default
+    python bench/memory_bench.py --model gemma-3-1b --compare   # another family at its real size (see MODELS)
 
 Writes random bf16 weights under Llama-3.1-8B's names and shapes (hidden 4096, MLP 14336, 32 heads
 over 8 KV heads, vocabulary 128256: its largest tensors are the two 1002 MiB embeddings) with
@@ -27,27 +28,72 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
+# Real configs' dimensions (their config.json), converted at full size with --model.
+MODELS: dict[str, dict] = {
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 512,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
+    "olmo-2-1b": {
+        "architectures": ["Olmo2ForCausalLM"],
+        "model_type": "olmo2",
+        "vocab_size": 100352,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+}
 _PEAK = re.compile(r"peak (?:at most )?([\d.,]+) (MiB|GiB) of (--max-memory [^;)]+\)?)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default 32, Llama-3.1-8B's)")
+    parser.add_argument("--model", choices=["llama-3.1-8b", *MODELS], default="llama-3.1-8b", help="the checkpoint's architecture and size")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama (default 32, Llama-3.1-8B's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hfmb-memory-bench"), help="folder for the three checkpoints")
     parser.add_argument("--max-memory", help="pass this budget instead of using the default")
     parser.add_argument("--compare", action="store_true", help="check the export against the source byte for byte (reads both)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (the HF one is reused by the next run)")
     args = parser.parse_args()
 
-    hf, ckpt, out = args.work / f"hf-{args.layers}", args.work / "ckpt", args.work / "out"
+    name = f"{args.layers}" if args.model == "llama-3.1-8b" else args.model
+    hf, ckpt, out = args.work / f"hf-{name}", args.work / "ckpt", args.work / "out"
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     started = time.time()
-    if not (hf / "config.json").exists():
+    if not (hf / "config.json").exists() and args.model == "llama-3.1-8b":
         shape = f"dataclasses.replace(LLAMA_3_1_8B, num_hidden_layers={args.layers})"
         _python(f"import dataclasses; from tests.synthetic_llama import *; write_llama_checkpoint({str(hf)!r}, {shape})")
+    elif not (hf / "config.json").exists():
+        config = MODELS[args.model]
+        _python(f"from tests.synthetic_llama import *; c = {config!r}; write_random_checkpoint({str(hf)!r}, meta_tensor_shapes(c), c)")
     size = sum(path.stat().st_size for path in hf.glob("*.safetensors"))
-    print(f"checkpoint: Llama-3.1-8B shapes, {args.layers} layers, {size / 1e9:.2f} GB bf16 in {hf} ({time.time() - started:.0f}s)")
+    what = f"Llama-3.1-8B shapes, {args.layers} layers" if args.model == "llama-3.1-8b" else f"{args.model} shapes"
+    print(f"checkpoint: {what}, {size / 1e9:.2f} GB bf16 in {hf} ({time.time() - started:.0f}s)")
     print(f"machine: {os.cpu_count()} cores, {_meminfo('MemTotal') / GiB:.1f} GiB RAM, {_meminfo('MemAvailable') / GiB:.1f} GiB available")
     budget = ["--max-memory", args.max_memory] if args.max_memory else []
     for step, argv in (("import", ["import", str(hf), str(ckpt)]), ("export", ["export", str(ckpt), str(out)])):

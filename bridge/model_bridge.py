@@ -12,7 +12,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from bridge.mappings import MappingRegistry
-from bridge.megatron.layers.layer_shape import LayerShape
+from bridge.megatron.layers.decoder_shape import DecoderShape
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -26,8 +26,9 @@ class ModelBridge:
     hf_ignore: tuple[str, ...] = ()
     # Other on-disk layouts of the same tensors (mappings/hf_views.py), e.g. transformers-5 fused experts.
     hf_views: tuple = ()
-    # How the decoder layer differs from Megatron-Core's pre-norm GPT layer (post-norms, q/k norm over the projection).
-    layer_shape: LayerShape = LayerShape()
+    # How the decoder differs from Megatron-Core's pre-norm GPT model (post-norms, q/k norms, soft-caps...); a
+    # family whose shape depends on its config makes this a property.
+    decoder_shape: DecoderShape = DecoderShape()
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config

@@ -10,10 +10,8 @@ the built model lacks is never matched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from bridge.mappings import (
-    ColumnParallelMapping,
     GatedMLPMapping,
     ParamMapping,
     QKVMapping,
@@ -69,12 +67,9 @@ class AttentionNames:
     qkv: str | None = None
 
 
-def attention(
-    names: AttentionNames = AttentionNames(), *, qkv_bias: bool = False, qk_norm: Literal[False, "head", "projection"] = False
-) -> list[ParamMapping]:
+def attention(names: AttentionNames = AttentionNames(), *, qkv_bias: bool = False, qk_norm: bool = False) -> list[ParamMapping]:
     """Self-attention and its input norm: q/k/v (and their biases) fused into ``linear_qkv``, the output projection,
-    and the q and k norms: per head (``"head"``, one weight of head_dim every rank holds) or over the whole
-    projection (``"projection"``, a weight of heads × head_dim split with the heads; ``LayerShape.qk_norm``)."""
+    and with ``qk_norm`` the norms of q and k (whole on every rank, per head or over the projection alike)."""
 
     def qkv(suffix: str) -> ParamMapping:
         megatron = f"{LAYER}self_attention.linear_qkv.{suffix}"
@@ -87,18 +82,13 @@ def attention(
     mappings = [*input_norm, qkv("weight")]
     if qkv_bias:
         mappings.append(qkv("bias"))
-    if qk_norm == "projection":
-        mappings += [
-            ColumnParallelMapping(f"{LAYER}self_attention.{role}_layernorm.weight", f"{HF_LAYER}{hf}.weight")
-            for role, hf in (("q", names.q_norm), ("k", names.k_norm))
-        ]
-    elif qk_norm:
+    if qk_norm:
         mappings += norm(names.q_norm, "self_attention.q_layernorm.weight") + norm(names.k_norm, "self_attention.k_layernorm.weight")
     return [*mappings, RowParallelMapping(f"{LAYER}self_attention.linear_proj.weight", f"{HF_LAYER}{names.o}.weight")]
 
 
 def post_norms(attention: str = "post_attention_layernorm", mlp: str = "post_feedforward_layernorm") -> list[ParamMapping]:
-    """The norms on the attention and the MLP outputs (``LayerShape.post_norms``: OLMo-2, Gemma 2/3)."""
+    """The norms on the attention and the MLP outputs (``DecoderShape.post_norms``: OLMo-2, Gemma 2/3)."""
     return norm(attention, "post_self_attn_layernorm.weight") + norm(mlp, "post_mlp_layernorm.weight")
 
 

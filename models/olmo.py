@@ -1,6 +1,6 @@
 """OLMo-2 (``Olmo2ForCausalLM``) and OLMoE (``OlmoeForCausalLM``): q/k norms over the whole projection.
 
-Both normalise ``q_proj(x)`` and ``k_proj(x)`` as one vector across all heads (``LayerShape.qk_norm``
+Both normalise ``q_proj(x)`` and ``k_proj(x)`` as one vector across all heads (``DecoderShape.qk_norm``
 ``"projection"``; under TP one all-reduce of the sums of squares). OLMo-2's layer has no pre-norms:
 ``post_attention_layernorm`` and ``post_feedforward_layernorm`` normalise the attention and MLP outputs
 before the residual adds. OLMoE is pre-norm, every layer sparse: softmax routing over all experts, top-k,
@@ -26,7 +26,7 @@ from bridge.models.config import attention_config, check_gated_silu, check_no_bi
 from bridge.models.registry import register_bridge
 from bridge.models.rope import RotaryBridge, check_rope
 
-from bridge.megatron.layers.layer_shape import LayerShape
+from bridge.megatron.layers.decoder_shape import DecoderShape
 from bridge.model_bridge import ModelBridge
 
 
@@ -42,7 +42,7 @@ def check_olmo(bridge: ModelBridge) -> None:
 
 @register_bridge("Olmo2ForCausalLM")
 class Olmo2Bridge(RotaryBridge):
-    layer_shape = LayerShape(pre_norms=False, post_norms=True, qk_norm="projection")
+    decoder_shape = DecoderShape(pre_norms=False, post_norms=True, qk_norm="projection")
 
     def check_supported(self) -> None:
         check_olmo(self)
@@ -55,7 +55,7 @@ class Olmo2Bridge(RotaryBridge):
         return MappingRegistry(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
-                *attention(AttentionNames(input_norm=None), qk_norm="projection"),
+                *attention(AttentionNames(input_norm=None), qk_norm=True),
                 *post_norms(),
                 *dense_mlp(pre_norm=None),
             ]
@@ -64,7 +64,7 @@ class Olmo2Bridge(RotaryBridge):
 
 @register_bridge("OlmoeForCausalLM")
 class OlmoeBridge(RotaryBridge):
-    layer_shape = LayerShape(qk_norm="projection")
+    decoder_shape = DecoderShape(qk_norm="projection")
     hf_views = fused_expert_views()
 
     def check_supported(self) -> None:
@@ -85,7 +85,7 @@ class OlmoeBridge(RotaryBridge):
         return MappingRegistry(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
-                *attention(qk_norm="projection"),
+                *attention(qk_norm=True),
                 *pre_mlp_norm(),
                 *routed_experts(),
             ]

@@ -45,6 +45,4 @@ class Qwen3Bridge(RotaryBridge):
         return {**decoder_config(c), **attention_config(c, qk_norm=True), **gated_mlp_config(c)}
 
     def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(
-            [*embeddings_and_output(self.tie_word_embeddings), *attention(qk_norm="head"), *pre_mlp_norm(), *dense_mlp()]
-        )
+        return MappingRegistry([*embeddings_and_output(self.tie_word_embeddings), *attention(qk_norm=True), *pre_mlp_norm(), *dense_mlp()])

@@ -85,7 +85,7 @@ class Qwen3MoeBridge(RotaryBridge):
         return MappingRegistry(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
-                *attention(qk_norm="head"),
+                *attention(qk_norm=True),
                 *pre_mlp_norm(),
                 *dense_mlp(),
                 *routed_experts(),

@@ -36,14 +36,15 @@ def partial_rotary_factor(hf_config: PretrainedConfig) -> float:
     return 1.0 if factor is None else float(factor)
 
 
-def _rotary_kwargs(bridge: ModelBridge) -> dict[str, Any]:
-    """Rotary base, scaling and share of rotated dims of a default, linear or llama3 rope.
+def _rotary_kwargs(bridge: ModelBridge, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rotary base, scaling and share of rotated dims of a default, linear or llama3 rope
+    (``rope``: the model's rope parameters; by default the config's only ones).
 
     A partial rotary embedding is Megatron-Core's ``rotary_percent``: both rotate the leading
     ``int(head_dim × factor)`` dims of each head, split in halves (transformers' ``rotate_half`` inside
     ``q[..., :rotary_dim]``, Megatron-Core's ``_apply_rotary_pos_emb_bshd``), and leave the rest as is.
     """
-    rope = rope_parameters(bridge.hf_config)
+    rope = rope_parameters(bridge.hf_config) if rope is None else rope
     kwargs: dict[str, Any] = {"rotary_base": rope["rope_theta"]}
     partial = partial_rotary_factor(bridge.hf_config)
     if partial != 1.0:
@@ -67,7 +68,7 @@ def _rotary_kwargs(bridge: ModelBridge) -> dict[str, Any]:
     return kwargs
 
 
-def check_rope(bridge: ModelBridge, *, partial_rotary: bool = False) -> None:
+def check_rope(bridge: ModelBridge, *, partial_rotary: bool = False, rope: dict[str, Any] | None = None) -> None:
     """Refuse the rope settings ``RotaryBridge.gpt_model_kwargs`` cannot express, and a partial rotary embedding
     unless the family declares it (``partial_rotary``: its transformers model rotates the leading dims of each
     head, as Megatron-Core's ``rotary_percent`` does; checked by logits for Phi-3)."""
@@ -79,7 +80,7 @@ def check_rope(bridge: ModelBridge, *, partial_rotary: bool = False) -> None:
         if not 0 < dims < of or dims % 2:
             why = f"it rotates {dims} of {of} dims per head; an even number below {of} is mapped"
             raise bridge.unsupported("partial_rotary_factor", partial, why)
-    _rotary_kwargs(bridge)
+    _rotary_kwargs(bridge, rope)
 
 
 class RotaryBridge(ModelBridge):
@@ -87,6 +88,10 @@ class RotaryBridge(ModelBridge):
 
     hf_ignore = ROTARY_BUFFERS
 
+    def model_rope(self) -> dict[str, Any]:
+        """The rope parameters of the model's rotary embedding (Gemma 3: those of its full-attention layers)."""
+        return rope_parameters(self.hf_config)
+
     def gpt_model_kwargs(self) -> dict[str, Any]:
         """The longest sequence, rotary base and scaling."""
-        return dict(max_sequence_length=self.hf_config.max_position_embeddings, **_rotary_kwargs(self))
+        return dict(max_sequence_length=self.hf_config.max_position_embeddings, **_rotary_kwargs(self, self.model_rope()))

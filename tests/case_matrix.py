@@ -62,11 +62,28 @@ def run_cases(cases: Iterable[Case], run_case: Callable[[Case], Any]) -> dict[Ca
         failed = sorted((report[0], r, report[1]) for r, report in enumerate(reports) if report is not None)
         if not failed:
             results[case] = result
+            _free_case_groups()
             continue
         results[case] = CaseFailure(case, tuple((r, text) for _, r, text in failed))
         _free_process_groups()
         dist.init_process_group(backend, store=dist.PrefixStore(f"world-{index}/", store), rank=rank, world_size=world)
     return results
+
+
+def _free_case_groups() -> None:
+    """Destroy Megatron-Core's parallel state and the process groups a case made, keeping the world.
+
+    Megatron-Core forgets its groups without destroying them; each gloo group keeps its threads
+    (a 45-case matrix left ~2000 threads per rank, the machine spending most of its time in the kernel).
+    Every rank calls this after all ranks finished the case.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    world = dist.GroupMember.WORLD
+    for group in [g for g in dist.distributed_c10d._world.pg_map if g is not world]:  # torch lists groups nowhere public
+        dist.destroy_process_group(group)
 
 
 def _free_process_groups() -> None:

@@ -110,12 +110,8 @@ def expected_shard(
         "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
         "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     }
-    if rest in qk_norms:
-        weight = hf[p + qk_norms[rest]]
-        head_dim = _split_qkv(hf, p, "weight")[1].shape[0] // groups
-        if weight.numel() == head_dim:
-            return "replicated", weight  # one norm per head (Qwen3)
-        return "projection_norm", weight.chunk(tp, dim=0)[rank]  # one norm over all heads, split with them (OLMo)
+    if rest in qk_norms:  # per head (Qwen3, Gemma 3) or over the projection (OLMo): whole on every rank
+        return "replicated", hf[p + qk_norms[rest]]
     post_normed = p + "post_feedforward_layernorm.weight" in hf  # then HF's post_attention_layernorm is a post-norm too
     norms = {
         "input_layernorm.weight": "input_layernorm.weight",

@@ -1,8 +1,10 @@
-"""Llama-architecture HF checkpoints of any shape, written with safetensors directly (no transformers model is built).
+"""HF checkpoints of any size with random weights, written with safetensors directly (no weights are initialised).
 
 Random bf16 weights under the real tensor names, in shards of at most ``shard_bytes``, with a
 ``config.json`` and an index: what the memory tests and ``bench/memory_bench.py`` convert. Only one
-shard's tensors are in memory at a time, so an 8B-shaped checkpoint is written in a few GB.
+shard's tensors are in memory at a time, so an 8B-shaped checkpoint is written in a few GB. A Llama's
+tensors are listed here (``tensor_shapes``); any other architecture's are read off a meta-device
+transformers model of its config (``meta_tensor_shapes``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -52,14 +54,33 @@ def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (shape.vocab_size, hidden)
 
 
+def meta_tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors transformers saves for a model of ``config`` (a config.json's content): names and shapes of a
+    meta-device model (nothing allocated), the tied output layer left out."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")]
+
+
 def write_llama_checkpoint(folder: str | Path, shape: LlamaShape, *, shard_bytes: int = 2 * 10**9, seed: int = 0) -> Path:
     """``folder`` holding a bf16 Llama of ``shape`` with random weights (norms near 1), its config and index."""
+    return write_random_checkpoint(folder, tensor_shapes(shape), _config(shape), shard_bytes=shard_bytes, seed=seed)
+
+
+def write_random_checkpoint(
+    folder: str | Path, shapes: Iterable[tuple[str, tuple[int, ...]]], config: dict, *, shard_bytes: int = 2 * 10**9, seed: int = 0
+) -> Path:
+    """``folder`` holding bf16 tensors of these names and ``shapes`` with random weights (norms near 1), ``config`` and an index."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0
-    for name, dims in tensor_shapes(shape):
+    for name, dims in shapes:
         nbytes = 2 * torch.Size(dims).numel()
         if shards[-1] and used + nbytes > shard_bytes:
             shards.append({})
@@ -75,7 +96,7 @@ def write_llama_checkpoint(folder: str | Path, shape: LlamaShape, *, shard_bytes
         total += sum(t.nbytes for t in tensors.values())
         del tensors
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(folder / "config.json", _config(shape))
+    _write_json(folder / "config.json", config)
     return folder
 
 

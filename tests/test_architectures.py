@@ -85,7 +85,6 @@ def test_config_translation_carries_the_hf_values(folders, name):
         "layernorm_epsilon": cfg["rms_norm_eps"],
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
-        "activation_func": F.silu,
         "add_bias_linear": False,
         "add_qkv_bias": "self_attn.q_proj.bias" in layer0,  # what the checkpoint holds decides
         "qk_layernorm": "self_attn.q_norm.weight" in layer0,
@@ -113,25 +112,44 @@ def test_config_translation_carries_the_hf_values(folders, name):
     else:
         assert not got.get("num_moe_experts")
     assert {key: got.get(key) for key in want} == want
+    gemma = cfg["model_type"].startswith("gemma")  # Gemma's norms scale by 1 + w, its MLPs use the tanh GeLU
+    assert bool(got.get("layernorm_zero_centered_gamma")) == gemma
+    act = got["activation_func"]
+    if (cfg.get("hidden_activation") or cfg["hidden_act"]) == "gelu_pytorch_tanh":  # Gemma 1 sets the latter
+        assert act.func is F.gelu and act.keywords == {"approximate": "tanh"}
+    else:
+        assert act is F.silu and cfg["hidden_act"] == "silu"
+    scalar = cfg.get("query_pre_attn_scalar")
+    assert got.get("softmax_scale") == (scalar**-0.5 if scalar else None)
 
-    rope = cfg["rope_parameters"]
+    per_kind_rope = cfg["rope_parameters"]
+    rope = per_kind_rope.get("full_attention", per_kind_rope)  # Gemma 3: the model's rope is the full layers'
     assert gpt["max_sequence_length"] == cfg["max_position_embeddings"]
     assert gpt["rotary_base"] == rope["rope_theta"]
     if rope["rope_type"] == "llama3":
         assert gpt["rope_scaling"] is True and gpt["rope_scaling_factor"] == rope["factor"]
+    elif rope["rope_type"] == "linear":
+        assert not gpt.get("rope_scaling") and gpt["seq_len_interpolation_factor"] == rope["factor"]
     else:
         assert not gpt.get("rope_scaling") and "seq_len_interpolation_factor" not in gpt
     assert gpt.get("rotary_percent", 1.0) == rope.get("partial_rotary_factor", 1.0)
     # HF attends to the last sliding_window keys including the query's own; Megatron counts those to its left.
     window = cfg.get("sliding_window")
     assert got.get("window_size") == ((window - 1, 0) if window else None)
+    kinds = cfg.get("layer_types")  # per-layer windows: Megatron-Core's window_attn_skip_freq as a list
+    assert got.get("window_attn_skip_freq") == ([int(k == "sliding_attention") for k in kinds] if kinds and window else None)
     # The layer's shape, read off the tensors: pre-norms, norms on the sublayer outputs, q/k norms per head or per projection.
-    shape = model_bridge.layer_shape
+    shape = model_bridge.decoder_shape
     assert shape.pre_norms == ("input_layernorm.weight" in layer0)
     assert shape.post_norms == ("post_feedforward_layernorm.weight" in layer0)
     if got["qk_layernorm"]:
         per_head = hf["model.layers.0.self_attn.q_norm.weight"].numel() == got["kv_channels"]
         assert shape.qk_norm == ("head" if per_head else "projection")
+    assert shape.embedding_scale == gemma
+    assert shape.attn_logit_softcap == cfg.get("attn_logit_softcapping")
+    assert shape.final_logit_softcap == cfg.get("final_logit_softcapping")
+    sliding_rope = (per_kind_rope.get("sliding_attention") or {}).get("rope_theta")  # Gemma 3: a rope of the sliding layers' own
+    assert shape.sliding_rope_base == sliding_rope
 
 
 # ---------------------------------------------------------------- refusals
@@ -139,6 +157,7 @@ def test_config_translation_carries_the_hf_values(folders, name):
 _LLAMA3_ROPE = TINY_MODELS["llama3.1"][1]["rope_parameters"]
 _YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
 _PHI4_MINI_ROPE = TINY_MODELS["phi4-mini"][1]["rope_parameters"]
+_GEMMA3_ROPE = TINY_MODELS["gemma3"][1]["rope_parameters"]
 # Phi-4-mini's LongRoPE (one factor per rotated pair of dims: 16 × 0.75 / 2), and Phi-3-mini-128k's in the legacy form
 _LONGROPE = {**_PHI4_MINI_ROPE, "rope_type": "longrope", "short_factor": [1.0] * 6, "long_factor": [4.0] * 6}
 _LEGACY_LONGROPE = {
@@ -183,6 +202,15 @@ REFUSALS = [
     _refusal("phi3", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
     _refusal("phi4-mini", {"rope_parameters": _LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
     _refusal("phi3", {**_LEGACY_LONGROPE, "original_max_position_embeddings": 64}, "rope_parameters.rope_type='longrope'"),
+    _refusal("gemma3", {"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+    _refusal("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    _refusal("gemma3", {"layer_types": ["sliding_attention", "chunked_attention"] * 2}, "layer_types='chunked_attention'"),
+    _refusal(
+        "gemma3",
+        {"rope_parameters": {**_GEMMA3_ROPE, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}},
+        "rope_parameters.sliding_attention.rope_type='linear'",
+    ),
+    _refusal("gemma2", {"attention_bias": True}, "attention_bias=True"),
     _refusal("olmo2", {"attention_bias": True}, "attention_bias=True"),
     _refusal("olmo2", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     _refusal("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
@@ -231,6 +259,7 @@ _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the f
     "mlp.shared_expert.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
     "mlp.shared_expert_gate.weight": "mlp.shared_experts.gate_weight",
     "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
+    "pre_feedforward_layernorm.weight": "pre_mlp_layernorm.weight",
 }
 # In a layer with post-norms (OLMo-2) HF's post_attention_layernorm normalises the attention output.
 _POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS, "post_attention_layernorm.weight": "post_self_attn_layernorm.weight"}

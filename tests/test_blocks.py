@@ -29,7 +29,7 @@ def _layer(name: str) -> dict[str, str]:
 
 def test_attention_reads_the_names_it_is_given():
     names = AttentionNames(input_norm="ln_1", q="attn.wq", k="attn.wk", v="attn.wv", o="attn.wo", q_norm="attn.qn", k_norm="attn.kn")
-    table = _table(attention(names, qkv_bias=True, qk_norm="head"))
+    table = _table(attention(names, qkv_bias=True, qk_norm=True))
     qkv = {role: f"model.layers.*.attn.w{role}.%s" for role in "qkv"}
     assert table == {
         "input_layernorm.weight": _layer("ln_1"),

@@ -38,8 +38,12 @@ def forward_matrix(checkpoints: dict[str, str], tokens: torch.Tensor) -> dict:
         logits = megatron_logits(model, tokens, bridge.model_bridge.vocab_size)
         if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             result["logits"] = logits
-        if dist.get_rank() == 0:
-            result["inv_freq"] = model[0].rotary_pos_emb.inv_freq.clone()
+        if dist.get_rank() == 0:  # the frequencies positions are multiplied by (a linear scaling divides positions)
+            rotary = model[0].rotary_pos_emb
+            result["inv_freq"] = rotary.inv_freq / (rotary.seq_len_interpolation_factor or 1.0)
+            sliding = getattr(model[0].decoder.layers[0].self_attention, "sliding_rotary", None)  # Gemma 3's layer 0 slides
+            if sliding is not None:
+                result["sliding_inv_freq"] = sliding.inv_freq.clone()
         return result
 
     return run_cases([(name, tp, pp, vpp) for tp, pp, vpp in LAYOUTS for name in checkpoints], run_case)
@@ -91,7 +95,13 @@ def test_loss_is_the_same_in_every_layout(megatron_results, hf_logits, name):
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_rotary_frequencies_match_transformers(megatron_results, hf_models, name):
-    """Rope base and Llama-3.1 scaling: too subtle to show in short-sequence logits, so compared directly."""
-    theirs = hf_models[name].model.rotary_emb.inv_freq.float()
-    ours = case_results(megatron_results, (name, *LAYOUTS[-1]))[0]["inv_freq"]  # rank 0's, as the last layout built it
-    torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=0)
+    """Rope base and Llama-3.1 / linear scaling: too subtle to show in short-sequence logits, so compared directly;
+    Gemma 3's full layers and its sliding layers (a base of their own) each against transformers' frequencies."""
+    rotary = hf_models[name].model.rotary_emb
+    ours = case_results(megatron_results, (name, *LAYOUTS[-1]))[0]  # rank 0's, as the last layout built it
+    per_kind = hasattr(rotary, "full_attention_inv_freq")
+    theirs = rotary.full_attention_inv_freq if per_kind else rotary.inv_freq
+    torch.testing.assert_close(ours["inv_freq"].float(), theirs.float(), rtol=1e-6, atol=0)
+    assert per_kind == ("sliding_inv_freq" in ours)
+    if per_kind:
+        torch.testing.assert_close(ours["sliding_inv_freq"].float(), rotary.sliding_attention_inv_freq.float(), rtol=1e-6, atol=0)

@@ -45,6 +45,28 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "pad_token_id": 2,
         },
     ),
+    # Gemma: zero-centred norms, scaled embeddings, GeLU-tanh, tied embeddings; head_dim is set in every Gemma config
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    # Gemma 2: post-norms, attention and final logit soft-capping (low caps, so that they bite), alternating
+    # windows shorter than the tests' sequences, an attention scale that is not head_dim's
+    "gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    ),
+    # Gemma 3: per-head q/k norms, a rope base of their own for the sliding layers, linear scaling on the full ones
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 5,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+    ),
     # OLMo-2: no pre-norms, norms on the attention and MLP outputs, q/k norms over the whole projection
     "olmo2": ("Olmo2Config", {"pad_token_id": 2}),
 }

@@ -6,7 +6,7 @@ instead (``tag_tensor_parallel_params``), so that a converted model trains exact
 built itself.
 The decoder spec is derived from the config alone (``get_gpt_decoder_block_spec``: dense and MoE
 layers alike): Transformer Engine's modules when TE is importable on a GPU, Megatron-Core's local
-modules otherwise, with norms that allow sequence parallelism, edited to the family's ``layer_shape``
+modules otherwise, with norms that allow sequence parallelism, edited to the family's ``decoder_shape``
 (``bridge/megatron/layers/``).
 """
 
@@ -21,8 +21,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
+from bridge.megatron.layers.model_ends import apply_model_ends
 from bridge.megatron.layers.norms import use_torch_norms_with_sequence_parallel
-from bridge.megatron.layers.spec import apply_layer_shape
+from bridge.megatron.layers.spec import apply_decoder_shape
 from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
 from bridge.model_bridge import ModelBridge
 from bridge.runtime import cpu_mode
@@ -134,10 +135,12 @@ def build_transformer_config(
 def use_transformer_engine(bridge: ModelBridge) -> bool:
     """Transformer Engine's spec on a GPU that has it, for the layers Megatron-Core's own spec builds.
 
-    A family whose ``layer_shape`` needs the project's own modules gets the local spec everywhere.
+    A family whose ``decoder_shape`` needs the project's own modules gets the local spec everywhere.
     """
     return (
-        bridge.layer_shape.is_megatron_default and cpu_mode.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+        bridge.decoder_shape.is_megatron_default
+        and cpu_mode.cuda_available()
+        and importlib.util.find_spec("transformer_engine") is not None
     )
 
 
@@ -147,7 +150,7 @@ def decoder_spec(bridge: ModelBridge, config: TransformerConfig, vp_stage: int |
 
     te = use_transformer_engine(bridge)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=config.normalization, vp_stage=vp_stage)
-    return spec if te else apply_layer_shape(use_torch_norms_with_sequence_parallel(spec), bridge.layer_shape)
+    return spec if te else apply_decoder_shape(use_torch_norms_with_sequence_parallel(spec), bridge.decoder_shape)
 
 
 @frozen_heap()
@@ -168,6 +171,7 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
             vp_stage=vp_stage,
             **bridge.gpt_model_kwargs(),
         )
+        apply_model_ends(model, bridge.decoder_shape, config.hidden_size)
         # The local spec's torch norms ignore params_dtype; Megatron's Float16Module would cast them too.
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != config.params_dtype:

@@ -3,8 +3,11 @@
 transformers normalises ``q_proj(x)`` as one vector of ``heads × head_dim`` before splitting it into
 heads. Megatron-Core hands its q/k norm one rank's heads (``[s, b, local heads, head_dim]``), so the
 mean square needs every rank's sum of squares: one all-reduce over the tensor-parallel group, and in
-the backward pass one more (every rank's gradient of the shared sum reaches every rank). The weight
-is split with the heads, like a column-parallel weight, and is saved as such in a distributed checkpoint.
+the backward pass one more (every rank's gradient of the shared sum reaches every rank).
+
+The weight is kept whole on every rank, like Megatron-Core's per-head q/k norms: each rank uses and
+gets gradients for its heads' rows, and ``finalize_model_grads`` sums q/k norm gradients over TP
+(by name), which completes every row. A TP-split weight would be summed with the other ranks' rows.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 
 class ProjectionRMSNorm(torch.nn.Module):
@@ -30,9 +32,9 @@ class ProjectionRMSNorm(torch.nn.Module):
         tp = config.tensor_model_parallel_size
         self.head_dim, self.local_heads, self.eps = hidden_size, heads // tp, eps
         self.width = heads * hidden_size
-        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype))
-        self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 0, 1
+        self.weight = torch.nn.Parameter(torch.ones(self.width, dtype=config.params_dtype))
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        self.first_row = (parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0) * self.local_heads * hidden_size
 
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
         x = heads.float()
@@ -40,20 +42,8 @@ class ProjectionRMSNorm(torch.nn.Module):
         if self.tp_group is not None:  # all-reduced forward, and its gradient all-reduced backward
             squares = copy_to_tensor_model_parallel_region(reduce_from_tensor_model_parallel_region(squares, self.tp_group), self.tp_group)
         x = x * torch.rsqrt(squares / self.width + self.eps)
-        return (self.weight.view(self.local_heads, self.head_dim) * x).to(heads.dtype)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        """The weight as a TP-split tensor (Megatron-Core would take an unknown module's weights as replicated)."""
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state,
-            prefix,
-            {"weight": 0},
-            sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            dp_cp_group=metadata["dp_cp_group"],
-        )
+        rows = self.weight[self.first_row : self.first_row + self.local_heads * self.head_dim]
+        return (rows.view(self.local_heads, self.head_dim) * x).to(heads.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.local_heads} heads × {self.head_dim} of {self.width}, eps={self.eps}"
+        return f"{self.local_heads} heads × {self.head_dim} from row {self.first_row} of {self.width}, eps={self.eps}"

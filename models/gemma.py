@@ -1,0 +1,157 @@
+"""Gemma (``GemmaForCausalLM``), Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3 text (``Gemma3ForCausalLM``).
+
+All three: RMSNorms scaling by ``1 + weight`` (``layernorm_zero_centered_gamma``; the weight stored as
+is), input embeddings times ``sqrt(hidden_size)``, GeLU-tanh gated MLPs, tied embeddings. Gemma 2 and 3
+add norms on the attention and MLP outputs (``post_attention_layernorm``, ``post_feedforward_layernorm``;
+the MLP's pre-norm is ``pre_feedforward_layernorm``), ``query_pre_attn_scalar`` as the attention scale
+and sliding windows on the layers ``layer_types`` marks ``sliding_attention``. Gemma 2 soft-caps the
+attention scores and the output logits; Gemma 3 has per-head q/k norms and a rope of its own for the
+sliding layers (``rope_parameters["sliding_attention"]``; the full layers use ``"full_attention"``'s,
+with its scaling). The multimodal ``Gemma3ForConditionalGeneration`` is not mapped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch.nn.functional as F
+from bridge.mappings import MappingRegistry
+from bridge.models.blocks import attention, dense_mlp, embeddings_and_output, post_norms, pre_mlp_norm
+from bridge.models.config import attention_config, check_no_bias, decoder_config
+from bridge.models.registry import register_bridge
+from bridge.models.rope import RotaryBridge, check_rope, rope_parameters
+from transformers import PretrainedConfig
+
+from bridge.megatron.layers.decoder_shape import DecoderShape
+from bridge.model_bridge import ModelBridge
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def layer_types(hf_config: PretrainedConfig) -> list[str]:
+    """Each layer's attention kind; all full where the config lists none (Gemma 1)."""
+    return list(getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers)
+
+
+def check_gemma(bridge: ModelBridge) -> None:
+    """What every Gemma refuses: another activation, biases, bidirectional attention, unknown layer kinds."""
+    c = bridge.hf_config
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        raise bridge.unsupported("hidden_activation", act, "Gemma's MLPs are mapped with the tanh-approximated GeLU only")
+    if getattr(c, "use_bidirectional_attention", False):
+        raise bridge.unsupported("use_bidirectional_attention", True, "GPTModel attends causally")
+    check_no_bias(bridge, "attention_bias")
+    unknown = sorted(set(layer_types(c)) - set(LAYER_TYPES))
+    if unknown:
+        raise bridge.unsupported("layer_types", unknown[0], f"known kinds: {', '.join(LAYER_TYPES)}")
+
+
+def gemma_config(hf_config: PretrainedConfig, *, qk_norm: bool) -> dict[str, Any]:
+    """Zero-centred norms, the attention scale, GeLU-tanh MLPs, windows on the sliding layers."""
+    c = hf_config
+    kwargs = {
+        **decoder_config(c),
+        **attention_config(c, qk_norm=qk_norm),
+        "layernorm_zero_centered_gamma": True,
+        "ffn_hidden_size": c.intermediate_size,
+        "gated_linear_unit": True,
+        "activation_func": functools.partial(F.gelu, approximate="tanh"),
+    }
+    scalar = getattr(c, "query_pre_attn_scalar", None)
+    if scalar:
+        kwargs["softmax_scale"] = float(scalar) ** -0.5
+    sliding = [int(kind == "sliding_attention") for kind in layer_types(c)]
+    window = getattr(c, "sliding_window", None)
+    if window and any(sliding):
+        # HF attends to the last `window` keys including the query's own; Megatron counts those to its left.
+        kwargs.update(window_size=(window - 1, 0), window_attn_skip_freq=sliding)
+    return kwargs
+
+
+class _GemmaBridge(RotaryBridge):
+    """What the Gemma generations share: the refusals, the embedding scale, the table's outer blocks."""
+
+    def check_supported(self) -> None:
+        check_gemma(self)
+        check_rope(self, rope=self.model_rope())
+
+    def _shape(self, **layers: Any) -> DecoderShape:
+        return DecoderShape(embedding_scale=True, **layers)
+
+
+@register_bridge("GemmaForCausalLM")
+class GemmaBridge(_GemmaBridge):
+    @property
+    def decoder_shape(self) -> DecoderShape:
+        return self._shape()
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        return gemma_config(self.hf_config, qk_norm=False)
+
+    def mapping_registry(self) -> MappingRegistry:
+        return MappingRegistry([*embeddings_and_output(self.tie_word_embeddings), *attention(), *pre_mlp_norm(), *dense_mlp()])
+
+
+@register_bridge("Gemma2ForCausalLM")
+class Gemma2Bridge(_GemmaBridge):
+    @property
+    def decoder_shape(self) -> DecoderShape:
+        c = self.hf_config
+        caps = dict(attn_logit_softcap=c.attn_logit_softcapping, final_logit_softcap=c.final_logit_softcapping)
+        return self._shape(post_norms=True, **caps)
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        return gemma_config(self.hf_config, qk_norm=False)
+
+    def mapping_registry(self) -> MappingRegistry:
+        return MappingRegistry(
+            [
+                *embeddings_and_output(self.tie_word_embeddings),
+                *attention(),
+                *pre_mlp_norm("pre_feedforward_layernorm"),
+                *post_norms(),
+                *dense_mlp(pre_norm=None),
+            ]
+        )
+
+
+@register_bridge("Gemma3ForCausalLM")
+class Gemma3Bridge(_GemmaBridge):
+    def check_supported(self) -> None:
+        super().check_supported()
+        sliding = self._rope("sliding_attention")
+        if sliding["rope_type"] != "default":
+            why = "the sliding layers' rope is mapped without scaling"
+            raise self.unsupported("rope_parameters.sliding_attention.rope_type", sliding["rope_type"], why)
+
+    def _rope(self, kind: str) -> dict[str, Any]:
+        params = dict(self.hf_config.rope_parameters[kind])
+        params.setdefault("rope_type", "default")
+        return params
+
+    def model_rope(self) -> dict[str, Any]:
+        return (
+            self._rope("full_attention") if "full_attention" in (self.hf_config.rope_parameters or {}) else rope_parameters(self.hf_config)
+        )
+
+    @property
+    def decoder_shape(self) -> DecoderShape:
+        c = self.hf_config
+        caps = dict(attn_logit_softcap=c.attn_logit_softcapping, final_logit_softcap=c.final_logit_softcapping)
+        return self._shape(post_norms=True, sliding_rope_base=float(self._rope("sliding_attention")["rope_theta"]), **caps)
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        return gemma_config(self.hf_config, qk_norm=True)
+
+    def mapping_registry(self) -> MappingRegistry:
+        return MappingRegistry(
+            [
+                *embeddings_and_output(self.tie_word_embeddings),
+                *attention(qk_norm=True),
+                *pre_mlp_norm("pre_feedforward_layernorm"),
+                *post_norms(),
+                *dense_mlp(pre_norm=None),
+            ]
+        )
