@@ -3,8 +3,10 @@
     python bench/startup_bench.py [--repeats 3] [--layouts 1x1 2x2]
 
 Builds the demo's small Llama (``bridge.demo_model``) and, for each layout (TPxPP), runs
-``hfmb plan`` as a user would (a fresh interpreter; local ranks started by hfmb itself), recording
-when the first byte of output appears and when the command ends. The machines are noisy, so each
+``hfmb plan`` as a user would (a fresh interpreter), recording when the first byte of output
+appears and when the command ends. Since issue 19 the plan starts no rank at any layout: one process
+builds the model once on the meta device and derives every rank's parameters (before, hfmb started
+TP×PP local ranks that each built their part of the model, so the 2x2 row timed four processes). The machines are noisy, so each
 figure is also printed as a ratio to a reference measured in the same run: the time a fresh
 interpreter takes to ``import torch`` (what every command pays before it can do anything).
 Medians over ``--repeats``.

@@ -229,6 +229,30 @@ def test_a_link_to_nowhere_is_refused(tiny_checkpoints, tmp_path):
     assert link.is_symlink() and not (tmp_path / "missing").exists()
 
 
+def test_a_refused_run_removes_the_parent_folders_it_created(tmp_path):
+    out = tmp_path / "x" / "y" / "out"
+    with pytest.raises(RuntimeError, match="refused after the claim"):
+        with claimed_target(out, overwrite=False, kind=MEGATRON_CHECKPOINT):
+            assert out.parent.is_dir()  # the lock file lives there while the run holds the target
+            raise RuntimeError("refused after the claim")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_refused_run_keeps_parent_folders_that_existed_or_hold_something(tmp_path):
+    (tmp_path / "x").mkdir()
+    out = tmp_path / "x" / "y" / "z" / "out"
+    with pytest.raises(RuntimeError):
+        with claimed_target(out, overwrite=False, kind=MEGATRON_CHECKPOINT):
+            (tmp_path / "x" / "y" / "notes.txt").write_text("somebody else's")  # arrives while the run holds the target
+            raise RuntimeError("refused")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["x", "x/y", "x/y/notes.txt"]
+
+
+def test_a_published_target_keeps_the_parent_folders_created_for_it(tiny_checkpoints, tmp_path):
+    out = _export(tiny_checkpoints["llama"], tmp_path / "x" / "y" / "out")
+    assert (out / "config.json").is_file() and sorted(p.name for p in (tmp_path / "x" / "y").iterdir()) == ["out"]
+
+
 # ---------------------------------------------------------------- CLI: import / export targets
 
 
@@ -250,6 +274,14 @@ def test_cli_export_and_import_refuse_a_home_like_target_with_overwrite(tiny_che
     imported_again = hfmb("import", str(tiny_checkpoints["llama"]), str(home), "--overwrite")
     assert imported_again.returncode == EXIT_INPUT and "holds '.bashrc'" in imported_again.stderr, imported_again.stderr[-2000:]
     assert _tree(home) == before
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("refusal", [["--max-memory", "1MB"], ["--overwrite", "--tp", "3"]], ids=["budget", "tp3"])
+def test_cli_import_refused_after_claiming_leaves_no_parent_folder(tiny_checkpoints, tmp_path, refusal):
+    result = hfmb("import", str(tiny_checkpoints["llama"]), str(tmp_path / "x" / "y" / "out"), *refusal)
+    assert result.returncode == EXIT_INPUT, result.stderr[-2000:]
+    assert sorted(tmp_path.iterdir()) == []
 
 
 @pytest.mark.distributed

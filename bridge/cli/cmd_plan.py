@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from bridge.cli.common import CHECK_FAILED, OK, add_parallel_args, parallel_sizes, report, report_nonfinite
 
@@ -10,10 +11,11 @@ SUMMARY = "show how an HF checkpoint maps onto Megatron-Core at these parallel s
 EXAMPLES = """examples:
   hfmb plan meta-llama/Llama-3.2-1B --tp 2 --pp 2
   hfmb plan ./my-hf-model                     # TP=PP=1
-No weights move: prints the architecture, the derived Megatron config and every HF tensor →
-Megatron parameter with its mapping kind, shapes and ranks, and warns of NaN/Inf values (each tensor
-is read once, streaming, to count them). Exits 1 on missing, unused, wrongly shaped, non-float or
-unmapped tensors."""
+No weights move and no rank starts: one process builds the model once on the meta device and derives
+every rank's parameters from it. Prints the architecture, the derived Megatron config and every HF
+tensor → Megatron parameter with its mapping kind, shapes and ranks (of the world --nproc names, by
+default the smallest the sizes need), and warns of NaN/Inf values (each tensor is read once,
+streaming, to count them). Exits 1 on missing, unused, wrongly shaped, non-float or unmapped tensors."""
 
 
 def add_parser(commands, command) -> None:
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from bridge.conversion_plan import plan_conversion
     from bridge.conversions import sizes_text
 
-    plan = plan_conversion(args.hf, sizes=parallel_sizes(args))
+    plan = plan_conversion(args.hf, sizes=parallel_sizes(args), world_size=None if "RANK" in os.environ else args.nproc)
     if plan is None:  # not rank 0
         return OK
     report(_describe_model(plan, sizes_text))

@@ -59,15 +59,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-memory streams the conversion; it cannot be combined with --in-memory")
     if getattr(args, "max_memory", None) is not None and not streams(args):
         parser.error("--max-memory streams in one process: run without torchrun (the checkpoint loads at any TP/PP)")
-    world = 1 if streams(args) else _world_needed(args)
     _configure_logging(args.quiet)
+    if args.command == "plan":  # the first word within a second: what follows imports torch and Megatron-Core
+        logging.getLogger("bridge.cli").info("hfmb plan: reading the config of %s…", args.hf)
     try:
         _check_before_start(args)
     except BaseException as err:
         return _error_status(err, args)
-    if "RANK" not in os.environ and (args.nproc or world) > 1:
-        return _spawn(args, args.nproc or world)
+    ranks = _ranks_to_start(args)
+    if ranks > 1:
+        return _spawn(args, ranks)
     return run_command(args)
+
+
+def _ranks_to_start(args: argparse.Namespace) -> int:
+    """How many local ranks this plain process starts (1: it runs the command itself).
+
+    1 under torchrun (it started them) or for ``plan``, which derives every rank's parameters in
+    one process (``--nproc`` then only names the world it plans for); a streamed conversion runs in
+    this process unless ``--nproc`` asks for ranks.
+    """
+    if "RANK" in os.environ or args.command == "plan":
+        return 1
+    return args.nproc or (1 if streams(args) else _world_needed(args))
 
 
 def _check_before_start(args: argparse.Namespace) -> None:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from bridge.hf.parent_folders import created_parents
+
 logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".hfmb-lock"
@@ -222,11 +224,12 @@ def claimed_target(out_dir: str | Path, *, overwrite: bool, kind: FolderKind) ->
     """Lock ``out_dir`` for this run, check it (see the module's docstring) and clear leftovers beside it.
 
     A process may claim a target it already holds (a command and the writer it calls): the lock is
-    shared, and each claim checks the target anew.
+    shared, and each claim checks the target anew. The folders above the target that are missing
+    are created, and removed again at the end of the claim if they are left empty (a run refused
+    before it published anything leaves no folder behind: ``bridge.hf.parent_folders``).
     """
     path = real_target(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with created_parents(path), _locked(path):
         target = OutputTarget(path, overwrite, kind)
         target.check()
         remove_stale_leftovers(path.parent)

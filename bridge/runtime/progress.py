@@ -8,13 +8,14 @@ import sys
 import threading
 from typing import Iterator
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 
 @contextlib.contextmanager
 def elapsed_bar(desc: str) -> Iterator[None]:
     """An elapsed-time bar on rank 0's terminal while the block runs (shown after 2 s)."""
+    import torch.distributed as dist  # here, not at the top: the CLI imports this module before its first word
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     bar = tqdm(
         desc=desc,
