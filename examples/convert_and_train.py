@@ -8,6 +8,13 @@ Without ``--hf-model`` it builds a tiny Llama checkpoint and a small two-corpus 
 ``--save`` holding an earlier run's checkpoint is refused without ``--load``). Its checkpoints carry
 the provenance ``hfmb export`` needs (``bridge.json``, ``hf_config/``). At the end the model is
 exported with ``save_hf_pretrained``, reloaded with transformers and asked to continue a prompt.
+
+LoRA: ``--lora-rank 8 [--lora-alpha 16] [--lora-targets q_proj,v_proj]`` freezes the converted base and
+trains adapters on it (only they reach DDP and the optimizer). Checkpoints then hold the adapters and
+their optimizer state, not the base (a resume rebuilds it from ``--hf-model``; the same ``--lora-*``
+options are needed). At the end the adapter is written as a PEFT folder (``--export-adapter``, default
+``<workdir>/lora_adapter``) and the merged model (``W + (alpha/r)·B·A``) to ``--export``; both are
+reloaded (peft on the base model, transformers) and continue the same prompt.
 Your own corpus: ``python -m bridge.training.data --input corpus.jsonl --tokenizer MODEL
 --output-prefix data/corpus``, then ``--data-path data/corpus``.
 """
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import sys
 import warnings
 
 # Megatron-Core's notices about optional packages (Apex, Transformer Engine) and deprecated
@@ -28,15 +37,18 @@ import torch
 import torch.distributed as dist
 
 from bridge import AutoBridge
+from bridge.lora import LoraConfig, LoraError, adapter_plan, save_merged_hf_pretrained, save_peft_adapter
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.parallel import init_distributed
 from bridge.runtime import cpu_mode
 from bridge.training import (
     TrainingConfig,
+    add_lora_arguments,
     build_gpt_dataset,
     build_train_iterators,
     load_tokenizer,
     load_train_state,
+    lora_config_from_args,
     make_forward_step,
     prepare_demo,
     save_train_state,
@@ -78,10 +90,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save", type=Path, help="checkpoint folder (Megatron-LM layout)")
     p.add_argument("--save-interval", type=int, default=0, help="also save every N iterations (0: only at the end)")
     p.add_argument("--load", type=Path, help="resume from this checkpoint folder when it holds one")
-    p.add_argument("--export", type=Path, help="HF output folder (default: <workdir>/hf_export, replaced on every demo run)")
-    p.add_argument("--overwrite-export", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--export", type=Path, help="HF output folder; with LoRA the merged model (default: <workdir>/hf_export, replaced in demo runs)"
+    )
+    p.add_argument("--export-adapter", type=Path, help="with LoRA: the PEFT adapter folder (default: <workdir>/lora_adapter)")
+    p.add_argument("--overwrite-export", action="store_true", help="replace an existing export (and adapter) folder")
     p.add_argument("--generate-tokens", type=int, default=8)
+    add_lora_arguments(p)
     args = p.parse_args()
+    try:
+        args.lora = lora_config_from_args(args)
+    except LoraError as err:
+        p.error(str(err))
+    if args.export_adapter and args.lora is None:
+        p.error("--export-adapter needs --lora-rank")
     if args.hf_model and not args.data_path:
         p.error("--hf-model needs --data-path (a corpus tokenized with its tokenizer: python -m bridge.training.data ...)")
     if args.save and megatron_checkpoint.is_checkpoint(args.save) and (args.load is None or args.load.resolve() != args.save.resolve()):
@@ -92,17 +114,46 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
-    """Reload the export with plain transformers (every key must load) and continue ``prompt`` greedily."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hf(folder: Path | str):
+    """The export (or the base) with plain transformers; every key must load."""
+    from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"]:
         raise RuntimeError(f"{folder} does not load cleanly: {info}")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model
+
+
+def generate(model, tokenizer_folder: Path | str, prompt: str, max_new_tokens: int) -> str:
+    """Continue ``prompt`` greedily with ``model`` (transformers or peft)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def lora_summary(model, bridge, lora: LoraConfig) -> str:
+    """``LoRA r=8 alpha=16 on q_proj, v_proj: trainable N of M parameters (x%)``: the adapters' and the base's HF sizes."""
+    trainable = sum(math.prod(shape) for shape in adapter_plan(model, bridge).expected_hf_shapes().values())
+    base = sum(math.prod(shape) for shape in bridge.reader.shapes().values())
+    return (
+        f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.targets)}: trainable {trainable} of {trainable + base} "
+        f"parameters ({100 * trainable / (trainable + base):.2f}%); the base is frozen"
+    )
+
+
+def report_lora_generation(hf_model: str, adapter: Path, export: Path, prompt: str, max_new_tokens: int) -> None:
+    """Rank 0: the adapter on its base in peft, and the merged export in transformers, each continue ``prompt``."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        print(f"peft is not installed (pip install peft): {adapter} is not reloaded on its base")
+    else:
+        peft_model = PeftModel.from_pretrained(load_hf(hf_model), adapter).eval()
+        print(f"peft (base + adapter) continues {prompt!r} with {generate(peft_model, hf_model, prompt, max_new_tokens)!r}")
+    print(f"merged model (transformers) continues {prompt!r} with {generate(load_hf(export), export, prompt, max_new_tokens)!r}")
 
 
 def main() -> None:
@@ -138,12 +189,25 @@ def main() -> None:
     dtype = torch.bfloat16 if cpu_mode.cuda_available() else torch.float32
     bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype)
     resume = args.load is not None and megatron_checkpoint.is_checkpoint(args.load)
-    model, optimizer, scheduler = setup_model_and_optimizer(bridge, args.tp, args.pp, args.vpp, cfg, load_weights=not resume)
     start, consumed = 0, 0
-    if resume:
-        info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer)
-        start, consumed = info.iteration, info.consumed_samples
-    elif args.load is not None and rank0:
+    try:
+        # A LoRA checkpoint holds the adapters only: the frozen base always comes from the HF weights.
+        model, optimizer, scheduler = setup_model_and_optimizer(
+            bridge, args.tp, args.pp, args.vpp, cfg, load_weights=args.lora is not None or not resume, lora=args.lora
+        )
+        if resume:
+            info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer, bridge=bridge)
+            start, consumed = info.iteration, info.consumed_samples
+    except (LoraError, megatron_checkpoint.MegatronCheckpointError) as err:  # the same on every rank: one line, exit 2
+        if rank0:
+            print(f"convert_and_train.py: error: {err}", file=sys.stderr)
+        dist.destroy_process_group()
+        sys.exit(2)
+    if args.lora is not None:
+        summary = lora_summary(model, bridge, args.lora)
+        if rank0:
+            logging.info(summary)
+    if not resume and args.load is not None and rank0:
         logging.warning("no checkpoint in %s: starting from the HF weights", args.load)
 
     tokenizer = load_tokenizer(hf_model)
@@ -163,7 +227,13 @@ def main() -> None:
     if args.save and results and not (args.save_interval and cfg.train_iters % args.save_interval == 0):
         save(cfg.train_iters)
 
-    bridge.save_hf_pretrained(model, export, overwrite=args.overwrite_export or args.hf_model is None)
+    overwrite = args.overwrite_export or args.hf_model is None
+    adapter = args.export_adapter or args.workdir / "lora_adapter"
+    if args.lora is None:
+        bridge.save_hf_pretrained(model, export, overwrite=overwrite)
+    else:
+        save_peft_adapter(model, bridge, adapter, overwrite=overwrite, base_model_name_or_path=hf_model)
+        save_merged_hf_pretrained(model, bridge, export, overwrite=overwrite)
     if rank0:
         if not results:
             print(f"resumed at iteration {start}: nothing left to train (raise --train-iters to go on)")
@@ -173,7 +243,12 @@ def main() -> None:
                 f"{results[-1].loss:.4f} at iteration {results[-1].iteration}"
             )
         prompt = tokenizer.detokenize(dataset[0]["tokens"][:8].tolist())
-        print(f"exported to {export}; transformers continues {prompt!r} with {generate(export, prompt, args.generate_tokens)!r}")
+        if args.lora is None:
+            continued = generate(load_hf(export), export, prompt, args.generate_tokens)
+            print(f"exported to {export}; transformers continues {prompt!r} with {continued!r}")
+        else:
+            print(f"exported the adapter to {adapter} (PEFT) and the merged model to {export}")
+            report_lora_generation(hf_model, adapter, export, prompt, args.generate_tokens)
     dist.destroy_process_group()
 
 

@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from bridge.engine.plan import TransferPlan, mapping_context
 from bridge.lora.config import LoraConfig, LoraError
 from bridge.lora.layers import LoraAdapter, RoleRows, column_role_rows
+from bridge.lora.sharding import install_adapter_sharding, remove_adapter_sharding
 from bridge.lora.targets import ADAPTER_MODULE, AdaptedLinear, adapter_registry, resolve_targets
 from bridge.mappings import MappingContext
 from bridge.megatron.chunks import ADAPTER_ATTR, global_names, is_adapter_param, unwrap_chunks
@@ -140,6 +141,7 @@ def _attach(module: torch.nn.Module, linear: AdaptedLinear, rows: list[RoleRows]
     module.add_module(ADAPTER_MODULE, adapter)
     adapter.bind(module)
     adapter.hook_handle = module.register_forward_hook(adapter.forward_hook)
+    install_adapter_sharding(module)  # split adapters TP-sharded in dist checkpoints, not replicated
     return adapter
 
 
@@ -170,6 +172,7 @@ def remove_lora(model) -> None:
             if isinstance(adapter, LoraAdapter):
                 adapter.hook_handle.remove()
                 delattr(module, ADAPTER_MODULE)
+                remove_adapter_sharding(module)
         for param in chunk.parameters():
             param.requires_grad_(True)
         if hasattr(chunk, _CONFIG_ATTR):

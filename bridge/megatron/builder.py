@@ -115,7 +115,8 @@ def build_transformer_config(
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=not cpu_mode.cuda_available(),
+        # Megatron-Core puts GPU parameters on the current device explicitly, ignoring a meta default device.
+        use_cpu_initialization=not cpu_mode.cuda_available() or building_on_meta(),
         perform_initialization=initialize_weights,
         # Pure-PyTorch paths: the fused kernels need Apex/TE or CUDA, and give the same math.
         bias_activation_fusion=False,
@@ -130,6 +131,11 @@ def build_transformer_config(
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError) as err:
         raise ParallelConfigError(f"Megatron-Core rejects the config derived from {bridge.architecture}: {err}") from err
+
+
+def building_on_meta() -> bool:
+    """A model built now is shapes only (``with torch.device("meta")``: plans, streamed conversions), on a GPU machine too."""
+    return torch.get_default_device().type == "meta"
 
 
 def use_transformer_engine(bridge: ModelBridge) -> bool:
@@ -176,7 +182,7 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != config.params_dtype:
                 param.data = param.data.to(config.params_dtype)
-        if cpu_mode.cuda_available():
+        if cpu_mode.cuda_available() and not building_on_meta():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     if not config.perform_initialization:

@@ -113,10 +113,17 @@ def save_checkpoint(root: str | Path, state_dict: dict, iteration: int | None = 
 def check_global_shapes(needed: Iterable, saved: Mapping[str, Sequence[int]], root: str | Path) -> None:
     """Every ``ShardedTensor`` of ``needed`` is in ``saved`` (key → global shape) with its global shape.
 
-    Raises before anything is read, naming the first tensor that is missing or shaped otherwise.
+    Raises before anything is read, naming the first tensor that is missing or shaped otherwise; a
+    LoRA training checkpoint (adapters only, no base weights) is named as such.
     """
     for tensor in needed:
         found = saved.get(tensor.key)
+        if found is None and saved and all(".lora.lora_" in key for key in saved):
+            raise MegatronCheckpointError(
+                f"{root} holds LoRA adapters only (a LoRA training run's; the base is the HF folder it trained on): "
+                "export them with the training run (the convert-and-train example writes the PEFT adapter and the merged "
+                "model at its end); hfmb export --adapter/--merge is not available yet"
+            )
         if found is None:
             raise MegatronCheckpointError(f"{root} has no tensor {tensor.key}, which the model of this config needs")
         if tuple(found) != tuple(tensor.global_shape):

@@ -6,6 +6,9 @@
 - ``loop``: Megatron-LM's train step (``get_forward_backward_func``, ``finalize_model_grads``,
   clipping in ``optimizer.step``) and a logging loop.
 - ``checkpoint``: save/resume with ``dist_checkpointing`` at any TP/PP/DP.
+- ``lora_args`` / ``lora_checkpoint``: LoRA training (``--lora-rank``, ``--lora-alpha``, ``--lora-targets``;
+  ``setup_model_and_optimizer(..., lora=config)``): frozen base, adapters in the optimizer and in
+  checkpoints, which hold the adapters (not the base) and resume at any TP/PP/DP.
 
 A loop of your own::
 
@@ -48,6 +51,8 @@ _PUBLIC = {
     "build_optimizer": "setup",
     "num_microbatches": "setup",
     "setup_model_and_optimizer": "setup",
+    "add_lora_arguments": "lora_args",
+    "lora_config_from_args": "lora_args",
     "wrap_model": "setup",
 }
 __all__ = sorted(_PUBLIC)

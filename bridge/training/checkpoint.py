@@ -14,6 +14,12 @@ saved at one TP×PP×DP resumes at another. As in Megatron-LM, the RNG state is 
 the TP×PP layout is unchanged (it is per model-parallel rank). A checkpoint without
 ``train_state`` (``hfmb import``'s ``release`` checkpoints hold model weights only) loads as
 weights: the optimizer, the schedule and the data start fresh at iteration 0.
+
+A model with LoRA adapters (``bridge.lora.apply_lora`` before ``wrap_model``) saves only the adapters
+in ``model`` (their split matrices TP-sharded, ``bridge.lora.sharding``) beside their optimizer state,
+and records the adapters' settings and base folder in ``train_state["lora"]``; a resume builds the
+base from the HF folder again and loads the adapters over it (``bridge.training.lora_checkpoint``).
+A weights-only checkpoint gives a LoRA model its base weights; the adapters keep their initial values.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
 from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.rank_errors import on_rank0
+from bridge.training import lora_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +165,7 @@ def _unshare_steps(optimizer) -> None:
 def _state_dict(
     model, optimizer, scheduler, iteration: int, train_state: dict, metadata: dict, is_loading: bool, with_rng: bool = True
 ) -> dict:
-    state = model_state_dict(model)
+    state = _trained_model_state(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -167,6 +174,14 @@ def _state_dict(
     if with_rng:
         state["rng_state"] = _rng_state()
     return state
+
+
+def _trained_model_state(model) -> dict:
+    """The model entries a training checkpoint holds: every weight, or with LoRA the adapters alone (the base is frozen)."""
+    state = model_state_dict(model)
+    if lora_checkpoint.lora_record(model) is None:
+        return state
+    return lora_checkpoint.split_model_state(state)[0]
 
 
 def save_train_state(
@@ -184,7 +199,8 @@ def save_train_state(
     With ``bridge`` (the ``AutoBridge`` the model came from), ``root`` also gets the provenance
     ``hfmb import`` writes (``bridge.json``, ``hf_config/``), so that ``hfmb export`` and ``hfmb verify``
     take the training checkpoint as they take an imported one. A save never replaces a complete
-    checkpoint (``check_save_keeps_history``).
+    checkpoint (``check_save_keeps_history``). A LoRA model saves its adapters, not the frozen base, and
+    records ``train_state["lora"]`` (``lora_checkpoint.lora_record``: settings, and with ``bridge`` the base's HF folder).
     """
     metadata = optimizer_metadata(use_distributed_optimizer)
     train_state = {
@@ -192,6 +208,7 @@ def save_train_state(
         "layout": layout(),
         "use_distributed_optimizer": use_distributed_optimizer,
         "optimizer_metadata": metadata,
+        "lora": lora_checkpoint.lora_record(model, bridge),
     }
     state = _state_dict(model, optimizer, scheduler, iteration, train_state, metadata, is_loading=False)
     folder = megatron_checkpoint.save_checkpoint(root, state, iteration)
@@ -223,11 +240,20 @@ class ResumeInfo:
 
 
 def load_train_state(
-    root: str | Path, model, optimizer, scheduler, use_distributed_optimizer: bool, iteration: int | None | str = "latest"
+    root: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    use_distributed_optimizer: bool,
+    iteration: int | None | str = "latest",
+    bridge=None,
 ) -> ResumeInfo:
     """Resume from a checkpoint folder (``latest_checkpointed_iteration.txt`` picks the iteration). All ranks call.
 
-    A weights-only checkpoint loads the model and leaves optimizer, schedule and data at the start.
+    A weights-only checkpoint loads the model (with LoRA: the base weights; the adapters stay as
+    initialised) and leaves optimizer, schedule and data at the start. A LoRA checkpoint resumes only a
+    model with the same adapters (``lora_checkpoint.check_resume``, which warns about another base folder
+    when ``bridge`` is given); it loads the adapters and their optimizer state, the base is the model's own.
     """
     if iteration == "latest":
         iteration = latest_iteration(root)
@@ -237,11 +263,12 @@ def load_train_state(
     common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = common.get("train_state")
     if saved is None:
-        megatron_checkpoint.load_model(root, model, iteration)
+        _load_weights_only(root, model, iteration)
         optimizer.reload_model_params()  # the optimizer's main params were taken before the weights changed
         logger.info("loaded model weights from %s (no training state: optimizer and schedule start fresh)", folder)
         return ResumeInfo(0, 0, False, False, folder)
 
+    lora_checkpoint.check_resume(saved.get("lora"), model, folder, bridge)
     if saved["use_distributed_optimizer"] != use_distributed_optimizer:
         raise MegatronCheckpointError(
             f"{folder} was saved with use_distributed_optimizer={saved['use_distributed_optimizer']}; resume with the same setting"
@@ -266,3 +293,14 @@ def load_train_state(
     resumed = int(loaded["iteration"])
     logger.info("resumed from %s at iteration %d (%d samples consumed)", folder, resumed, saved["consumed_samples"])
     return ResumeInfo(resumed, int(saved["consumed_samples"]), True, same_layout, folder)
+
+
+def _load_weights_only(root: str | Path, model, iteration: int | None) -> None:
+    """A checkpoint without training state into ``model``: all its weights, or with LoRA the base weights only."""
+    if lora_checkpoint.lora_record(model) is None:
+        megatron_checkpoint.load_model(root, model, iteration)
+        return
+    _, base = lora_checkpoint.split_model_state(model_state_dict(model))
+    loaded = megatron_checkpoint.load_checkpoint(root, base, iteration)
+    for chunk, key in zip(unwrap_chunks(model), base):
+        chunk.load_state_dict(loaded[key], strict=False)

@@ -19,6 +19,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from bridge.lora import LoraConfig, apply_lora
+
 logger = logging.getLogger(__name__)
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -158,7 +160,7 @@ def build_optimizer(model: list[DistributedDataParallel], cfg: TrainingConfig):
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
-        wd_incr_steps=max(cfg.train_iters, 1) * gbs,
+        wd_incr_steps=cfg.decay_iters * gbs,  # unused (constant weight decay); not train_iters, which a resume may raise
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
@@ -166,10 +168,21 @@ def build_optimizer(model: list[DistributedDataParallel], cfg: TrainingConfig):
     return optimizer, scheduler
 
 
-def setup_model_and_optimizer(bridge, tp: int, pp: int, vpp: int | None, cfg: TrainingConfig, load_weights: bool = True):
-    """Convert (``bridge.to_megatron_model``), wrap in DDP, build optimizer and scheduler: one call per rank."""
+def setup_model_and_optimizer(
+    bridge, tp: int, pp: int, vpp: int | None, cfg: TrainingConfig, load_weights: bool = True, lora: LoraConfig | None = None
+):
+    """Convert (``bridge.to_megatron_model``), wrap in DDP, build optimizer and scheduler: one call per rank.
+
+    With ``lora``, adapters go on the converted model before it is wrapped (``bridge.lora.apply_lora``,
+    initialised from ``cfg.seed`` the same at every layout): the base is frozen, so DDP's gradient
+    buffers and the (distributed) optimizer hold the adapter parameters only. The base then has to be
+    the HF weights (``load_weights=True``; a weights-only checkpoint may replace them later). Raises
+    ``LoraError`` on every rank, naming it, for a target the model lacks or cannot adapt.
+    """
     chunks = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp, load_weights=load_weights, seed=cfg.seed)
     check_schedule(cfg)
+    if lora is not None:
+        apply_lora(chunks, bridge, lora, seed=cfg.seed)
     model = wrap_model(chunks, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
     return model, optimizer, scheduler
