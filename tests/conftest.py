@@ -34,3 +34,12 @@ def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One small bf16 HF checkpoint per supported MoE family, per-expert tensor names (built once per test session)."""
     root = tmp_path_factory.mktemp("hf-moe")
     return {name: build_tiny_checkpoint(name, root / name) for name in TINY_MOE_MODELS}
+
+
+@pytest.fixture(scope="module")
+def demo(workdir) -> tuple[str, list[str]]:
+    """The demo's tiny Llama and its preprocessed corpus blend, under the test module's own ``workdir`` fixture."""
+    from bridge.training import prepare_demo
+
+    hf, data_paths = prepare_demo(workdir / "demo")
+    return str(hf), data_paths

@@ -144,14 +144,6 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(workdir) -> tuple[str, list[str]]:
-    from bridge.training import prepare_demo
-
-    hf, data_paths = prepare_demo(workdir / "demo")
-    return str(hf), data_paths
-
-
-@pytest.fixture(scope="module")
 def four(demo, workdir) -> dict:
     return run_distributed(session, 4, *demo, str(workdir))[0]
 
