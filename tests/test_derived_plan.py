@@ -129,7 +129,7 @@ def test_plan_starts_no_rank_and_speaks_first(tiny_checkpoints):
     result = hfmb("plan", str(tiny_checkpoints["llama"]), "--tp", "2", "--pp", "2", "--nproc", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting" not in result.stderr and "local ranks" not in result.stderr
-    assert result.stderr.startswith(f"hfmb plan: reading the config of {tiny_checkpoints['llama']}")
+    assert result.stderr.startswith(f"reading the config of {tiny_checkpoints['llama']}")
     assert "parallel: tp=2 pp=2 vpp=1 ep=1 on 8 rank(s) (dp=2)" in result.stdout
     assert re.search(r"model\.norm\.weight .* pp1 ranks 4-7\n", result.stdout)
     assert "plan OK: 39 HF tensors → 27 Megatron parameters on 8 rank(s)" in result.stdout

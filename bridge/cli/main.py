@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-memory streams in one process: run without torchrun (the checkpoint loads at any TP/PP)")
     _configure_logging(args.quiet)
     if args.command == "plan":  # the first word within a second: what follows imports torch and Megatron-Core
-        logging.getLogger("bridge.cli").info("hfmb plan: reading the config of %s…", args.hf)
+        logging.getLogger("bridge.cli").info("reading the config of %s…", args.hf)  # progress, not an error line
     try:
         _check_before_start(args)
     except BaseException as err:
