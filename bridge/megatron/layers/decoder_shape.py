@@ -19,8 +19,8 @@ class DecoderShape:
     ``post_norms``: a norm on the attention output and on the MLP output, before each residual add
     (OLMo-2, Gemma 2/3).
     ``qk_norm``: ``"head"``, Megatron-Core's q/k norm over each head (Qwen3); ``"projection"``, one
-    norm over all heads of the q (and of the k) projection, whose weight TP splits with the heads
-    (OLMo-2, OLMoE). Only read when the config turns q/k norms on.
+    norm over all heads of the q (and of the k) projection, each TP rank normalising its heads with
+    the mean square all-reduced over TP (OLMo-2, OLMoE). Only read when the config turns q/k norms on.
     ``sliding_rope_base``: the rope base of the layers with a sliding window (Gemma 3's local layers);
     the others use the model's rotary embedding.
     ``attn_logit_softcap``: attention scores capped as ``cap · tanh(scores / cap)`` (Gemma 2).
