@@ -278,10 +278,22 @@ def test_example_trains_lora_exports_a_peft_adapter_and_a_merged_model(workdir):
     assert again.returncode != 0
     assert "holds LoRA adapters only" in again.stderr, again.stderr[-3000:]
     assert "resume it with --lora-rank 4 --lora-alpha 8 --lora-targets q_proj,v_proj,down_proj" in again.stderr
-    # hfmb export cannot make an HF model of adapters alone: it says so, and writes nothing.
+    # hfmb export cannot make an HF model of adapters alone: it says so, names the options, and writes nothing.
     exported = hfmb("export", str(out / "ckpt"), str(out / "never"))
     assert exported.returncode == 2 and "holds LoRA adapters only" in exported.stderr, exported.stdout + exported.stderr
-    assert not (out / "never").exists()
+    assert "--adapter" in exported.stderr and not (out / "never").exists()
+    # With --adapter / --merge it rebuilds the base, loads the saved adapters and writes what the run itself wrote.
+    from safetensors.torch import load_file
+
+    from bridge.checks.verify import compare_hf_folders
+
+    done = hfmb("export", str(out / "ckpt"), str(out / "cli_adapter"), "--adapter")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    theirs, ours = (load_file(folder / "adapter_model.safetensors") for folder in (adapter, out / "cli_adapter"))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    done = hfmb("export", str(out / "ckpt"), str(out / "cli_merged"), "--merge")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert compare_hf_folders(out / "hf_export", out / "cli_merged") == []
 
 
 def test_lora_options_are_checked():

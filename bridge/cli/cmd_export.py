@@ -13,13 +13,17 @@ EXAMPLES = """examples:
   hfmb export ./ckpt ./hf-out --dtype bfloat16 --max-shard-size 2GB
   hfmb export ./ckpt ./hf-out --max-memory 8GB          # stream within 8GB, whatever the model size
   torchrun --nproc-per-node=4 -m bridge export ./ckpt ./hf-out --tp 2 --pp 2 --overwrite
+  hfmb export ./lora-ckpt ./adapter --adapter          # a LoRA training checkpoint → a PEFT adapter folder
+  hfmb export ./lora-ckpt ./hf-out --merge             # ... → the base with the adapters merged in
 As one process (no torchrun) it streams a few tensors at a time within --max-memory (default: 60% of
 the available memory; the report gives the peak measured) from a checkpoint saved at any layout; under
 torchrun with several ranks, or with --in-memory, the model is loaded at --tp/--pp (which may differ
 from the saved ones).
 The folder is written beside the target and renamed into place only after transformers loaded it
 with an empty load report (when streaming, if the weights fit half of --max-memory); an existing
-non-empty target is refused unless --overwrite."""
+non-empty target is refused unless --overwrite.
+A LoRA training checkpoint holds the adapters only: --adapter or --merge rebuilds its base from the HF
+folder it records (or --hf-config) in this process, loads the adapters onto it and writes them."""
 
 
 def add_parser(commands, command) -> None:
@@ -42,10 +46,15 @@ def add_parser(commands, command) -> None:
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT (only one this tool wrote)")
     exp.add_argument("--skip-load-check", action="store_true", help="do not load the result in transformers before publishing it")
+    lora = exp.add_mutually_exclusive_group()
+    lora.add_argument("--adapter", action="store_true", help="a LoRA training checkpoint: write its adapters as a PEFT adapter folder")
+    lora.add_argument("--merge", action="store_true", help="a LoRA training checkpoint: write the base with its adapters merged in")
     add_memory_args(exp)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.adapter or args.merge:
+        return _export_lora(args)
     from bridge.conversions import export_megatron_checkpoint, sizes_text
 
     start = time.time()
@@ -73,4 +82,23 @@ def run(args: argparse.Namespace) -> int:
     )
     for reason in result.rounded:
         report(f"NOTE: no longer a guaranteed bit-exact roundtrip of the original checkpoint: {reason}")
+    return OK
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    """A LoRA training checkpoint's adapters, on their base rebuilt in this process, as a PEFT folder or merged."""
+    from bridge.lora import save_merged_hf_pretrained, save_peft_adapter
+    from bridge.training.lora_checkpoint import load_lora_checkpoint
+
+    start = time.time()
+    bridge, model = load_lora_checkpoint(args.ckpt, args.iteration, base=args.hf_config)
+    dtype = torch_dtype(args.dtype)
+    if args.adapter:
+        save_peft_adapter(model, bridge, args.out, overwrite=args.overwrite, dtype=dtype)
+        what = "PEFT adapter"
+    else:
+        save_merged_hf_pretrained(model, bridge, args.out, overwrite=args.overwrite, dtype=dtype, max_shard_size=args.max_shard_size)
+        what = "merged model"
+    seconds = time.time() - start
+    report(f"exported the LoRA adapters of {args.ckpt.absolute()} (base {bridge.hf_folder}) as a {what} → {args.out} ({seconds:.1f}s)")
     return OK

@@ -121,8 +121,7 @@ def check_global_shapes(needed: Iterable, saved: Mapping[str, Sequence[int]], ro
         if found is None and saved and all(".lora.lora_" in key for key in saved):
             raise MegatronCheckpointError(
                 f"{root} holds LoRA adapters only (a LoRA training run's; the base is the HF folder it trained on): "
-                "export them with the training run (the convert-and-train example writes the PEFT adapter and the merged "
-                "model at its end); hfmb export --adapter/--merge is not available yet"
+                "export them with hfmb export --adapter (a PEFT adapter folder) or --merge (the base with them merged in)"
             )
         if found is None:
             raise MegatronCheckpointError(f"{root} has no tensor {tensor.key}, which the model of this config needs")

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bridge.lora import LoraConfig, lora_config_of
+from bridge.lora import LoraConfig, apply_lora, lora_config_of
+from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError
 from bridge.megatron.chunks import is_adapter_param
 from bridge.training.lora_args import lora_arguments_for
@@ -87,3 +88,35 @@ def split_model_state(model_state: dict[str, dict]) -> tuple[dict[str, dict], di
 
 def _is_adapter_entry(entry: Any) -> bool:
     return is_adapter_param(getattr(entry, "data", None))
+
+
+def load_lora_checkpoint(root: str | Path, iteration: int | None | str = "latest", base: str | Path | None = None):
+    """``(bridge, model)``: the base rebuilt from its HF folder in this process (TP=PP=1) with a LoRA training
+    checkpoint's adapters loaded onto it, ready for ``save_peft_adapter`` or ``save_merged_hf_pretrained``.
+
+    ``base``: the HF folder of the base (default: the one the checkpoint records). Raises
+    ``MegatronCheckpointError`` for a checkpoint without LoRA adapters, naming it.
+    """
+    from megatron.core import dist_checkpointing
+
+    from bridge import AutoBridge
+
+    if iteration == "latest":
+        iteration = megatron_checkpoint.latest_iteration(root)
+    folder = megatron_checkpoint.iteration_dir(root, iteration)  # type: ignore[arg-type]
+    if not (folder / "metadata.json").exists():
+        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    record = (dist_checkpointing.load_common_state_dict(str(folder)).get("train_state") or {}).get("lora")
+    if record is None:
+        raise MegatronCheckpointError(f"{folder} holds no LoRA adapters (export it without --adapter/--merge)")
+    base = base or record.get("base_model")
+    if not base:
+        raise MegatronCheckpointError(f"{folder} does not record its base model: name its HF folder (--hf-config)")
+    bridge = AutoBridge.from_hf_pretrained(base)
+    model = bridge.to_megatron_model(load_weights=True)
+    apply_lora(model, bridge, config_of_record(record))
+    adapters, _ = split_model_state(megatron_checkpoint.model_state_dict(model))
+    loaded = megatron_checkpoint.load_checkpoint(root, adapters, iteration)
+    for chunk, key in zip(model, adapters):
+        chunk.load_state_dict(loaded[key], strict=False)
+    return bridge, model
