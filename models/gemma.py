@@ -71,45 +71,44 @@ def gemma_config(hf_config: PretrainedConfig, *, qk_norm: bool) -> dict[str, Any
 
 
 class _GemmaBridge(RotaryBridge):
-    """What the Gemma generations share: the refusals, the embedding scale, the table's outer blocks."""
+    """What the Gemma generations share: the refusals, the config, the embedding scale and any soft-caps."""
+
+    qk_norm = False  # per-head q/k norms (Gemma 3)
 
     def check_supported(self) -> None:
         check_gemma(self)
         check_rope(self, rope=self.model_rope())
 
-    def _shape(self, **layers: Any) -> DecoderShape:
-        return DecoderShape(embedding_scale=True, **layers)
+    def layer_switches(self) -> dict[str, Any]:
+        """The generation's ``DecoderShape`` fields beyond the embedding scale and the soft-caps."""
+        return {}
+
+    @property
+    def decoder_shape(self) -> DecoderShape:
+        c = self.hf_config
+        attn_cap, final_cap = (getattr(c, f"{kind}_logit_softcapping", None) for kind in ("attn", "final"))
+        return DecoderShape(embedding_scale=True, attn_logit_softcap=attn_cap, final_logit_softcap=final_cap, **self.layer_switches())
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        return gemma_config(self.hf_config, qk_norm=self.qk_norm)
 
 
 @register_bridge("GemmaForCausalLM")
 class GemmaBridge(_GemmaBridge):
-    @property
-    def decoder_shape(self) -> DecoderShape:
-        return self._shape()
-
-    def transformer_config_kwargs(self) -> dict[str, Any]:
-        return gemma_config(self.hf_config, qk_norm=False)
-
     def mapping_registry(self) -> MappingRegistry:
         return MappingRegistry([*embeddings_and_output(self.tie_word_embeddings), *attention(), *pre_mlp_norm(), *dense_mlp()])
 
 
 @register_bridge("Gemma2ForCausalLM")
 class Gemma2Bridge(_GemmaBridge):
-    @property
-    def decoder_shape(self) -> DecoderShape:
-        c = self.hf_config
-        caps = dict(attn_logit_softcap=c.attn_logit_softcapping, final_logit_softcap=c.final_logit_softcapping)
-        return self._shape(post_norms=True, **caps)
-
-    def transformer_config_kwargs(self) -> dict[str, Any]:
-        return gemma_config(self.hf_config, qk_norm=False)
+    def layer_switches(self) -> dict[str, Any]:
+        return {"post_norms": True}
 
     def mapping_registry(self) -> MappingRegistry:
         return MappingRegistry(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
-                *attention(),
+                *attention(qk_norm=self.qk_norm),
                 *pre_mlp_norm("pre_feedforward_layernorm"),
                 *post_norms(),
                 *dense_mlp(pre_norm=None),
@@ -118,7 +117,9 @@ class Gemma2Bridge(_GemmaBridge):
 
 
 @register_bridge("Gemma3ForCausalLM")
-class Gemma3Bridge(_GemmaBridge):
+class Gemma3Bridge(Gemma2Bridge):
+    qk_norm = True
+
     def check_supported(self) -> None:
         super().check_supported()
         sliding = self._rope("sliding_attention")
@@ -136,22 +137,5 @@ class Gemma3Bridge(_GemmaBridge):
             self._rope("full_attention") if "full_attention" in (self.hf_config.rope_parameters or {}) else rope_parameters(self.hf_config)
         )
 
-    @property
-    def decoder_shape(self) -> DecoderShape:
-        c = self.hf_config
-        caps = dict(attn_logit_softcap=c.attn_logit_softcapping, final_logit_softcap=c.final_logit_softcapping)
-        return self._shape(post_norms=True, sliding_rope_base=float(self._rope("sliding_attention")["rope_theta"]), **caps)
-
-    def transformer_config_kwargs(self) -> dict[str, Any]:
-        return gemma_config(self.hf_config, qk_norm=True)
-
-    def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(
-            [
-                *embeddings_and_output(self.tie_word_embeddings),
-                *attention(qk_norm=True),
-                *pre_mlp_norm("pre_feedforward_layernorm"),
-                *post_norms(),
-                *dense_mlp(pre_norm=None),
-            ]
-        )
+    def layer_switches(self) -> dict[str, Any]:
+        return {"post_norms": True, "sliding_rope_base": float(self._rope("sliding_attention")["rope_theta"])}

@@ -57,6 +57,21 @@ def iteration_dir(root: str | Path, iteration: int | None) -> Path:
     return Path(root) / ("release" if iteration is None else f"iter_{iteration:07d}")
 
 
+def complete_iteration(root: str | Path, iteration: int | str | None = "latest") -> tuple[int | None, Path]:
+    """The iteration asked for (``"latest"``: the tracker's; ``"release"`` or None: the release) and its folder.
+
+    Raises ``MegatronCheckpointError`` when ``root`` does not exist or that folder is not a complete dist checkpoint.
+    """
+    if not Path(root).exists():
+        raise MegatronCheckpointError(f"the checkpoint folder {root} does not exist")
+    number = latest_iteration(root) if iteration == "latest" else iteration
+    number = None if number in (None, "release") else int(number)
+    folder = iteration_dir(root, number)
+    if not (folder / "metadata.json").is_file():
+        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    return number, folder
+
+
 def latest_iteration(root: str | Path) -> int | None:
     """The iteration the tracker file names (None for ``release``)."""
     tracker = Path(root) / TRACKER
@@ -190,11 +205,7 @@ def load_checkpoint(
     root: str | Path, state_dict: dict, iteration: int | None | str = "latest", strict: str = "assume_ok_unexpected"
 ) -> dict:
     """Load into the sharded ``state_dict`` (from ``model_state_dict`` plus the caller's entries). All ranks call."""
-    if iteration == "latest":
-        iteration = latest_iteration(root)
-    folder = iteration_dir(root, iteration)  # type: ignore[arg-type]
-    if not (folder / "metadata.json").exists():
-        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    _, folder = complete_iteration(root, iteration)
     return dist_checkpointing.load(state_dict, str(folder), strict=strict)
 
 

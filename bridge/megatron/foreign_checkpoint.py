@@ -20,9 +20,8 @@ from bridge.hf.metadata import dtype_name
 from bridge.megatron.checkpoint import (
     MegatronCheckpointError,
     check_global_shapes,
+    complete_iteration,
     hf_config_folder,
-    iteration_dir,
-    latest_iteration,
     read_source_info,
 )
 
@@ -43,7 +42,7 @@ def checkpoint_record(root: str | Path, hf_config: str | Path | None, iteration:
 
 def stored_tensors(root: str | Path, iteration: int | str | None = "latest") -> dict[str, ShardedTensor]:
     """The tensors of a saved iteration (key → global shape and dtype), from its metadata alone."""
-    folder = _iteration_folder(root, iteration)
+    folder = complete_iteration(root, iteration)[1]
     try:
         stored = dist_checkpointing.load_tensors_metadata(str(folder))
     except Exception as err:  # dist_checkpointing's words for a folder it cannot read
@@ -79,13 +78,3 @@ def check_fits(model_state: dict, root: str | Path, iteration: int | str | None 
     """Every tensor of ``model_state`` (Megatron-LM's model entries) is saved at ``root`` with its global shape."""
     saved = {key: tuple(tensor.global_shape) for key, tensor in stored_tensors(root, iteration).items()}
     check_global_shapes((v for v in nested_values(model_state) if isinstance(v, ShardedTensor)), saved, root)
-
-
-def _iteration_folder(root: str | Path, iteration: int | str | None) -> Path:
-    if not Path(root).exists():
-        raise MegatronCheckpointError(f"the checkpoint folder {root} does not exist")
-    number = latest_iteration(root) if iteration == "latest" else iteration
-    folder = iteration_dir(root, None if number in (None, "release") else int(number))
-    if not (folder / "metadata.json").is_file():
-        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
-    return folder

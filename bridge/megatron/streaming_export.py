@@ -235,11 +235,7 @@ def export_hf_folder(
     """
     budget = streaming.budget_of(max_memory)
     pick = target_dtype or (lambda name, dtype: dtype)
-    if iteration == "latest":
-        iteration = mc.latest_iteration(root)
-    folder = mc.iteration_dir(root, iteration)  # type: ignore[arg-type]
-    if not (folder / "metadata.json").exists():
-        raise mc.MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    iteration, folder = mc.complete_iteration(root, iteration)
     _, plan, state = meta_model(bridge, padded_vocab_size=padded_vocab_size)
     # Measured from here: the modules imported so far are the program's, not the conversion's.
     with PeakMemory() as peak:

@@ -37,7 +37,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge.megatron import checkpoint as megatron_checkpoint
-from bridge.megatron.checkpoint import MegatronCheckpointError, iteration_dir, latest_iteration, model_state_dict
+from bridge.megatron.checkpoint import MegatronCheckpointError, complete_iteration, model_state_dict
 from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.rank_errors import on_rank0
 from bridge.training import lora_checkpoint
@@ -255,11 +255,7 @@ def load_train_state(
     model with the same adapters (``lora_checkpoint.check_resume``, which warns about another base folder
     when ``bridge`` is given); it loads the adapters and their optimizer state, the base is the model's own.
     """
-    if iteration == "latest":
-        iteration = latest_iteration(root)
-    folder = iteration_dir(root, iteration)  # type: ignore[arg-type]
-    if not (folder / "metadata.json").exists():
-        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    iteration, folder = complete_iteration(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = common.get("train_state")
     if saved is None:

@@ -101,11 +101,7 @@ def load_lora_checkpoint(root: str | Path, iteration: int | None | str = "latest
 
     from bridge import AutoBridge
 
-    if iteration == "latest":
-        iteration = megatron_checkpoint.latest_iteration(root)
-    folder = megatron_checkpoint.iteration_dir(root, iteration)  # type: ignore[arg-type]
-    if not (folder / "metadata.json").exists():
-        raise MegatronCheckpointError(f"{folder} is not a complete dist checkpoint (no metadata.json)")
+    iteration, folder = megatron_checkpoint.complete_iteration(root, iteration)
     record = (dist_checkpointing.load_common_state_dict(str(folder)).get("train_state") or {}).get("lora")
     if record is None:
         raise MegatronCheckpointError(f"{folder} holds no LoRA adapters (export it without --adapter/--merge)")
