@@ -10,7 +10,6 @@ derived from it through the mappings and Megatron-Core's own rank numbering
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ class PlanRow:
     stage: str  # "pp0" or "pp1.vp0"
     ranks: list[int]  # the global ranks holding a shard of the parameter
     needed_shape: tuple[int, ...] | None  # the shape the model needs, where the file's differs
-    local_bytes: int = 0  # bytes of the parameter's shard on each rank holding it
 
 
 @dataclass
@@ -60,7 +58,6 @@ class ConversionPlan:
     nonfinite: dict[str, NonFinite]
     parameters: int  # Megatron parameters of the whole model
     mapping_error: str | None = None  # a Megatron parameter with no mapping: nothing else could be planned
-    rank_bytes: dict[int, int] | None = None  # global rank → bytes of the parameters it holds
 
     def problems(self) -> list[str]:
         """Everything that makes the conversion fail, one line each (empty: it would succeed)."""
@@ -106,7 +103,6 @@ def plan_conversion(hf: str | Path, *, sizes: ParallelSizes = ParallelSizes(), w
         match=match,
         nonfinite=nonfinite,
         parameters=len(plan.entries),
-        rank_bytes=_rank_bytes(derived),
     )
 
 
@@ -114,18 +110,6 @@ def _running_world() -> int | None:
     """The torchrun world this process is part of, when it has more than one rank."""
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     return world if world > 1 else None
-
-
-def _rank_bytes(derived: DerivedPlan) -> dict[int, int]:
-    held = dict.fromkeys(range(derived.layout.world), 0)
-    for entry in derived.plan.entries:
-        for rank in derived.holders[entry.name]:
-            held[rank] += _bytes(entry.local_shape, entry.dtype)
-    return held
-
-
-def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
 
 
 def _plan_rows(derived: DerivedPlan, bridge: AutoBridge, sizes: ParallelSizes) -> list[PlanRow]:
@@ -152,7 +136,6 @@ def _plan_rows(derived: DerivedPlan, bridge: AutoBridge, sizes: ParallelSizes) -
                     stage=stage,
                     ranks=ranks,
                     needed_shape=tuple(needed) if shape is not None and needed is not None and shape != needed else None,
-                    local_bytes=_bytes(entry.local_shape, entry.dtype),
                 )
             )
     return rows
