@@ -39,7 +39,7 @@ def build_demo_checkpoint(out_dir: str | Path, *, dtype: torch.dtype = torch.flo
 def save_random_checkpoint(config, out_dir: str | Path, *, dtype: torch.dtype, seed: int = 0, save_original_format: bool = True) -> Path:
     """A randomly initialised model of ``config`` saved to ``out_dir`` in ``dtype``, with ``demo_tokenizer``.
 
-    The default initialisation leaves norms at 1 and biases at 0; they are perturbed, so that a
+    The default initialisation leaves norms at 1 and biases at 0; they (and attention sinks) are perturbed, so that a
     conversion that drops or swaps one shows. ``save_original_format=False`` writes transformers-5
     fused expert tensors.
     """
@@ -49,7 +49,7 @@ def save_random_checkpoint(config, out_dir: str | Path, *, dtype: torch.dtype, s
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias", "_bias", ".sinks")):
                 param.add_(torch.randn_like(param) * 0.1)
     model.to(dtype).save_pretrained(out_dir, save_original_format=save_original_format)
     demo_tokenizer(config.vocab_size).save_pretrained(out_dir)

@@ -60,5 +60,9 @@ class ModelBridge:
         """Extra ``GPTModel`` arguments (position embeddings, max sequence length)."""
         return {}
 
+    def rope_config_kwargs(self) -> dict[str, Any]:
+        """``TransformerConfig`` fields of the position embedding beyond Megatron-Core's own (YaRN's ``yarn_*``)."""
+        return {}
+
     def mapping_registry(self) -> MappingRegistry:
         raise NotImplementedError

@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=64)
@@ -193,7 +195,15 @@ def main() -> None:
     try:
         # A LoRA checkpoint holds the adapters only: the frozen base always comes from the HF weights.
         model, optimizer, scheduler = setup_model_and_optimizer(
-            bridge, args.tp, args.pp, args.vpp, cfg, load_weights=args.lora is not None or not resume, lora=args.lora
+            bridge,
+            args.tp,
+            args.pp,
+            args.vpp,
+            cfg,
+            load_weights=args.lora is not None or not resume,
+            lora=args.lora,
+            ep=args.ep,
+            etp=args.etp,
         )
         if resume:
             info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer, bridge=bridge)

@@ -6,11 +6,13 @@ from bridge.mappings.gated_mlp import GatedMLPMapping
 from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
 from bridge.mappings.qkv import QKVMapping
 from bridge.mappings.registry import MappingRegistry
+from bridge.mappings.transposed import InterleavedGateUpMapping, TransposedRowParallelMapping
 
 __all__ = [
     "ColumnParallelMapping",
     "FusedRowsMapping",
     "GatedMLPMapping",
+    "InterleavedGateUpMapping",
     "JoinedShards",
     "MappingContext",
     "MappingError",
@@ -21,6 +23,7 @@ __all__ = [
     "RowCopy",
     "RowParallelMapping",
     "TensorSource",
+    "TransposedRowParallelMapping",
     "VocabParallelMapping",
     "copy_bytes",
     "fused_gate_up",

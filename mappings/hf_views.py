@@ -4,7 +4,8 @@ transformers 5 holds MoE experts fused (``mlp.experts.gate_up_proj`` ``[E, 2I, H
 ``mlp.experts.down_proj`` ``[E, H, I]``) and writes per-expert names by default, but a checkpoint
 saved with ``save_original_format=False`` carries the fused tensors. A model bridge declares views
 that present such tensors under the per-expert names, reading only the slices asked for, so one
-mapping table serves both layouts. Exports always write the per-expert names (what vLLM reads).
+mapping table serves both layouts. Exports write the per-expert names (what vLLM reads), except
+for the slices of a tensor a family stores stacked (``stacked_experts``), which go back into it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _fill(template: str, values) -> str:
 
 
 class ExpertSlice:
-    """Expert ``e``'s part ``part`` of ``parts`` (split along dim 1, the output dim) of a fused ``[E, out, in]`` tensor."""
+    """Expert ``e``'s part ``part`` of ``parts`` (split along dim 1, the output dim) of a fused ``[E, out, in]`` or ``[E, out]`` tensor."""
 
     def __init__(self, base, expert: int, part: int, parts: int):
         self.base, self.expert, self.part = base, expert, part
@@ -40,7 +41,12 @@ class ExpertSlice:
             rows, cols = slice(self.row0 + start, self.row0 + start + length), slice(None)
         else:
             rows, cols = slice(self.row0, self.row0 + self.shape[0]), slice(start, start + length)
-        return self.base.select_slice((slice(self.expert, self.expert + 1), rows, cols))[0]
+        index = (slice(self.expert, self.expert + 1), rows, cols)
+        return self.base.select_slice(index[: len(self.base.shape)])[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,27 @@ class Renamed:
     def expand(self, name: str, base) -> dict | None:
         match = _pattern(self.stored).match(name)
         return None if match is None else {_fill(self.name, match.groups()): base}
+
+
+STACKED_SLICE = re.compile(r"^(.+)\[(\d+)\]$")
+
+
+def stacked_slice_name(stacked: str, index: int | str) -> str:
+    """The name of slice ``index`` (along dim 0) of the HF tensor ``stacked``: ``stacked[index]``."""
+    return f"{stacked}[{index}]"
+
+
+def split_stacked_name(name: str) -> tuple[str, int] | None:
+    """``(stacked, index)`` for a slice name ``stacked[index]``, else None."""
+    match = STACKED_SLICE.match(name)
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def stacked_experts(stacked: str) -> FusedExperts:
+    """The per-expert slices of ``stacked`` (a pattern, ``*`` for the layer), whose dim 0 is the expert, named ``stacked[e]``.
+
+    For a family that stores its experts stacked (gpt-oss's ``mlp.experts.gate_up_proj``): its
+    mappings name the slices, the reader presents them (reading only the slice asked for), and an
+    export writes them back into the one stacked tensor (``bridge.hf.layout.ShardLayout``).
+    """
+    return FusedExperts(stacked, (stacked_slice_name(stacked, "{e}"),))

@@ -55,6 +55,22 @@ def sliding_window_config(hf_config: PretrainedConfig) -> dict[str, Any]:
     return {"window_size": (window - 1, 0)} if window else {}
 
 
+def layer_types(hf_config: PretrainedConfig) -> list[str]:
+    """Each layer's attention kind (``layer_types``); all full where the config lists none."""
+    return list(getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers)
+
+
+def alternating_window_config(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """``sliding_window`` on the layers ``layer_types`` marks ``sliding_attention`` (Gemma 2/3, gpt-oss), when any.
+
+    Megatron-Core's ``window_attn_skip_freq`` as a list says per layer whether it slides; its window
+    counts the keys left of the query, HF's the last ``window`` keys including the query's own.
+    """
+    sliding = [int(kind == "sliding_attention") for kind in layer_types(hf_config)]
+    window = getattr(hf_config, "sliding_window", None)
+    return {"window_size": (window - 1, 0), "window_attn_skip_freq": sliding} if window and any(sliding) else {}
+
+
 def gated_mlp_config(hf_config: PretrainedConfig) -> dict[str, Any]:
     """SwiGLU MLPs (dense ones and experts alike); ``intermediate_size`` is the dense MLP's."""
     return dict(ffn_hidden_size=hf_config.intermediate_size, gated_linear_unit=True, activation_func=F.silu)

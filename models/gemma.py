@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from bridge.mappings import MappingRegistry
 from bridge.models.blocks import attention, dense_mlp, embeddings_and_output, post_norms, pre_mlp_norm
-from bridge.models.config import attention_config, check_no_bias, decoder_config
+from bridge.models.config import alternating_window_config, attention_config, check_no_bias, decoder_config, layer_types
 from bridge.models.registry import register_bridge
 from bridge.models.rope import RotaryBridge, check_rope, rope_parameters
 from transformers import PretrainedConfig
@@ -27,11 +27,6 @@ from bridge.megatron.layers.decoder_shape import DecoderShape
 from bridge.model_bridge import ModelBridge
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def layer_types(hf_config: PretrainedConfig) -> list[str]:
-    """Each layer's attention kind; all full where the config lists none (Gemma 1)."""
-    return list(getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers)
 
 
 def check_gemma(bridge: ModelBridge) -> None:
@@ -62,12 +57,7 @@ def gemma_config(hf_config: PretrainedConfig, *, qk_norm: bool) -> dict[str, Any
     scalar = getattr(c, "query_pre_attn_scalar", None)
     if scalar:
         kwargs["softmax_scale"] = float(scalar) ** -0.5
-    sliding = [int(kind == "sliding_attention") for kind in layer_types(c)]
-    window = getattr(c, "sliding_window", None)
-    if window and any(sliding):
-        # HF attends to the last `window` keys including the query's own; Megatron counts those to its left.
-        kwargs.update(window_size=(window - 1, 0), window_attn_skip_freq=sliding)
-    return kwargs
+    return {**kwargs, **alternating_window_config(c)}
 
 
 class _GemmaBridge(RotaryBridge):
@@ -122,6 +112,9 @@ class Gemma3Bridge(Gemma2Bridge):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.model_rope()["rope_type"] == "yarn":
+            why = "Megatron-Core's YaRN scales every layer's cos/sin, the sliding layers' too"
+            raise self.unsupported("rope_parameters.full_attention.rope_type", "yarn", why)
         sliding = self._rope("sliding_attention")
         if sliding["rope_type"] != "default":
             why = "the sliding layers' rope is mapped without scaling"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from bridge.models.config import head_dim
@@ -37,7 +38,7 @@ def partial_rotary_factor(hf_config: PretrainedConfig) -> float:
 
 
 def _rotary_kwargs(bridge: ModelBridge, rope: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rotary base, scaling and share of rotated dims of a default, linear or llama3 rope
+    """Rotary base, scaling and share of rotated dims of a default, linear, llama3 or YaRN rope
     (``rope``: the model's rope parameters; by default the config's only ones).
 
     A partial rotary embedding is Megatron-Core's ``rotary_percent``: both rotate the leading
@@ -57,6 +58,11 @@ def _rotary_kwargs(bridge: ModelBridge, rope: dict[str, Any] | None = None) -> d
         kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
     elif kind == "linear":
         kwargs["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif kind == "yarn":
+        if partial != 1.0:
+            raise bridge.unsupported("partial_rotary_factor", partial, "Megatron-Core's YaRN rotates whole heads")
+        yarn_config(bridge, rope)  # its refusals
+        kwargs["position_embedding_type"] = "yarn"
     elif kind == "longrope":
         raise bridge.unsupported(
             "rope_parameters.rope_type",
@@ -64,8 +70,43 @@ def _rotary_kwargs(bridge: ModelBridge, rope: dict[str, Any] | None = None) -> d
             "LongRoPE (short_factor/long_factor: Phi-3-128k, Phi-3.5-mini, Phi-4-mini) is not implemented",
         )
     elif kind != "default":
-        raise bridge.unsupported("rope_parameters.rope_type", kind, "supported: default, linear, llama3")
+        raise bridge.unsupported("rope_parameters.rope_type", kind, "supported: default, linear, llama3, yarn")
     return kwargs
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_config(bridge: ModelBridge, rope: dict[str, Any]) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields GPTModel's YaRN rotary embedding reads, from HF's YaRN parameters.
+
+    Both compute the same frequencies (HF's ``truncate`` is Megatron-Core's
+    ``correction_range_round_to_int``) and scale cos/sin by the same attention factor: HF's
+    ``mscale / mscale_all_dim`` ratio when both are set, else ``0.1·ln(factor) + 1``, which is what
+    Megatron-Core computes when it is given neither. An explicit ``attention_factor`` other than that
+    one has no Megatron-Core field.
+    """
+    c = bridge.hf_config
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise bridge.unsupported("rope_parameters.original_max_position_embeddings", original, "YaRN needs the pretraining length")
+    factor = float(rope.get("factor") or c.max_position_embeddings / original)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    both = bool(mscale and mscale_all_dim)
+    attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if both else _yarn_mscale(factor)
+    given = rope.get("attention_factor")
+    if given is not None and float(given) != attention:
+        raise bridge.unsupported("rope_parameters.attention_factor", given, f"Megatron-Core's YaRN scales by {attention} here")
+    return dict(
+        yarn_rotary_scaling_factor=factor,
+        yarn_original_max_position_embeddings=int(original),
+        yarn_beta_fast=float(rope.get("beta_fast") or 32),
+        yarn_beta_slow=float(rope.get("beta_slow") or 1),
+        yarn_mscale=float(mscale) if both else None,
+        yarn_mscale_all_dim=float(mscale_all_dim) if both else None,
+        yarn_correction_range_round_to_int=bool(rope.get("truncate", True)),
+    )
 
 
 def check_rope(bridge: ModelBridge, *, partial_rotary: bool = False, rope: dict[str, Any] | None = None) -> None:
@@ -95,3 +136,8 @@ class RotaryBridge(ModelBridge):
     def gpt_model_kwargs(self) -> dict[str, Any]:
         """The longest sequence, rotary base and scaling."""
         return dict(max_sequence_length=self.hf_config.max_position_embeddings, **_rotary_kwargs(self, self.model_rope()))
+
+    def rope_config_kwargs(self) -> dict[str, Any]:
+        """YaRN's fields, for a YaRN rope."""
+        rope = self.model_rope()
+        return yarn_config(self, rope) if rope["rope_type"] == "yarn" else {}

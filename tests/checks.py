@@ -57,6 +57,25 @@ def _gate_up(hf: dict[str, torch.Tensor], p: str) -> tuple[torch.Tensor, torch.T
     return fused[:ffn], fused[ffn:]
 
 
+def _stacked_expert(hf: dict[str, torch.Tensor], p: str, rest: str, etp: int, etp_rank: int) -> tuple[str, torch.Tensor] | None:
+    """gpt-oss's experts, read off its stacked tensors as its forward reads them: ``x @ gate_up_proj[e]`` with gate
+    in the even columns and up in the odd ones, ``h @ down_proj[e]``; Megatron's fc1 is [gate rows; up rows] of
+    ``y = W x``, so gate = ``gate_up_proj[e][:, 0::2].T``; its fc2 weight is ``down_proj[e].T``."""
+    match = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)", rest)
+    if match is None or p + "mlp.experts.gate_up_proj" not in hf:
+        return None
+    e, layer, kind = int(match.group(1)), match.group(2), match.group(3)
+    if layer == "linear_fc1":
+        both = hf[p + ("mlp.experts.gate_up_proj" if kind == "weight" else "mlp.experts.gate_up_proj_bias")][e]
+        gate, up = both[..., 0::2], both[..., 1::2]
+        if kind == "weight":
+            gate, up = gate.T, up.T
+        return "expert_fc1" if kind == "weight" else "expert_fc1_bias", _gated(gate, up, etp, etp_rank)
+    if kind == "weight":
+        return "expert_fc2", hf[p + "mlp.experts.down_proj"][e].T.chunk(etp, dim=1)[etp_rank]
+    return "expert_fc2_bias", hf[p + "mlp.experts.down_proj_bias"][e]
+
+
 def expected_shard(
     name: str,
     hf: dict[str, torch.Tensor],
@@ -83,6 +102,17 @@ def expected_shard(
         return "replicated", hf["model.norm.weight"]
     layer, rest = match.groups()
     p = f"model.layers.{layer}."
+    stacked = _stacked_expert(hf, p, rest, etp, etp_rank)
+    if stacked is not None:
+        return stacked
+    singles = {  # gpt-oss: router and attention-output biases, attention sinks (one per query head)
+        "mlp.router.bias": ("router", hf.get(p + "mlp.router.bias")),
+        "self_attention.linear_proj.bias": ("replicated", hf.get(p + "self_attn.o_proj.bias")),
+        "self_attention.core_attention.softmax_offset": ("sinks", hf.get(p + "self_attn.sinks")),
+    }
+    if rest in singles:
+        kind, tensor = singles[rest]
+        return kind, tensor.chunk(tp, dim=0)[rank] if kind == "sinks" else tensor
     expert = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", rest)
     if expert:
         gate, up, down = (p + n.format(e=expert.group(1)) for n in moe_names[:3])
@@ -90,7 +120,7 @@ def expected_shard(
             return "expert_fc1", _gated(hf[gate], hf[up], etp, etp_rank)
         return "expert_fc2", hf[down].chunk(etp, dim=1)[etp_rank]
     if rest == "mlp.router.weight":
-        return "router", hf[p + moe_names[3]]
+        return "router", hf[p + ("mlp.router.weight" if p + "mlp.router.weight" in hf else moe_names[3])]
     if rest == "mlp.shared_experts.linear_fc1.weight":
         return "gated_mlp", _gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"], tp, rank)
     if rest == "mlp.shared_experts.linear_fc2.weight":

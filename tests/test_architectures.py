@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bridge.mappings import MappingContext, materialize
+from bridge.mappings.hf_views import split_stacked_name
 from safetensors.torch import load_file
 
 from bridge import AutoBridge, UnsupportedArchitectureError
@@ -60,8 +62,8 @@ def _layer_tensors(hf: dict[str, torch.Tensor], layer: int) -> set[str]:
 
 
 def _is_moe_layer(hf: dict[str, torch.Tensor], layer: int) -> bool:
-    """A layer is sparse when transformers built routed experts for it (per-expert names on disk)."""
-    return any(re.match(r"(mlp|block_sparse_moe)\.experts\.0\.", name) for name in _layer_tensors(hf, layer))
+    """A layer is sparse when transformers built routed experts for it (per-expert names on disk, or gpt-oss's stacked ones)."""
+    return any(re.match(r"(mlp|block_sparse_moe)\.experts\.(0\.|gate_up_proj$)", name) for name in _layer_tensors(hf, layer))
 
 
 # ---------------------------------------------------------------- config translation
@@ -85,7 +87,7 @@ def test_config_translation_carries_the_hf_values(folders, name):
         "layernorm_epsilon": cfg["rms_norm_eps"],
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
-        "add_bias_linear": False,
+        "add_bias_linear": "self_attn.o_proj.bias" in layer0,  # gpt-oss: every linear has a bias
         "add_qkv_bias": "self_attn.q_proj.bias" in layer0,  # what the checkpoint holds decides
         "qk_layernorm": "self_attn.q_norm.weight" in layer0,
     }
@@ -94,11 +96,12 @@ def test_config_translation_carries_the_hf_values(folders, name):
         moe_layers = [_is_moe_layer(hf, layer) for layer in range(cfg["num_hidden_layers"])]
         first = moe_layers.index(True)
         gate = re.compile(rf"model\.layers\.{first}\.(mlp|block_sparse_moe)\.experts\.0\.(gate_proj|w1)\.weight")
-        expert_gate = next(tensor for n, tensor in hf.items() if gate.fullmatch(n))
+        stacked = hf.get(f"model.layers.{first}.mlp.experts.gate_up_proj")  # gpt-oss: [experts, hidden, 2 × ffn]
+        expert_ffn = stacked.shape[2] // 2 if stacked is not None else next(t for n, t in hf.items() if gate.fullmatch(n)).shape[0]
         shared = cfg.get("shared_expert_intermediate_size") or None
         want |= {
             "num_moe_experts": experts,
-            "moe_ffn_hidden_size": expert_gate.shape[0],
+            "moe_ffn_hidden_size": expert_ffn,
             "moe_router_topk": cfg["num_experts_per_tok"],
             # Megatron's pre-softmax top-k keeps the softmax weights; transformers renormalises them when
             # norm_topk_prob says so (Mixtral always does, and has no such setting).
@@ -108,7 +111,8 @@ def test_config_translation_carries_the_hf_values(folders, name):
             "moe_shared_expert_gate": shared is not None,
             "moe_router_load_balancing_type": "aux_loss" if cfg["output_router_logits"] else "none",
         }
-        assert experts == len({re.search(r"\.experts\.(\d+)\.", n).group(1) for n in hf if ".experts." in n})
+        numbers = {re.search(r"\.experts\.(\d+)\.", n).group(1) for n in hf if ".experts." in n and stacked is None}
+        assert experts == (stacked.shape[0] if stacked is not None else len(numbers))
     else:
         assert not got.get("num_moe_experts")
     assert {key: got.get(key) for key in want} == want
@@ -117,6 +121,11 @@ def test_config_translation_carries_the_hf_values(folders, name):
     act = got["activation_func"]
     if (cfg.get("hidden_activation") or cfg["hidden_act"]) == "gelu_pytorch_tanh":  # Gemma 1 sets the latter
         assert act.func is F.gelu and act.keywords == {"approximate": "tanh"}
+    elif "swiglu_limit" in cfg:  # gpt-oss: (clamp(up, ±limit) + 1) · g · sigmoid(alpha · g), g = clamp(gate, max=limit)
+        x = torch.linspace(-3, 3, 13)
+        assert torch.equal(act(x), x * torch.sigmoid(cfg["swiglu_alpha"] * x))
+        assert (got["activation_func_clamp_value"], got["glu_linear_offset"]) == (cfg["swiglu_limit"], 1.0)
+        assert got["softmax_type"] == "learnable"
     else:
         assert act is F.silu and cfg["hidden_act"] == "silu"
     scalar = cfg.get("query_pre_attn_scalar")
@@ -130,6 +139,13 @@ def test_config_translation_carries_the_hf_values(folders, name):
         assert gpt["rope_scaling"] is True and gpt["rope_scaling_factor"] == rope["factor"]
     elif rope["rope_type"] == "linear":
         assert not gpt.get("rope_scaling") and gpt["seq_len_interpolation_factor"] == rope["factor"]
+    elif rope["rope_type"] == "yarn":
+        assert gpt["position_embedding_type"] == "yarn"
+        yarn = model_bridge.rope_config_kwargs()
+        assert yarn["yarn_rotary_scaling_factor"] == rope["factor"]
+        assert yarn["yarn_original_max_position_embeddings"] == rope["original_max_position_embeddings"]
+        assert (yarn["yarn_beta_fast"], yarn["yarn_beta_slow"]) == (rope["beta_fast"], rope["beta_slow"])
+        assert yarn["yarn_correction_range_round_to_int"] == rope.get("truncate", True)
     else:
         assert not gpt.get("rope_scaling") and "seq_len_interpolation_factor" not in gpt
     assert gpt.get("rotary_percent", 1.0) == rope.get("partial_rotary_factor", 1.0)
@@ -181,7 +197,7 @@ REFUSALS = [
         {"rope_parameters": {**_LLAMA3_ROPE, "partial_rotary_factor": 0.5}},  # transformers' llama3 rope then rotates half of each head
         "partial_rotary_factor=0.5",
     ),
-    _refusal("llama", {"rope_parameters": _YARN}, "rope_parameters.rope_type='yarn'"),
+    _refusal("llama", {"rope_parameters": {**_YARN, "attention_factor": 2.0}}, "rope_parameters.attention_factor=2.0"),
     _refusal("llama3.1", {"rope_parameters": {**_LLAMA3_ROPE, "low_freq_factor": 2.0}}, "rope_parameters.low_freq_factor=2.0"),
     _refusal(
         "llama3.2",
@@ -195,7 +211,7 @@ REFUSALS = [
     _refusal("mixtral", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     _refusal("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
     _refusal("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
-    _refusal("qwen3_moe", {"rope_parameters": _YARN}, "rope_parameters.rope_type='yarn'"),
+    _refusal("qwen3_moe", {"rope_parameters": {**_YARN, "attention_factor": 1.5}}, "rope_parameters.attention_factor=1.5"),
     _refusal(  # partial rotary is mapped only where a family declares it (Phi-3)
         "mistral", {"rope_parameters": {**_PHI4_MINI_ROPE, "partial_rotary_factor": 0.5}}, "partial_rotary_factor=0.5"
     ),
@@ -260,6 +276,17 @@ _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the f
     "mlp.shared_expert_gate.weight": "mlp.shared_experts.gate_weight",
     "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
     "pre_feedforward_layernorm.weight": "pre_mlp_layernorm.weight",
+    "self_attn.o_proj.bias": "self_attention.linear_proj.bias",
+    "self_attn.sinks": "self_attention.core_attention.softmax_offset",
+    "mlp.router.weight": "mlp.router.weight",
+    "mlp.router.bias": "mlp.router.bias",
+}
+# gpt-oss's stacked expert tensors (dim 0: the expert) → the parameter of each expert
+_STACKED_EXPERTS = {
+    "mlp.experts.gate_up_proj": "linear_fc1.weight",
+    "mlp.experts.gate_up_proj_bias": "linear_fc1.bias",
+    "mlp.experts.down_proj": "linear_fc2.weight",
+    "mlp.experts.down_proj_bias": "linear_fc2.bias",
 }
 # In a layer with post-norms (OLMo-2) HF's post_attention_layernorm normalises the attention output.
 _POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS, "post_attention_layernorm.weight": "post_self_attn_layernorm.weight"}
@@ -289,10 +316,19 @@ def _megatron_names(hf: dict[str, torch.Tensor]) -> list[str]:
             elif expert:
                 fc = "linear_fc1" if expert.group(2) in ("gate_proj", "w1") else "linear_fc2"
                 names.append(f"decoder.layers.{layer}.mlp.experts.local_experts.{expert.group(1)}.{fc}.weight")
+            elif rest in _STACKED_EXPERTS:
+                experts = hf[f"model.layers.{layer}.{rest}"].shape[0]
+                names += [f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{_STACKED_EXPERTS[rest]}" for e in range(experts)]
             elif not _LATER_PARTS.fullmatch(rest):
                 unknown.append(f"model.layers.{layer}.{rest}")
     assert not unknown, f"HF tensors this test does not know the Megatron parameter of: {unknown}"
     return names
+
+
+def _hf_tensor(hf: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``hf[name]``, or for a slice name ``stacked[i]`` (gpt-oss's experts) that slice of the stacked tensor."""
+    split = split_stacked_name(name)
+    return hf[name] if split is None else hf[split[0]][split[1]]
 
 
 CASES = [pytest.param(name, tp, id=f"{name}-tp{tp}") for name in MODELS for tp in (1, 2, 4)]
@@ -327,7 +363,7 @@ def test_every_mapping_gives_the_expected_shard_and_exports_it_back(folders, wid
     problems, kinds, exported = [], set(), []
     for param in _megatron_names(hf):
         mapping = registry.resolve(param)
-        inputs = {role: hf[hf_name] for role, hf_name in mapping.hf_param.items()}
+        inputs = {role: _hf_tensor(hf, hf_name) for role, hf_name in mapping.hf_param.items()}
         shards = []
         for rank in range(tp):
             kind, want = expected_shard(param, hf, rank=rank, etp_rank=rank, **oracle)
@@ -344,9 +380,13 @@ def test_every_mapping_gives_the_expected_shard_and_exports_it_back(folders, wid
         shards = shards if mapping.tp_sharded else shards[:1]
         for hf_name, tensor in mapping.megatron_to_hf(shards, ctx).items():
             exported.append(hf_name)
-            if not same_bits(materialize(tensor), hf[hf_name]):
+            if not same_bits(materialize(tensor), _hf_tensor(hf, hf_name)):
                 problems.append(f"{param} ({kind}): export of {hf_name}")
     assert not problems, "\n".join(problems)
-    assert sorted(exported) == sorted(hf)  # every HF tensor written back, once
+    # every HF tensor written back, once (a stacked one: each of its slices once)
+    whole = {split[0] if (split := split_stacked_name(name)) else name for name in exported}
+    slices = Counter(split[0] for name in exported if (split := split_stacked_name(name)))
+    assert len(set(exported)) == len(exported) and sorted(whole) == sorted(hf)
+    assert all(count == hf[name].shape[0] for name, count in slices.items())
     assert {"vocab", "qkv", "row", "replicated"} <= kinds
     assert ({"expert_fc1", "expert_fc2", "router"} if name in TINY_MOE_MODELS else {"gated_mlp"}) <= kinds

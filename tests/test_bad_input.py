@@ -40,9 +40,9 @@ def test_unknown_architecture_names_the_supported_ones(tiny_checkpoints, tmp_pat
 
 
 def test_unsupported_config_setting_is_named(tiny_checkpoints, tmp_path):
-    folder = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "yarn")
+    folder = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "dynamic")
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedArchitectureError, match="rope_type"):
         AutoBridge.from_hf_pretrained(folder)

@@ -1,4 +1,5 @@
-"""The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 and OLMo-2 at TP2·PP2.
+"""The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 and OLMo-2
+at TP2·PP2, gpt-oss at TP2·EP2 then resumed at PP2·EP2.
 
 Each is converted, trained a few steps on Megatron-Core's engine (4 gloo ranks), exported, and the
 export reloaded in transformers (the example generates with it); the exported weights are the trained
@@ -29,35 +30,65 @@ def corpus(tmp_path_factory) -> str:
     return data_paths[1]
 
 
-@pytest.mark.parametrize("name", ["gemma3", "olmo2"])
-def test_example_trains_and_exports_at_tp2_pp2(tmp_path, corpus, name):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
-    work = tmp_path / "work"
+def _example(hf, corpus: str, work, *args: str) -> str:
+    """Run the convert-and-train example on 4 gloo ranks; its output (it must succeed)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node=4",
         str(ROOT / "examples" / "convert_and_train.py"),
-        *("--hf-model", str(hf), "--data-path", corpus, "--workdir", str(work), "--tp", "2", "--pp", "2"),
-        *("--train-iters", "12", "--log-interval", "3", "--seq-length", "32"),
+        *("--hf-model", str(hf), "--data-path", corpus, "--workdir", str(work), "--log-interval", "3", "--seq-length", "32"),
+        *args,
     ]
     env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-5000:]
-    losses = [float(loss) for loss in re.findall(r"^iteration \d+/12 \| loss ([\d.]+) ", text, re.M)]
-    assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses  # random weights: the trend, not every step
     assert re.search(r"^exported to .*; transformers continues '.+' with '.+'$", text, re.M), text[-3000:]
+    return text
 
-    exported = work / "hf_export"
+
+def _losses(text: str, iters: int) -> list[float]:
+    return [float(loss) for loss in re.findall(rf"^iteration \d+/{iters} \| loss ([\d.]+) ", text, re.M)]
+
+
+def _exported_and_source(hf, exported) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The export's tensors (after checking that transformers loads it with no weight missing or unexpected) and the source's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)  # loads without missing or unexpected weights
     (source,) = hf.glob("*.safetensors")
     trained = {k: v for f in exported.glob("*.safetensors") for k, v in load_file(f).items()}
     before = load_file(source)
     assert trained.keys() == before.keys()
+    return trained, before
+
+
+@pytest.mark.parametrize("name", ["gemma3", "olmo2"])
+def test_example_trains_and_exports_at_tp2_pp2(tmp_path, corpus, name):
+    hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
+    work = tmp_path / "work"
+    text = _example(hf, corpus, work, "--tp", "2", "--pp", "2", "--train-iters", "12")
+    losses = _losses(text, 12)
+    assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses  # random weights: the trend, not every step
+    trained, before = _exported_and_source(hf, work / "hf_export")
     norm = "model.layers.1.post_feedforward_layernorm.weight"
     assert not torch.equal(trained[norm], before[norm])
+
+
+def test_gpt_oss_trains_at_tp2_ep2_and_resumes_at_pp2_ep2(tmp_path, corpus):
+    """gpt-oss at TP2·EP2 (experts without expert-TP: they have biases), saved; resumed at PP2·EP2 and exported."""
+    hf = build_tiny_checkpoint("gptoss", tmp_path / "gptoss", dtype=torch.float32)
+    work, ckpt = tmp_path / "work", tmp_path / "ckpt"
+    schedule = ("--lr-decay-iters", "15")  # one schedule for both runs: the first stops at 12, the resumed one goes on to 15
+    first = _example(hf, corpus, work, "--tp", "2", "--ep", "2", "--etp", "1", "--train-iters", "12", *schedule, "--save", str(ckpt))
+    losses = _losses(first, 12)
+    assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses
+    resume = ("--pp", "2", "--ep", "2", "--train-iters", "15", *schedule, "--load", str(ckpt), "--overwrite-export")
+    resumed = _example(hf, corpus, work, *resume)
+    assert [int(i) for i in re.findall(r"^iteration (\d+)/15 ", resumed, re.M)] == [15]  # it went on from step 12
+    trained, before = _exported_and_source(hf, work / "hf_export")
+    for name in ("self_attn.sinks", "mlp.router.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj_bias"):
+        assert not torch.equal(trained[f"model.layers.1.{name}"], before[f"model.layers.1.{name}"]), name

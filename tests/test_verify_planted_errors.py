@@ -1,10 +1,12 @@
-"""``hfmb verify`` catches a checkpoint with one norm swapped in a family whose layers are not Llama's.
+"""``hfmb verify`` catches the errors converters of families whose layers are not Llama's have shipped.
 
-OLMo-2, Gemma 2 and Gemma 3 normalise the attention and MLP outputs (``post_attention_layernorm``,
-``post_feedforward_layernorm``): a converter that mixes them up is wrong in layer 1 only. The tiny
-checkpoint is converted as a user would (``hfmb import``, one process), verified, then a copy with layer
-1's ``post_feedforward_layernorm`` replaced by its ``post_attention_layernorm`` is imported and verified
-against the original.
+- OLMo-2, Gemma 2 and Gemma 3 normalise the attention and MLP outputs (``post_attention_layernorm``,
+  ``post_feedforward_layernorm``): a converter that mixes them up is wrong in layer 1 only.
+- gpt-oss stores its experts input-major with gate and up interleaved: a converter that reads the gate
+  columns as one block, or one expert's (square) ``down_proj`` the other way round, keeps every shape.
+
+The tiny checkpoint is converted as a user would (``hfmb import``, one process), verified, then a copy
+with the error planted in layer 1 is imported and verified against the original.
 """
 
 from __future__ import annotations
@@ -33,10 +35,32 @@ def _swap_post_norms(tensors: dict[str, torch.Tensor]) -> None:
     tensors[LAYER_1 + "post_feedforward_layernorm.weight"] = tensors[LAYER_1 + "post_attention_layernorm.weight"].clone()
 
 
-@pytest.mark.parametrize("name", ["olmo2", "gemma3"])
-def test_verify_fails_on_a_post_norm_swapped_for_the_other(tmp_path, name):
+def _deinterleave_gate_up(tensors: dict[str, torch.Tensor]) -> None:
+    """Every expert's gate columns first, then its up columns: what a converter that ignores the interleave makes."""
+    for name in ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias"):
+        both = tensors[LAYER_1 + name]
+        tensors[LAYER_1 + name] = torch.cat([both[..., 0::2], both[..., 1::2]], dim=-1).contiguous()
+
+
+def _transpose_one_down_proj(tensors: dict[str, torch.Tensor]) -> None:
+    down = tensors[LAYER_1 + "mlp.experts.down_proj"].clone()
+    assert down.shape[1] == down.shape[2], "the tiny gpt-oss keeps down_proj square, so that a transposition keeps its shape"
+    down[0] = down[0].T.clone()
+    tensors[LAYER_1 + "mlp.experts.down_proj"] = down
+
+
+PLANTED = [
+    pytest.param("olmo2", _swap_post_norms, id="olmo2-post-norms-swapped"),
+    pytest.param("gemma3", _swap_post_norms, id="gemma3-post-norms-swapped"),
+    pytest.param("gptoss", _deinterleave_gate_up, id="gptoss-gate-up-deinterleaved"),
+    pytest.param("gptoss", _transpose_one_down_proj, id="gptoss-one-down-proj-transposed"),
+]
+
+
+@pytest.mark.parametrize("name,plant", PLANTED)
+def test_verify_fails_on_a_planted_error(tmp_path, name, plant):
     hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
-    swapped = edited_copy(hf, tmp_path / f"{name}-swapped", _swap_post_norms)
+    swapped = edited_copy(hf, tmp_path / f"{name}-planted", plant)
     good_ckpt, bad_ckpt = str(tmp_path / "good-ckpt"), str(tmp_path / "bad-ckpt")
     for src, ckpt in ((hf, good_ckpt), (swapped, bad_ckpt)):
         imported = hfmb("import", str(src), ckpt)

@@ -71,6 +71,25 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2": ("Olmo2Config", {"pad_token_id": 2}),
 }
 
+# Rope settings any rotary family may carry, each tried on one family in the logits matrix: name → (family, overrides).
+# YaRN as Qwen2.5's long-context recipe sets it, with DeepSeek's mscale ratio and without rounding the correction range.
+ROPE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2-yarn": (
+        "qwen2",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.5,
+                "truncate": False,
+            }
+        },
+    ),
+}
+
 _MOE = dict(num_experts_per_tok=2, output_router_logits=False)
 TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", {**_MOE, "num_local_experts": 4, "intermediate_size": 32, "sliding_window": None}),
@@ -88,6 +107,22 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
     # OLMoE: q/k norms over the whole projection, top-k of the softmax not renormalised, every layer sparse
     "olmoe": ("OlmoeConfig", {**_MOE, "num_experts": 4, "intermediate_size": 32, "norm_topk_prob": False, "pad_token_id": 2}),
+    # gpt-oss: attention sinks, q/k/v/o biases, alternating windows shorter than the tests' sequences, YaRN as in
+    # the real config; experts stacked, input-major, gate/up interleaved, with biases. intermediate = hidden and
+    # heads × head_dim = hidden make down_proj and the attention projections square (a transposition cannot
+    # pass by shape); a clamp low enough to bite on these activations.
+    "gptoss": (
+        "GptOssConfig",
+        {
+            **_MOE,
+            "num_local_experts": 4,
+            "intermediate_size": 64,
+            "head_dim": 16,
+            "sliding_window": 5,
+            "swiglu_limit": 0.1,
+            "max_position_embeddings": 131072,
+        },
+    ),
 }
 
 

@@ -6,7 +6,8 @@ front, the same way on every rank. ``ShardLayout.create`` makes the files (heade
 size set); ``LayoutWriter`` writes the bytes a writer holds at their offsets, so several writers
 (ranks) can fill one file: a tensor joined along dim 0 from TP shards (column-parallel, QKV,
 gate/up, vocab) is written by the holders of its shards, each its own part, with nothing sent
-between them. The data of every file starts on a ``DIRECT_BLOCK`` boundary, so that each writer's
+between them. Slices named ``stacked[i]`` (experts a family stores stacked) are planned as their one
+stacked tensor and each written at its offset in it. The data of every file starts on a ``DIRECT_BLOCK`` boundary, so that each writer's
 whole blocks can go through ``O_DIRECT`` (``DataAppender``).
 """
 
@@ -25,6 +26,7 @@ import torch
 from bridge.hf.data_appender import DIRECT_BLOCK, DataAppender, round_up, write_all
 from bridge.hf.reader import SAFETENSORS_DTYPES
 from bridge.mappings import JoinedShards
+from bridge.mappings.hf_views import split_stacked_name
 
 # torch dtype → safetensors dtype name, as ``safetensors.torch.save_file`` writes them.
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: label for label, dtype in SAFETENSORS_DTYPES.items()}
@@ -89,6 +91,48 @@ def _header(group: Sequence[tuple[str, torch.Tensor | JoinedShards]]) -> bytes:
     return struct.pack("<Q", length) + header + b" " * (length - len(header))
 
 
+def _stack_slices(
+    tensors: Sequence[tuple[str, torch.Tensor | JoinedShards]],
+) -> tuple[list[tuple[str, torch.Tensor | JoinedShards]], dict[str, tuple[str, int]]]:
+    """``tensors`` with the slices named ``stacked[i]`` (``bridge.mappings.hf_views.stacked_experts``) replaced by
+    their stacked tensor (a meta tensor, where its first slice was), and each slice's (stacked name, index).
+
+    Refuses slices that do not make a whole tensor: an index missing or given twice, shapes or dtypes that differ.
+    """
+    slices: dict[str, dict[int, torch.Tensor | JoinedShards]] = {}
+    where: dict[str, tuple[str, int]] = {}
+    order: list[tuple[str, torch.Tensor | JoinedShards | None]] = []
+    for name, tensor in tensors:
+        split = split_stacked_name(name)
+        if split is None:
+            order.append((name, tensor))
+            continue
+        stacked, index = split
+        if stacked not in slices:
+            slices[stacked] = {}
+            order.append((stacked, None))
+        if index in slices[stacked]:
+            raise ValueError(f"tensor {name} is exported twice")
+        slices[stacked][index] = tensor
+        where[name] = split
+    out = []
+    for name, tensor in order:
+        if tensor is None:
+            parts = slices[name]
+            first = parts[min(parts)]
+            if sorted(parts) != list(range(len(parts))):
+                raise ValueError(f"tensor {name}: the export has slices {sorted(parts)} of it, not 0 to {len(parts) - 1}")
+            odd = next((i for i, part in parts.items() if part.shape != first.shape or part.dtype != first.dtype), None)
+            if odd is not None:
+                odd_part = parts[odd]
+                raise ValueError(
+                    f"tensor {name}: slice {odd} is {list(odd_part.shape)} {odd_part.dtype}, slice 0 {list(first.shape)} {first.dtype}"
+                )
+            tensor = torch.empty((len(parts), *first.shape), dtype=first.dtype, device="meta")
+        out.append((name, tensor))
+    return out, where
+
+
 @dataclass(frozen=True)
 class TensorSlot:
     """Where one tensor's bytes go: file index, absolute offset of its first byte, and what it must be."""
@@ -117,6 +161,7 @@ class ShardLayout:
     """
 
     def __init__(self, tensors: Sequence[tuple[str, torch.Tensor | JoinedShards]], max_shard_bytes: int):
+        tensors, self.stacked_slices = _stack_slices(tensors)
         groups: list[list[tuple[str, torch.Tensor | JoinedShards]]] = [[]]
         data = 0
         for name, tensor in tensors:
@@ -192,13 +237,19 @@ class LayoutWriter:
         self.written_bytes: dict[int, int] = {}  # file index → data bytes this writer wrote into it
 
     def add(self, name: str, tensor: torch.Tensor | JoinedShards) -> None:
-        slot = self.layout.slots.get(name)
+        """Write ``tensor``, or, for a name ``stacked[i]``, slice ``i`` of the stacked tensor, at its offset."""
+        stacked, index = self.layout.stacked_slices.get(name, (name, None))
+        slot = self.layout.slots.get(stacked)
         if slot is None:
             raise ValueError(f"tensor {name} is not among the tensors the export planned")
         if name in self._added:
             raise ValueError(f"tensor {name} was written twice")
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise ValueError(f"tensor {name} is {list(tensor.shape)} {tensor.dtype}; the export planned {list(slot.shape)} {slot.dtype}")
+        shape, offset = slot.shape, slot.offset
+        if index is not None:
+            shape = slot.shape[1:]
+            offset += index * (slot.nbytes // slot.shape[0])
+        if tuple(tensor.shape) != shape or tensor.dtype != slot.dtype:
+            raise ValueError(f"tensor {name} is {list(tensor.shape)} {tensor.dtype}; the export planned {list(shape)} {slot.dtype}")
         if isinstance(tensor, JoinedShards) and tensor.dim == 0:
             pieces = tensor.parts  # consecutive byte ranges: each written where it goes, the meta ones by their holders
         elif isinstance(tensor, JoinedShards) and any(part.is_meta for part in tensor.parts):
@@ -206,7 +257,6 @@ class LayoutWriter:
         else:
             pieces = [tensor]
         self._added.add(name)
-        offset = slot.offset
         for piece in pieces:
             if piece.nbytes and not (isinstance(piece, torch.Tensor) and piece.is_meta):
                 self._appender(slot.file).append(check_writable(name, piece), offset)

@@ -25,6 +25,7 @@ from bridge.megatron.layers.model_ends import apply_model_ends
 from bridge.megatron.layers.norms import use_torch_norms_with_sequence_parallel
 from bridge.megatron.layers.spec import apply_decoder_shape
 from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
+from bridge.megatron.yarn_config import YarnTransformerConfig
 from bridge.model_bridge import ModelBridge
 from bridge.runtime import cpu_mode
 from bridge.runtime.gc_freeze import frozen_heap
@@ -73,6 +74,11 @@ def check_parallel_sizes(bridge: ModelBridge, sizes: ParallelSizes, kwargs: dict
             ("the number of experts", experts, sizes.ep, "ep"),
             ("the expert FFN size (moe_intermediate_size)", kwargs["moe_ffn_hidden_size"], sizes.expert_tp, "etp (defaults to tp)"),
         ]
+        if kwargs.get("add_bias_linear") and sizes.expert_tp > 1:
+            raise ParallelConfigError(
+                f"{bridge.architecture}: its experts have biases, which Megatron-Core supports only without expert tensor "
+                f"parallelism; pass etp=1 (it defaults to tp = {sizes.tp})"
+            )
         if kwargs.get("moe_shared_expert_intermediate_size"):
             checks.append(("shared_expert_intermediate_size", kwargs["moe_shared_expert_intermediate_size"], sizes.tp, "tp"))
     elif sizes.ep > 1 or (sizes.etp or sizes.tp) != sizes.tp:
@@ -96,7 +102,7 @@ def build_transformer_config(
 
     ``sequence_parallel`` defaults to on exactly when Megatron-Core needs it: MoE with TP > 1.
     """
-    kwargs = bridge.transformer_config_kwargs()
+    kwargs = {**bridge.transformer_config_kwargs(), **bridge.rope_config_kwargs()}
     check_parallel_sizes(bridge, sizes, kwargs)
     moe = bool(kwargs.get("num_moe_experts"))
     if sequence_parallel is None:
@@ -127,8 +133,9 @@ def build_transformer_config(
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
     )
+    config_class = YarnTransformerConfig if any(key.startswith("yarn_") for key in kwargs) else TransformerConfig
     try:
-        return TransformerConfig(**kwargs)
+        return config_class(**kwargs)
     except (AssertionError, ValueError) as err:
         raise ParallelConfigError(f"Megatron-Core rejects the config derived from {bridge.architecture}: {err}") from err
 
@@ -173,9 +180,8 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=bridge.tie_word_embeddings,
-            position_embedding_type="rope",
             vp_stage=vp_stage,
-            **bridge.gpt_model_kwargs(),
+            **{"position_embedding_type": "rope", **bridge.gpt_model_kwargs()},
         )
         apply_model_ends(model, bridge.decoder_shape, config.hidden_size)
         # The local spec's torch norms ignore params_dtype; Megatron's Float16Module would cast them too.
@@ -195,8 +201,9 @@ def tag_tensor_parallel_params(chunks: list[torch.nn.Module]) -> int:
     """Tag TP-split weights with ``tensor_model_parallel`` / ``partition_dim``, as Megatron's weight init does.
 
     Megatron-Core's local linear layers and embedding set these attributes inside their random
-    initialisation, which a converted model skips. Without them the optimizer counts every weight
-    as a TP duplicate and takes it from TP rank 0 only: at TP > 1 the grad norm (and clipping) is
+    initialisation, which a converted model skips (and on its attention's learnable softmax offsets
+    never). Without them the optimizer counts every weight as a TP duplicate and takes it from TP
+    rank 0 only: at TP > 1 the grad norm (and clipping) is
     wrong, and the distributed optimizer's checkpoint treats TP-split state as replicated.
     (Transformer Engine's layers set them unconditionally.) Returns how many parameters were tagged.
     """
@@ -207,6 +214,8 @@ def tag_tensor_parallel_params(chunks: list[torch.nn.Module]) -> int:
                 dims = {"weight": 0, "bias": 0}
             elif isinstance(module, RowParallelLinear):
                 dims = {"weight": 1}  # its bias is added after the reduction: replicated
+            elif isinstance(getattr(module, "softmax_offset", None), torch.nn.Parameter):
+                dims = {"softmax_offset": 0}  # learnable softmax offsets (attention sinks): this rank's heads'
             else:
                 continue
             for name, dim in dims.items():

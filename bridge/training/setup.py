@@ -169,7 +169,16 @@ def build_optimizer(model: list[DistributedDataParallel], cfg: TrainingConfig):
 
 
 def setup_model_and_optimizer(
-    bridge, tp: int, pp: int, vpp: int | None, cfg: TrainingConfig, load_weights: bool = True, lora: LoraConfig | None = None
+    bridge,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    cfg: TrainingConfig,
+    load_weights: bool = True,
+    lora: LoraConfig | None = None,
+    *,
+    ep: int = 1,
+    etp: int | None = None,
 ):
     """Convert (``bridge.to_megatron_model``), wrap in DDP, build optimizer and scheduler: one call per rank.
 
@@ -179,7 +188,7 @@ def setup_model_and_optimizer(
     the HF weights (``load_weights=True``; a weights-only checkpoint may replace them later). Raises
     ``LoraError`` on every rank, naming it, for a target the model lacks or cannot adapt.
     """
-    chunks = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp, load_weights=load_weights, seed=cfg.seed)
+    chunks = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, load_weights=load_weights, seed=cfg.seed)
     check_schedule(cfg)
     if lora is not None:
         apply_lora(chunks, bridge, lora, seed=cfg.seed)
