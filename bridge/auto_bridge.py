@@ -16,6 +16,7 @@ from bridge.engine.export import export_tensors
 from bridge.engine.plan import TransferPlan, validate_checkpoint
 from bridge.hf import metadata as export_metadata
 from bridge.hf.dtype_choice import DtypeChoice, choose_param_dtype
+from bridge.hf.export_encodings import export_encoding
 from bridge.hf.folder import read_hf_config, resolve_hf_folder
 from bridge.hf.reader import SafetensorsReader
 from bridge.megatron import builder as megatron_builder
@@ -147,16 +148,24 @@ class AutoBridge:
             yield name, tensor.to(dtype or source_dtypes.get(name, tensor.dtype))
 
     def save_hf_pretrained(
-        self, model, out_dir: str | Path, max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: torch.dtype | None = None
+        self,
+        model,
+        out_dir: str | Path,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
     ) -> None:
         """Write a complete HF folder (weights, config, generation config, tokenizer files) atomically.
 
         All ranks call it. The ranks holding the model's shards write them in parallel when they
         share a filesystem (``bridge.engine.folder_export``); tensors are written in the source checkpoint's
-        dtype for that name (or ``dtype`` when given).
+        dtype for that name (or ``dtype`` when given); ``quantization="mxfp4"`` writes the weights the family
+        stores in MXFP4 that way (gpt-oss's experts), rank 0 writing every tensor.
         """
         source_dtypes = self.reader.dtypes() if dtype is None else {}
-        config, side_files = export_metadata.folder_metadata(self.hf_folder, self.hf_config, dtype)
+        encoding = export_encoding(self.model_bridge, Path(self.hf_folder), quantization)
+        config, side_files = export_metadata.folder_metadata(self.hf_folder, self.hf_config, dtype, encoding and encoding.config)
         folder_export.write_hf_folder(
             self.plan(model),
             out_dir,
@@ -165,4 +174,5 @@ class AutoBridge:
             target_dtype=lambda name, current: dtype or source_dtypes.get(name, current),
             max_shard_size=max_shard_size,
             overwrite=overwrite,
+            encoding=encoding,
         )

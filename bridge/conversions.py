@@ -26,6 +26,7 @@ from bridge.auto_bridge import AutoBridge
 from bridge.engine.plan import count_nonfinite_weights
 from bridge.hf import metadata
 from bridge.hf.dtype_choice import export_rounding
+from bridge.hf.export_encodings import export_encoding
 from bridge.hf.folder import dtype_named
 from bridge.hf.output_folder import (
     HF_MODEL_FOLDER,
@@ -224,6 +225,7 @@ def export_megatron_checkpoint(
     stream: bool | None = None,
     max_memory: int | str | None = None,
     hf_config: str | Path | None = None,
+    quantization: str | None = None,
 ) -> ExportResult:
     """A Megatron checkpoint written by ``import_hf_checkpoint`` (or a training run from one) → a complete HF folder at ``out``.
 
@@ -236,7 +238,8 @@ def export_megatron_checkpoint(
     streaming, if the weights fit half of ``max_memory``). ``stream`` (default: in one process)
     reads a few tensors at a time within ``max_memory`` from a checkpoint saved at any layout;
     otherwise the model is loaded at ``sizes``. ``iteration``: a number, None ("release") or
-    ``"latest"``. All ranks call it.
+    ``"latest"``. All ranks call it. ``quantization="mxfp4"`` writes the weights the family stores in
+    MXFP4 that way (gpt-oss's experts; ``bridge.hf.mxfp4_experts``).
     """
     from bridge.checks.verify import check_loads_in_transformers
 
@@ -258,13 +261,15 @@ def export_megatron_checkpoint(
         _claim(stack, out, overwrite, HF_MODEL_FOLDER, check_sources)
         info, hf_folder = checkpoint_record(ckpt, hf_config, iteration)
         bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]))
-        config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype)
+        source = Path(info["source_folder"]) if info.get("source_folder") else None
+        encoding = export_encoding(bridge.model_bridge, source if source and source.is_dir() else None, quantization)
+        config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype, encoding and encoding.config)
         source_dtypes = {name: dtype_named(d) for name, d in info.get("hf_dtypes", {}).items()}
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
         check = check_loads_in_transformers if load_check else None
         if stream:
             checked, streamed = _stream_export(
-                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite
+                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite, encoding
             )
             how = f"streamed ({streamed.text()})"
         else:
@@ -280,6 +285,7 @@ def export_megatron_checkpoint(
                 check=_with_bar(check, "checking the folder (loading it in transformers)"),
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
+                encoding=encoding,
             )
             checked, how = check is not None, f"read at {sizes_text(sizes)}"
     index = metadata.read_json(out / "model.safetensors.index.json")
@@ -300,7 +306,7 @@ def _with_bar(check, desc: str):
 
 
 def _stream_export(
-    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite
+    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite, encoding
 ) -> tuple[bool, Streamed]:
     """The bounded-memory export (one process); returns whether transformers' load check ran, and the peak it measured."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -321,6 +327,7 @@ def _stream_export(
             config=config,
             side_files=side,
             check=check,
+            encoding=encoding,
         )
     except CheckpointException as err:  # dist_checkpointing's read errors: say what did not fit
         raise mc.MegatronCheckpointError(

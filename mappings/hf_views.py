@@ -60,7 +60,7 @@ class FusedExperts:
     fused: str
     parts: tuple[str, ...]
 
-    def expand(self, name: str, base) -> dict[str, ExpertSlice] | None:
+    def expand(self, name: str, base, stored=None) -> dict[str, ExpertSlice] | None:
         match = _pattern(self.fused).match(name)
         if match is None:
             return None
@@ -79,7 +79,7 @@ class Renamed:
     stored: str
     name: str
 
-    def expand(self, name: str, base) -> dict | None:
+    def expand(self, name: str, base, stored=None) -> dict | None:
         match = _pattern(self.stored).match(name)
         return None if match is None else {_fill(self.name, match.groups()): base}
 

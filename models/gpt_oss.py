@@ -5,7 +5,8 @@ learnable softmax offset), sliding windows on the layers ``layer_types`` marks, 
 is sparse: a router with a bias (top-k of the logits, softmax over the k), experts with biases whose
 clamped SwiGLU is ``(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)``, ``g = clamp(gate, max=limit)``
 (Megatron-Core's gated MLP with ``activation_func_clamp_value`` and ``glu_linear_offset``). The experts
-are stored stacked and input-major, gate and up interleaved (``bridge/mappings/transposed.py``).
+are stored stacked and input-major, gate and up interleaved (``bridge/mappings/transposed.py``); the
+released checkpoints hold them in MXFP4 (``bridge/hf/mxfp4_experts.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from bridge.models.config import alternating_window_config, attention_config, de
 from bridge.models.registry import register_bridge
 from bridge.models.rope import RotaryBridge, check_rope
 
+from bridge.hf.mxfp4_experts import Mxfp4Experts
+
 EXPERTS = HF_LAYER + "mlp.experts."
 STACKED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+QUANTIZED = ("gate_up_proj", "down_proj")  # MXFP4 in the released checkpoints
 
 
 def alpha_sigmoid_gate(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -44,7 +48,8 @@ def expert(name: str) -> str:
 
 @register_bridge("GptOssForCausalLM")
 class GptOssBridge(RotaryBridge):
-    hf_views = tuple(stacked_experts(EXPERTS + name) for name in STACKED)
+    mxfp4_modules_to_not_convert = ("model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head")
+    hf_views = (*(stacked_experts(EXPERTS + name) for name in STACKED), *(Mxfp4Experts(EXPERTS + name) for name in QUANTIZED))
 
     def check_supported(self) -> None:
         c = self.hf_config

@@ -227,6 +227,38 @@ def test_peak_memory_stays_within_the_budget_for_a_checkpoint_four_times_larger(
     assert compare_hf_folders(hf, out) == []
 
 
+# A gpt-oss whose experts are 232 MiB in bf16 (8 layers of 8 experts, hidden and expert MLP 768), stored in MXFP4
+# as released (about 62 MiB on disk): read dequantized, written back in MXFP4.
+BIG_GPT_OSS = dict(
+    vocab_size=4096, hidden_size=768, intermediate_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4
+)
+
+
+def test_an_mxfp4_checkpoint_converts_within_the_budget_and_comes_back_byte_for_byte(workdir):
+    import shutil
+
+    from bridge.checks.verify import compare_hf_folders
+    from bridge.runtime.sizes import parse_size
+    from tests.tiny_checkpoints import build_tiny_checkpoint, mxfp4_copy
+
+    budget = parse_size(BUDGET)
+    bf16 = build_tiny_checkpoint("gptoss", workdir / "gptoss-bf16", num_local_experts=8, head_dim=64, **BIG_GPT_OSS)
+    hf = mxfp4_copy(bf16, workdir / "gptoss-mxfp4")
+    shutil.rmtree(bf16)
+    ckpt, out = workdir / "gptoss-ckpt", workdir / "gptoss-out"
+    imported = _measure("import", str(hf), str(ckpt), "--max-memory", BUDGET)
+    assert imported["code"] == 0, imported["err"]
+    size = _folder_bytes(ckpt / "release")
+    assert size > 3 * budget, size
+    exported = _measure("export", str(ckpt), str(out), "--max-memory", BUDGET, "--quantize", "mxfp4")
+    assert exported["code"] == 0, exported["err"]
+    for step, measured in (("import", imported), ("export", exported)):
+        over = measured["peak"] - measured["baseline"]
+        print(f"gpt-oss MXFP4 {step}: checkpoint {size / 2**20:.0f} MiB, peak RSS over the imports {over / 2**20:.1f} MiB")
+        assert over < budget, f"{step}: peak RSS {over / 2**20:.1f} MiB above the imports, over the {BUDGET} budget"
+    assert compare_hf_folders(hf, out) == []  # the blocks and scales as released
+
+
 # ---------------------------------------------------------------- the accounting
 
 MiB = 2**20

@@ -17,7 +17,7 @@ from bridge.demo_model import VOCAB_SIZE
 from bridge.megatron.parallel import ParallelConfigError
 from bridge.runtime.local_launch import run_distributed
 from tests.case_matrix import case_results, run_cases
-from tests.tiny_checkpoints import TINY_MOE_MODELS, build_tiny_checkpoint
+from tests.tiny_checkpoints import TINY_MOE_MODELS, build_tiny_checkpoint, mxfp4_copy
 
 LAYOUTS = {
     "tp1": {},
@@ -28,8 +28,11 @@ LAYOUTS = {
     "pp2-vpp2": {"pp": 2, "vpp": 2},
 }
 FUSED_LAYOUTS = ("tp1", "tp2-ep2-etp1")
+# gpt-oss's released form: its experts in MXFP4 (read dequantized, written back in MXFP4).
+MXFP4 = "gptoss-mxfp4"
+MODELS = [*TINY_MOE_MODELS, MXFP4]
 # Megatron-Core has expert biases (gpt-oss) only without expert TP: those models run the TP layouts at etp=1.
-EXPERT_BIASES = {"gptoss"}
+EXPERT_BIASES = {"gptoss", MXFP4}
 
 
 def layout_sizes(name: str, layout: str) -> dict[str, int]:
@@ -39,7 +42,7 @@ def layout_sizes(name: str, layout: str) -> dict[str, int]:
 
 def moe_cases() -> list[tuple[str, str]]:
     """Every (model, layout), but one of the layouts that are the same for a model (gpt-oss: tp2-ep2 is tp2-ep2-etp1)."""
-    cases = [(name, layout) for layout in LAYOUTS for name in TINY_MOE_MODELS]
+    cases = [(name, layout) for layout in LAYOUTS for name in MODELS]
     return [(n, layout) for n, layout in cases if not (n in EXPERT_BIASES and layout == "tp2-ep2")]
 
 
@@ -50,6 +53,18 @@ def _moe_names(name: str):
     from tests.checks import MOE_NAMES
 
     return MOE_NAMES["mixtral" if name == "mixtral" else "qwen"]
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each MXFP4 pair ``X_blocks`` / ``X_scales`` replaced by ``X`` as transformers decodes it
+    (its own function, in fp32: exact), in the bf16 checkpoints' ``[experts, in, out]`` layout."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        stem = name.removesuffix("_blocks")
+        out[stem] = convert_moe_packed_tensors(out.pop(name), out.pop(stem + "_scales"), dtype=torch.float32)
+    return out
 
 
 def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str, tokens: torch.Tensor) -> dict:
@@ -67,13 +82,13 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
         parallel_state.destroy_model_parallel()
         bridge = AutoBridge.from_hf_pretrained(src)
         model = bridge.to_megatron_model(**layout_sizes(name, layout))
-        hf = load_hf_tensors(src)
+        hf = dequantized(load_hf_tensors(src))
         shards, kinds = check_model_shards(model, bridge, hf, _moe_names(name))
         fill_nan(model)
         bridge.load_hf_weights(model, strategy="scatter")  # one reader per TP (expert-TP) group sends the shards
         scatter, _ = check_model_shards(model, bridge, hf, _moe_names(name))
         result = {"shards": shards, "scatter": scatter, "kinds": kinds}
-        if layout in FUSED_LAYOUTS:
+        if layout in FUSED_LAYOUTS and name in fused:
             before = {n: p.detach().clone() for chunk in model for n, p in chunk.named_parameters()}
             fused_bridge = AutoBridge.from_hf_pretrained(fused[name])
             fused_bridge.load_hf_weights(model)
@@ -83,9 +98,9 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
         if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             result["logits"] = logits
         out = Path(out_root) / f"{name}-{layout}"
-        bridge.save_hf_pretrained(model, out)
+        bridge.save_hf_pretrained(model, out, quantization="mxfp4" if name == MXFP4 else None)
         if dist.get_rank() == 0:
-            result["roundtrip"] = compare_tensors(hf, load_hf_tensors(out))
+            result["roundtrip"] = compare_tensors(load_hf_tensors(src), load_hf_tensors(out))  # as stored: MXFP4 bytes too
         return result
 
     return run_cases([case for case in moe_cases() if case[0] in checkpoints], run_case)
@@ -93,11 +108,12 @@ def moe_matrix(checkpoints: dict[str, str], fused: dict[str, str], out_root: str
 
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
-    """fp32 per-expert checkpoints, and the same weights saved with transformers-5 fused expert names."""
+    """fp32 per-expert checkpoints (gpt-oss also with its experts in MXFP4), and the same weights saved with
+    transformers-5 fused expert names."""
     root = tmp_path_factory.mktemp("moe")
     per_expert = {n: build_tiny_checkpoint(n, root / n, dtype=torch.float32) for n in TINY_MOE_MODELS}
     fused = {n: build_tiny_checkpoint(n, root / f"{n}-fused", dtype=torch.float32, save_original_format=False) for n in TINY_MOE_MODELS}
-    return per_expert, fused
+    return {**per_expert, MXFP4: mxfp4_copy(per_expert["gptoss"], root / MXFP4)}, fused
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +146,13 @@ def test_fused_checkpoint_is_really_fused(moe_checkpoints):
     assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
 
 
+def test_mxfp4_checkpoint_is_really_mxfp4(moe_checkpoints):
+    from bridge.hf.reader import SafetensorsReader
+
+    names = SafetensorsReader(moe_checkpoints[0][MXFP4]).names()
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in names and "model.layers.0.mlp.experts.gate_up_proj" not in names
+
+
 @pytest.mark.parametrize("name,layout", CASES)
 @pytest.mark.distributed
 def test_moe_roundtrip_is_bit_exact(results, name, layout):
@@ -147,7 +170,7 @@ def test_every_expert_shard_is_the_expected_slice(results, name, layout):
     assert {"expert_fc1", "expert_fc2", "router"} <= kinds
 
 
-@pytest.mark.parametrize("name,layout", [c for c in CASES if c.values[1] in FUSED_LAYOUTS])
+@pytest.mark.parametrize("name,layout", [c for c in CASES if c.values[1] in FUSED_LAYOUTS and c.values[0] != MXFP4])
 @pytest.mark.distributed
 def test_fused_expert_checkpoint_loads_the_same_weights(results, name, layout):
     for rank, result in enumerate(case_results(results, (name, layout))):

@@ -137,6 +137,37 @@ def tiny_config(name: str, **overrides: Any):
     return getattr(transformers, class_name)(**copy.deepcopy({**SMALL_LLAMA, **extra, **overrides}))
 
 
+# gpt-oss-20b's quantization_config: its experts' weights are MXFP4, everything else bf16.
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+}
+
+
+def mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
+    """``src`` (a gpt-oss checkpoint) with its expert weights in MXFP4 as the released checkpoints store them:
+    ``W`` = ``gate_up_proj[e].T`` / ``down_proj[e].T`` as ``_blocks`` and ``_scales``, quantized by the bridge's
+    codec (scale = the group maximum over 6 rounded up to a power of two), and ``quantization_config`` set."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bridge.hf.quantization import quantize_mxfp4
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    (weights,) = dst.glob("*.safetensors")
+    tensors = load_file(weights)
+    for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(tensors.pop(name).transpose(1, 2).float())
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks.contiguous(), scales.contiguous()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": MXFP4_CONFIG}, indent=2))
+    return dst
+
+
 def build_tiny_checkpoint(
     name: str,
     out_dir: str | Path,

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from bridge.cli.common import DTYPES, OK, add_memory_args, add_parallel_args, iteration, parallel_sizes, report, streams, torch_dtype
+from bridge.hf.export_encodings import QUANTIZATIONS
 
 SUMMARY = "Megatron-Core checkpoint (from `hfmb import`) → HF folder"
 EXAMPLES = """examples:
@@ -43,6 +44,12 @@ def add_parser(commands, command) -> None:
         help="for a checkpoint not written by this tool (Megatron-LM's training, another converter): the HF folder "
         "(or a folder with its config.json and tokenizer) it belongs to; the original HF folder also gives the dtypes",
     )
+    exp.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="store the weights the family's released checkpoints quantize that way (mxfp4: gpt-oss's experts; "
+        "an unmodified import/export gives back the original blocks and scales); default: unquantized",
+    )
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF folder at OUT (only one this tool wrote)")
     exp.add_argument("--skip-load-check", action="store_true", help="do not load the result in transformers before publishing it")
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         stream=streams(args),
         max_memory=args.max_memory,
         hf_config=args.hf_config,
+        quantization=args.quantize,
     )
     report(
         f"exported {args.ckpt.absolute()} (saved at {sizes_text(result.saved_with)}) → {result.out}\n"

@@ -74,10 +74,21 @@ class _ReceiveBuffers:
                 self.free.setdefault(tensor.nbytes, []).append(tensor.reshape(-1).view(torch.uint8))
 
 
-def export_layout(plan: TransferPlan, target_dtype: Callable[[str, torch.dtype], torch.dtype] | None, max_shard_bytes: int) -> ShardLayout:
-    """The safetensors files an export of ``plan`` fills: its HF tensors in the order it makes them, in ``target_dtype(name, dtype)``."""
+def export_layout(
+    plan: TransferPlan, target_dtype: Callable[[str, torch.dtype], torch.dtype] | None, max_shard_bytes: int, encoding=None
+) -> ShardLayout:
+    """The safetensors files an export of ``plan`` fills: its HF tensors in the order it makes them, in ``target_dtype(name, dtype)``,
+    stored as ``encoding`` says (``encoded``)."""
     pick = target_dtype or (lambda name, dtype: dtype)
-    return ShardLayout([(name, tensor.to(pick(name, tensor.dtype))) for name, tensor in plan.exported_meta()], max_shard_bytes)
+    typed = [(name, tensor.to(pick(name, tensor.dtype))) for name, tensor in plan.exported_meta()]
+    stored = [pair for name, tensor in typed for pair in (encoding.meta(name, tensor) if encoding else [(name, tensor)])]
+    return ShardLayout(stored, max_shard_bytes)
+
+
+def encoded(encoding, name: str, tensor: torch.Tensor | JoinedShards) -> list[tuple[str, torch.Tensor | JoinedShards]]:
+    """The tensors an export writes for the HF tensor ``name``: itself, or what ``encoding`` stores it as
+    (``bridge.hf.mxfp4_experts.Mxfp4Encoding``: MXFP4 blocks and scales)."""
+    return [(name, tensor)] if encoding is None else encoding.encode(name, tensor)
 
 
 def export_tensors(

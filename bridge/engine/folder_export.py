@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bridge.engine.export import export_layout, export_tensors
+from bridge.engine.export import encoded, export_layout, export_tensors
 from bridge.engine.plan import TransferPlan
 from bridge.hf.folder_writer import HFFolderWriter
 from bridge.hf.layout import LayoutWriter, ShardLayout
@@ -47,19 +47,21 @@ def write_hf_folder(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     spread: bool = True,
+    encoding=None,
 ) -> None:
     """Export the model of ``plan`` into an HF folder at ``out_dir``; all ranks call it, all raise any rank's error.
 
     ``target_dtype(name, dtype)`` is the dtype each HF tensor is written in; ``check`` runs on the
     finished folder before it is published (see ``HFFolderWriter.finish``); ``spread=False`` makes
-    rank 0 write every tensor.
+    rank 0 write every tensor, as it does with an ``encoding`` (``export.encoded``), which is made
+    from whole tensors.
     """
     rank = dist.get_rank()
     error: Exception | None = None
     folder: HFFolderWriter | None = None
     layout: ShardLayout | None = None
     try:
-        layout = export_layout(plan, target_dtype, parse_size(max_shard_size))
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding)
         if rank == 0:
             folder = HFFolderWriter(out_dir, layout, overwrite=overwrite)
     except Exception as err:
@@ -80,14 +82,15 @@ def write_hf_folder(
             [r for r, s in enumerate(seen) if not s],
             tmp_dir[0],
         )
-    spread = spread and all(seen) and _writes_to_one_file_land(Path(tmp_dir[0]))
+    spread = spread and encoding is None and all(seen) and _writes_to_one_file_land(Path(tmp_dir[0]))
     writers = plan.assign_writers(spread=spread)
     sink = folder.shards if folder is not None else LayoutWriter(Path(tmp_dir[0]), layout) if seen[rank] else None
     try:
         for name, tensor in export_tensors(plan, writers, joined=True):
             if error is None:
                 try:
-                    sink.add(name, tensor.to(target_dtype(name, tensor.dtype)))
+                    for stored, value in encoded(encoding, name, tensor.to(target_dtype(name, tensor.dtype))):
+                        sink.add(stored, value)
                 except Exception as err:
                     error = err
         if sink is not None and error is None:

@@ -17,7 +17,8 @@ from transformers import GenerationConfig, PretrainedConfig
 from bridge.hf.folder import SIDE_FILES, read_json  # read_json: also for the callers that read JSON through here
 
 # Keys that differ between two configs of the same model without changing it.
-VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash"})
+# Keys that say how and where the weights were stored, not what the model is.
+VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_commit_hash", "quantization_config"})
 
 
 class ConfigMismatchError(ValueError):
@@ -28,10 +29,17 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
-def export_config(source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None) -> dict:
-    """The source config.json, verbatim but for the dtype when the export changes it, with old and new key spellings."""
+def export_config(source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None, quantization: dict | None = None) -> dict:
+    """The source config.json, verbatim but for the dtype when the export changes it, with old and new key spellings.
+
+    ``quantization_config`` is the export's own (``quantization``): a source's (an MXFP4 gpt-oss, say) would make
+    loaders read the written bf16 weights as quantized ones.
+    """
     source = Path(source_folder) / "config.json"
     config = read_json(source) if source.exists() else hf_config.to_dict()
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     if not config.get("architectures") and getattr(hf_config, "architectures", None):
         config["architectures"] = list(hf_config.architectures)
     # Explicit, so that a reader never falls back on a class default that disagrees with the weights.
@@ -88,9 +96,11 @@ def config_differences(expected: dict, actual: dict, ignore: frozenset[str] = VO
     return lines
 
 
-def folder_metadata(source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None) -> tuple[dict, dict[str, Path | str]]:
+def folder_metadata(
+    source_folder: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None, quantization: dict | None = None
+) -> tuple[dict, dict[str, Path | str]]:
     """An export's config.json content (``export_config``) and its side files (``side_files``)."""
-    return export_config(source_folder, hf_config, dtype), side_files(source_folder, hf_config)
+    return export_config(source_folder, hf_config, dtype, quantization), side_files(source_folder, hf_config)
 
 
 def side_files(source_folder: Path, hf_config: PretrainedConfig) -> dict[str, Path | str]:

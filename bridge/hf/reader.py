@@ -289,8 +289,8 @@ class SafetensorsReader:
         self._virtual: dict[str, object] = {}
         for name in list(self._file_of):
             for view in views:
-                expanded = view.expand(name, self._stored[name])
-                if expanded:
+                expanded = view.expand(name, self._stored[name], self._stored)
+                if expanded is not None:  # {}: a tensor the view reads through another's
                     self._virtual.update(expanded)
                     self._file_of.update({virtual: self._file_of[name] for virtual in expanded})
                     del self._file_of[name]

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from bridge.engine.export import export_layout
+from bridge.engine.export import encoded, export_layout
 from bridge.engine.plan import PlanEntry, TransferPlan
 from bridge.hf.data_appender import STAGE_BYTES
 from bridge.hf.folder_writer import HFFolderWriter
@@ -57,16 +57,22 @@ class _Need:
     entry: PlanEntry
     parameter: int
     reads: tuple[int, ...]  # bytes of each saved chunk its reads load (torch.load loads a saved chunk whole)
-    cast: int  # the largest of its HF tensors written in another dtype than the parameter's (a cast copy), or 0
+    cast: int  # the largest of its HF tensors written in another dtype than the parameter's (a cast copy) or encoded, or 0
 
 
-def _needs(plan: TransferPlan, entries: list[PlanEntry], chunks: dict[str, list[ShardedTensor]], metadata: Metadata, pick) -> list[_Need]:
-    """Each parameter's ``_Need``, from the checkpoint's metadata (its saved chunks) and the export's dtypes."""
+def _needs(
+    plan: TransferPlan, entries: list[PlanEntry], chunks: dict[str, list[ShardedTensor]], metadata: Metadata, pick, encoding=None
+) -> list[_Need]:
+    """Each parameter's ``_Need``, from the checkpoint's metadata (its saved chunks), the export's dtypes and its
+    ``encoding`` (what quantizing a tensor holds counts as a cast copy)."""
     saved = _SavedChunks(metadata)
     needs = []
     for entry in entries:
         reads = tuple(size for sh in chunks[entry.name] for size in saved.read_for(sh))
-        casts = [t.numel() * pick(name, t.dtype).itemsize for name, t in plan.meta_export(entry).items() if pick(name, t.dtype) != t.dtype]
+        exported = plan.meta_export(entry).items()
+        casts = [t.numel() * pick(name, t.dtype).itemsize for name, t in exported if pick(name, t.dtype) != t.dtype]
+        if encoding is not None:
+            casts += [encoding.working_bytes(name, t.to(pick(name, t.dtype))) for name, t in exported]
         needs.append(_Need(entry, tensor_bytes(entry.local_shape, entry.dtype), reads, max(casts, default=0)))
     return needs
 
@@ -120,7 +126,7 @@ class _Batch:
         the chunk it loaded last while it loads the next) or the largest cast tensor (made after the
         reads, while the parameters not yet written are held); the writer's staging buffers."""
         read = sum(self.reads)
-        besides = ("saved chunks being read", read) if read >= self.cast else ("a tensor cast to its HF dtype", self.cast)
+        besides = ("saved chunks being read", read) if read >= self.cast else ("a tensor cast (or quantized) for writing", self.cast)
         parameters = ("the parameter" if self.count == 1 else "the parameters", self.parameters)
         return [parameters, besides, ("the writer's buffers", _WRITER_BYTES)]
 
@@ -222,6 +228,7 @@ def export_hf_folder(
     config: dict,
     side_files: dict[str, Path | str] | None = None,
     check: Callable[[Path], None] | None = None,
+    encoding=None,
 ) -> tuple[bool, streaming.Streamed]:
     """Stream a Megatron checkpoint (any layout it was saved at) into an HF folder within ``max_memory``; one process.
 
@@ -230,8 +237,8 @@ def export_hf_folder(
     ``target_dtype(hf_name, dtype)`` picks each tensor's dtype (default: the model's). The folder
     is written atomically by ``HFFolderWriter``, in shards of at most ``max_shard_size``.
     ``check(folder)`` (transformers' load check) runs before publishing when the weights fit half
-    the budget, and is skipped with a warning otherwise. Returns whether it ran, and the budget
-    with the peak measured.
+    the budget, and is skipped with a warning otherwise. ``encoding``: how tensors are stored
+    (``bridge.engine.export.encoded``). Returns whether it ran, and the budget with the peak measured.
     """
     budget = streaming.budget_of(max_memory)
     pick = target_dtype or (lambda name, dtype: dtype)
@@ -248,10 +255,10 @@ def export_hf_folder(
         metadata = reader.read_metadata()
         saved = {key: tuple(m.size) for key, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
         mc.check_global_shapes((sh for shards in chunks.values() for sh in shards), saved, root)
-        needs = _needs(plan, entries, chunks, metadata, pick)
+        needs = _needs(plan, entries, chunks, metadata, pick, encoding)
         _check_budget(needs, budget)
         params = {name: plan.local[name].param for name in plan.local}
-        layout = export_layout(plan, target_dtype, parse_size(max_shard_size))
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding)
         checked: list[Path] = []
 
         def bounded_check(tmp_dir: Path) -> None:
@@ -273,7 +280,8 @@ def export_hf_folder(
                     loaded = _read_parameters(reader, batch, chunks, params)
                     for entry in batch:
                         for name, tensor in plan.mapping(entry).megatron_to_hf([loaded.pop(entry.name)], plan.context(entry, 0)).items():
-                            writer.add(name, tensor.to(pick(name, tensor.dtype)))
+                            for stored, value in encoded(encoding, name, tensor.to(pick(name, tensor.dtype))):
+                                writer.add(stored, value)
                         progress.update(1)
                     del loaded
             writer.finish(config, side_files, check=None if check is None else bounded_check)
