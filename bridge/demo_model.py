@@ -51,6 +51,9 @@ def save_random_checkpoint(config, out_dir: str | Path, *, dtype: torch.dtype, s
         for name, param in model.named_parameters():
             if name.endswith(("norm.weight", ".bias", "_bias", ".sinks")):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the routers' correction bias (DeepSeek-V3, GLM-4.5)
+                buffer.add_(torch.randn_like(buffer) * 0.1)
     model.to(dtype).save_pretrained(out_dir, save_original_format=save_original_format)
     demo_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return Path(out_dir)

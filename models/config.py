@@ -114,6 +114,34 @@ def moe_config(
     )
 
 
+def sigmoid_router_config(bridge: ModelBridge) -> dict[str, Any]:
+    """DeepSeek-V3's router (GLM-4.5's too), over ``moe_config``'s softmax fields.
+
+    transformers: sigmoid scores; the experts are chosen by the scores plus ``e_score_correction_bias``
+    (Megatron-Core's ``expert_bias`` buffer, updated by a rule, not by gradients), within the
+    ``topk_group`` of ``n_group`` groups whose two best scores sum highest; the chosen experts' plain
+    scores, renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``, weigh them.
+    Megatron-Core renormalises always (k > 1) and ranks groups by their best ``topk / topk_group``
+    scores: the settings where the two differ are refused.
+    """
+    c = bridge.hf_config
+    topk, groups, topk_group = c.num_experts_per_tok, getattr(c, "n_group", 1) or 1, getattr(c, "topk_group", 1) or 1
+    if topk > 1 and not getattr(c, "norm_topk_prob", True):
+        raise bridge.unsupported("norm_topk_prob", False, "Megatron-Core's sigmoid router always renormalises the top-k weights")
+    if groups > 1 and topk // topk_group != 2:
+        best = topk // topk_group
+        why = f"Megatron-Core ranks the groups by their best num_experts_per_tok / topk_group = {best} scores, transformers by 2"
+        raise bridge.unsupported("topk_group", topk_group, why)
+    scaling = float(getattr(c, "routed_scaling_factor", 1.0) or 1.0)
+    return dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=groups if groups > 1 else None,
+        moe_router_group_topk=topk_group if groups > 1 else None,
+        moe_router_topk_scaling_factor=scaling if scaling != 1.0 else None,
+    )
+
+
 def check_gated_silu(bridge: ModelBridge) -> None:
     """``gated_mlp_config`` maps SiLU-gated MLPs only."""
     act = getattr(bridge.hf_config, "hidden_act", "silu")

@@ -121,10 +121,13 @@ def expected_shard(
         return "expert_fc2", hf[down].chunk(etp, dim=1)[etp_rank]
     if rest == "mlp.router.weight":
         return "router", hf[p + ("mlp.router.weight" if p + "mlp.router.weight" in hf else moe_names[3])]
+    shared = p + ("mlp.shared_experts." if p + "mlp.shared_experts.down_proj.weight" in hf else "mlp.shared_expert.")  # GLM / Qwen2-MoE
     if rest == "mlp.shared_experts.linear_fc1.weight":
-        return "gated_mlp", _gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"], tp, rank)
+        return "gated_mlp", _gated(hf[shared + "gate_proj.weight"], hf[shared + "up_proj.weight"], tp, rank)
     if rest == "mlp.shared_experts.linear_fc2.weight":
-        return "row", hf[p + "mlp.shared_expert.down_proj.weight"].chunk(tp, dim=1)[rank]
+        return "row", hf[shared + "down_proj.weight"].chunk(tp, dim=1)[rank]
+    if rest == "mlp.router.expert_bias":  # the sigmoid router's correction bias (a buffer): whole on every rank
+        return "router", hf[p + "mlp.gate.e_score_correction_bias"]
     if rest == "mlp.shared_experts.gate_weight":
         return "replicated", hf[p + "mlp.shared_expert_gate.weight"]
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):

@@ -91,14 +91,15 @@ def test_config_translation_carries_the_hf_values(folders, name):
         "add_qkv_bias": "self_attn.q_proj.bias" in layer0,  # what the checkpoint holds decides
         "qk_layernorm": "self_attn.q_norm.weight" in layer0,
     }
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         moe_layers = [_is_moe_layer(hf, layer) for layer in range(cfg["num_hidden_layers"])]
         first = moe_layers.index(True)
         gate = re.compile(rf"model\.layers\.{first}\.(mlp|block_sparse_moe)\.experts\.0\.(gate_proj|w1)\.weight")
         stacked = hf.get(f"model.layers.{first}.mlp.experts.gate_up_proj")  # gpt-oss: [experts, hidden, 2 × ffn]
         expert_ffn = stacked.shape[2] // 2 if stacked is not None else next(t for n, t in hf.items() if gate.fullmatch(n)).shape[0]
-        shared = cfg.get("shared_expert_intermediate_size") or None
+        shared = cfg.get("shared_expert_intermediate_size") or cfg.get("moe_intermediate_size", 0) * cfg.get("n_shared_experts", 0) or None
+        sigmoid = f"model.layers.{first}.mlp.gate.e_score_correction_bias" in hf  # DeepSeek-V3's router (GLM-4.5)
         want |= {
             "num_moe_experts": experts,
             "moe_ffn_hidden_size": expert_ffn,
@@ -108,10 +109,19 @@ def test_config_translation_carries_the_hf_values(folders, name):
             "moe_router_pre_softmax": not cfg.get("norm_topk_prob", True),
             "moe_layer_freq": [int(is_moe) for is_moe in moe_layers],
             "moe_shared_expert_intermediate_size": shared,
-            "moe_shared_expert_gate": shared is not None,
+            "moe_shared_expert_gate": shared is not None and not sigmoid,  # Qwen2-MoE's gated shared expert
+            "moe_router_score_function": "sigmoid" if sigmoid else "softmax",
+            "moe_router_enable_expert_bias": sigmoid or None,
             "moe_router_load_balancing_type": "aux_loss" if cfg["output_router_logits"] else "none",
         }
         numbers = {re.search(r"\.experts\.(\d+)\.", n).group(1) for n in hf if ".experts." in n and stacked is None}
+        if sigmoid:  # groups (when more than one) and the weights' scale
+            groups = cfg["n_group"] > 1
+            want |= {
+                "moe_router_num_groups": cfg["n_group"] if groups else None,
+                "moe_router_group_topk": cfg["topk_group"] if groups else None,
+                "moe_router_topk_scaling_factor": cfg["routed_scaling_factor"],
+            }
         assert experts == (stacked.shape[0] if stacked is not None else len(numbers))
     else:
         assert not got.get("num_moe_experts")
@@ -209,6 +219,8 @@ REFUSALS = [
     _refusal("qwen3", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
     _refusal("qwen3", {"attention_bias": True}, "attention_bias=True"),
     _refusal("mixtral", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    _refusal("glm4_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    _refusal("glm4_moe", {"topk_group": 2}, "topk_group=2"),  # Megatron would rank the groups by their best 2 // 2 scores
     _refusal("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
     _refusal("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
     _refusal("qwen3_moe", {"rope_parameters": {**_YARN, "attention_factor": 1.5}}, "rope_parameters.attention_factor=1.5"),
@@ -274,6 +286,9 @@ _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the f
     "mlp.shared_expert.gate_proj.weight": "mlp.shared_experts.linear_fc1.weight",
     "mlp.shared_expert.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
     "mlp.shared_expert_gate.weight": "mlp.shared_experts.gate_weight",
+    "mlp.shared_experts.gate_proj.weight": "mlp.shared_experts.linear_fc1.weight",
+    "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
+    "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
     "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
     "pre_feedforward_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.bias": "self_attention.linear_proj.bias",
@@ -293,7 +308,7 @@ _POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS, "post_attention_layernorm.weight": "
 _EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|w1|down_proj|w2)\.weight")
 # HF tensors that join the parameter of an earlier one (k/v into q's QKV, up into gate's fc1).
 _LATER_PARTS = re.compile(
-    r"self_attn\.[kv]_proj\.(weight|bias)|mlp\.(shared_expert\.)?up_proj\.weight|(mlp|block_sparse_moe)\.experts\.\d+\.(up_proj|w3)\.weight"
+    r"self_attn\.[kv]_proj\.(weight|bias)|mlp\.(shared_experts?\.)?up_proj\.weight|(mlp|block_sparse_moe)\.experts\.\d+\.(up_proj|w3)\.weight"
 )
 
 

@@ -107,6 +107,25 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True, "head_dim": 32}),
     # OLMoE: q/k norms over the whole projection, top-k of the softmax not renormalised, every layer sparse
     "olmoe": ("OlmoeConfig", {**_MOE, "num_experts": 4, "intermediate_size": 32, "norm_topk_prob": False, "pad_token_id": 2}),
+    # GLM-4.5: q/k/v biases, per-head q/k norms (GLM-4.6's switch), rope over half of each head, a dense first layer,
+    # DeepSeek-V3's sigmoid router with correction bias in 2 groups (1 chosen) and a scaling factor, one shared expert
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {
+            **_MOE,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": 32,
+            "head_dim": 16,
+            "attention_bias": True,
+            "use_qk_norm": True,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "n_shared_experts": 1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
     # gpt-oss: attention sinks, q/k/v/o biases, alternating windows shorter than the tests' sequences, YaRN as in
     # the real config; experts stacked, input-major, gate/up interleaved, with biases. intermediate = hidden and
     # heads × head_dim = hidden make down_proj and the attention projections square (a transposition cannot

@@ -30,7 +30,7 @@ import torch
 from bridge.engine.plan import PlanEntry, TransferPlan, mapping_context
 from bridge.mappings import MappingContext, MappingError, MappingRegistry, ParamMapping
 from bridge.mappings.base import materialize
-from bridge.megatron.chunks import global_names, is_adapter_param, is_expert_param, unwrap_chunks
+from bridge.megatron.chunks import global_names, is_adapter_param, is_expert_param, named_weights, unwrap_chunks
 from bridge.megatron.rank_layout import RankLayout
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -63,7 +63,7 @@ def derive_plan(model, registry: MappingRegistry, hf_vocab_size: int, config, la
     stages = layer_stages(config)
     experts = chunk.config.num_moe_experts or 0
     names = global_names(chunk)
-    params = [(names[local], local, param) for local, param in chunk.named_parameters() if not is_adapter_param(param)]
+    params = [(names[local], local, param) for local, param in named_weights(chunk) if not is_adapter_param(param)]
     if TIED_OUTPUT not in names.values() and getattr(chunk, "share_embeddings_and_output_weights", False) and sizes.pp > 1:
         embedding = chunk.embedding.word_embeddings
         params.append((TIED_OUTPUT, "embedding.word_embeddings.weight", embedding.weight))
@@ -71,7 +71,8 @@ def derive_plan(model, registry: MappingRegistry, hf_vocab_size: int, config, la
     for index, (name, local, param) in enumerate(params):
         mapping = registry.find(name)
         if mapping is None:
-            unmapped.append(name)
+            if isinstance(param, torch.nn.Parameter):  # a buffer no mapping names is not a weight
+                unmapped.append(name)
             continue
         expert = is_expert_param(chunk.get_submodule(local.rpartition(".")[0]), param)
         pp_rank, vp_stage = _stage(name, stages, sizes.pp, sizes.vpp)

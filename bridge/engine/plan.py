@@ -24,7 +24,7 @@ from bridge.hf.folder import CheckpointError
 from bridge.hf.reader import SafetensorsReader
 from bridge.hf.weight_values import NonFinite, non_float_weights, nonfinite_counts
 from bridge.mappings import JoinedShards, MappingContext, MappingError, MappingRegistry, ParamMapping
-from bridge.megatron.chunks import global_names, is_adapter_param, is_expert_param, unwrap_chunks
+from bridge.megatron.chunks import global_names, is_adapter_param, is_expert_param, named_weights, unwrap_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PlanEntry:
 class LocalParam:
     chunk: int
     local_name: str
-    param: torch.nn.Parameter
+    param: torch.Tensor  # a parameter, or a persistent buffer a mapping names (the router's expert bias)
 
 
 def tp_group(expert: bool):
@@ -101,13 +101,14 @@ class TransferPlan:
         for index, chunk in enumerate(chunks):
             vp_stage = getattr(chunk, "vp_stage", None) or 0
             names = global_names(chunk)
-            for local_name, param in chunk.named_parameters():
+            for local_name, param in named_weights(chunk):
                 if is_adapter_param(param) != adapters:
                     continue
                 name = names[local_name]
                 mapping = registry.find(name)
                 if mapping is None:
-                    unmapped.append(name)
+                    if isinstance(param, torch.nn.Parameter):  # a buffer no mapping names is not a weight
+                        unmapped.append(name)
                     continue
                 module = chunk.get_submodule(local_name.rpartition(".")[0])
                 expert = is_expert_param(module, param)

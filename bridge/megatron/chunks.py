@@ -1,8 +1,9 @@
-"""A Megatron model as the bridge sees it: its ``GPTModel`` chunks, their parameters' global names, routed experts."""
+"""A Megatron model as the bridge sees it: its ``GPTModel`` chunks, their weights' global names, routed experts."""
 
 from __future__ import annotations
 
 import re
+from typing import Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -28,8 +29,22 @@ def unwrap_chunks(model) -> list[torch.nn.Module]:
     return unwrapped
 
 
+def named_weights(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The chunk's parameters, then its persistent buffers: the tensors a checkpoint of it holds.
+
+    A buffer is a weight of the HF checkpoint when a mapping names it (the router's ``expert_bias``:
+    DeepSeek's and GLM's ``e_score_correction_bias``, updated by a rule rather than by gradients);
+    the plans skip the buffers no mapping names.
+    """
+    yield from chunk.named_parameters()
+    for module_name, module in chunk.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer
+
+
 def global_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name → global name: layers counted over all PP/VPP stages, experts over all EP ranks.
+    """Local weight name → global name: layers counted over all PP/VPP stages, experts over all EP ranks.
 
     This is the one place where local layer and expert numbers become global ones.
     """
@@ -44,7 +59,7 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
             name = f"decoder.layers.{layer_numbers[int(match.group(1))]}." + name[match.end() :]
         return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + expert_offset}.", name)
 
-    return {name: rename(name) for name, _ in chunk.named_parameters()}
+    return {name: rename(name) for name, _ in named_weights(chunk)}
 
 
 def is_expert_param(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:

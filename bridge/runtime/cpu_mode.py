@@ -25,8 +25,12 @@ each one was seen failing on megatron-core 0.16.1 / torch 2.13 (CPU build) witho
     Megatron passes it as a device). Needed by ``device=torch.cuda.current_device()`` in the rotary
     embedding (``inv_freq.to(...)``), p2p shape exchange, TP mappings, DDP buffers. Without it: no
     CUDA at the first forward.
- 3. ``torch.cuda.synchronize`` -> ``torch.cpu.synchronize`` (no-op). Needed by
+ 3. ``torch.cuda.synchronize`` -> a no-op of its own (``_synchronize``). Needed by
     ``pipeline_parallel/p2p_communication.py`` after every send/recv. Without it: no CUDA at PP>1.
+    Not ``torch.cpu.synchronize`` itself: torch's dynamo registers one handler per synchronize
+    function, and with two names for one function the first compiled function (the router's
+    ``_apply_expert_bias`` with ``moe_router_enable_expert_bias``) fails with ``Handler already
+    registered for <function synchronize>``.
  4. ``torch.Tensor.cuda`` -> identity. Needed by ``LanguageModule.setup_embeddings_and_output_layer``
     (``weight.data.cuda()`` for tied embeddings at PP>1). Without it: no CUDA building the model.
  5. ``tensor_parallel.random._get_cuda_rng_state`` -> ``torch.get_rng_state()``. Needed by
@@ -159,11 +163,15 @@ def _push_mode_for_process(mode: TorchFunctionMode) -> None:
         torch._C._push_on_torch_function_stack(m)
 
 
-# --- 4. Tensor.cuda ------------------------------------------------------------------------------
+# --- 3-4. synchronize, Tensor.cuda ---------------------------------------------------------------
 
 
 def _tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
     return self
+
+
+def _synchronize(device=None) -> None:
+    """Nothing to wait for on the CPU (a function of its own: see 3 above)."""
 
 
 # --- 5-8. tensor-parallel RNG tracker ------------------------------------------------------------
@@ -300,7 +308,7 @@ def enable_cpu_mode() -> None:
 
         _push_mode_for_process(_CudaDeviceToCpu())  # 1
         _patch(torch.cuda, "current_device", torch.cpu.current_device)  # 2
-        _patch(torch.cuda, "synchronize", torch.cpu.synchronize)  # 3
+        _patch(torch.cuda, "synchronize", _synchronize)  # 3
         _patch(torch.Tensor, "cuda", _tensor_cuda)  # 4
 
         _patch(tp_random, "_get_cuda_rng_state", _get_rng_state)  # 5
