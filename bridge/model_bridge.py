@@ -29,6 +29,9 @@ class ModelBridge:
     # How the decoder differs from Megatron-Core's pre-norm GPT model (post-norms, q/k norms, soft-caps...); a
     # family whose shape depends on its config makes this a property.
     decoder_shape: DecoderShape = DecoderShape()
+    # False: built from Megatron-Core's local modules on GPUs with Transformer Engine too (a mapping relies on
+    # the local spec's TP layout of some parameter).
+    transformer_engine_layers: bool = True
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config

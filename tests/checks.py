@@ -139,9 +139,20 @@ def expected_shard(
     row = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight", "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
     if rest in row:
         return "row", hf[p + row[rest]].chunk(tp, dim=1)[rank]
+    mla = {  # DeepSeek's multi-latent attention (local spec): every projection but the output split along its rows
+        "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+        "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+        "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+        "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+        "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+    }
+    if rest in mla:
+        return "column", hf[p + mla[rest]].chunk(tp, dim=0)[rank]
+    latent = p + "self_attn.kv_a_layernorm.weight" in hf
     qk_norms = {
-        "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+        "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight" if latent else "self_attn.q_norm.weight",
         "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+        "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
     }
     if rest in qk_norms:  # per head (Qwen3, Gemma 3) or over the projection (OLMo): whole on every rank
         return "replicated", hf[p + qk_norms[rest]]

@@ -91,6 +91,20 @@ def test_config_translation_carries_the_hf_values(folders, name):
         "add_qkv_bias": "self_attn.q_proj.bias" in layer0,  # what the checkpoint holds decides
         "qk_layernorm": "self_attn.q_norm.weight" in layer0,
     }
+    mla = "self_attn.kv_b_proj.weight" in layer0  # DeepSeek's multi-latent attention: its own heads' dims and latent norms
+    if mla:
+        for key in ("num_query_groups", "kv_channels", "add_qkv_bias"):
+            del want[key]
+        q_lora = "self_attn.q_a_proj.weight" in layer0
+        want |= {
+            "multi_latent_attention": True,
+            "q_lora_rank": hf["model.layers.0.self_attn.q_a_proj.weight"].shape[0] if q_lora else None,
+            "kv_lora_rank": hf["model.layers.0.self_attn.kv_a_layernorm.weight"].shape[0],
+            "qk_head_dim": cfg["qk_nope_head_dim"],
+            "qk_pos_emb_head_dim": hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape[0] - cfg["kv_lora_rank"],
+            "v_head_dim": hf["model.layers.0.self_attn.kv_b_proj.weight"].shape[0] // cfg["num_attention_heads"] - cfg["qk_nope_head_dim"],
+            "qk_layernorm": True,  # the latent norms are Megatron's q/kv layernorms
+        }
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         moe_layers = [_is_moe_layer(hf, layer) for layer in range(cfg["num_hidden_layers"])]
@@ -109,7 +123,7 @@ def test_config_translation_carries_the_hf_values(folders, name):
             "moe_router_pre_softmax": not cfg.get("norm_topk_prob", True),
             "moe_layer_freq": [int(is_moe) for is_moe in moe_layers],
             "moe_shared_expert_intermediate_size": shared,
-            "moe_shared_expert_gate": shared is not None and not sigmoid,  # Qwen2-MoE's gated shared expert
+            "moe_shared_expert_gate": f"model.layers.{first}.mlp.shared_expert_gate.weight" in hf,  # Qwen2-MoE's gated shared expert
             "moe_router_score_function": "sigmoid" if sigmoid else "softmax",
             "moe_router_enable_expert_bias": sigmoid or None,
             "moe_router_load_balancing_type": "aux_loss" if cfg["output_router_logits"] else "none",
@@ -144,8 +158,13 @@ def test_config_translation_carries_the_hf_values(folders, name):
     per_kind_rope = cfg["rope_parameters"]
     rope = per_kind_rope.get("full_attention", per_kind_rope)  # Gemma 3: the model's rope is the full layers'
     assert gpt["max_sequence_length"] == cfg["max_position_embeddings"]
-    assert gpt["rotary_base"] == rope["rope_theta"]
-    if rope["rope_type"] == "llama3":
+    if mla:  # MLA's rope is its own (YaRN as released, rounding its correction range), the model has none
+        assert "rotary_base" not in gpt and got["rotary_base"] == rope["rope_theta"]
+        yarn = rope["rope_type"] == "yarn"
+        assert got["rope_type"] == ("yarn" if yarn else "rope")
+        assert got["rotary_scaling_factor"] == (rope["factor"] if yarn else 1.0)
+        assert got["mscale_all_dim"] == (rope.get("mscale_all_dim") or 0.0)
+    elif rope["rope_type"] == "llama3":
         assert gpt["rope_scaling"] is True and gpt["rope_scaling_factor"] == rope["factor"]
     elif rope["rope_type"] == "linear":
         assert not gpt.get("rope_scaling") and gpt["seq_len_interpolation_factor"] == rope["factor"]
@@ -158,6 +177,8 @@ def test_config_translation_carries_the_hf_values(folders, name):
         assert yarn["yarn_correction_range_round_to_int"] == rope.get("truncate", True)
     else:
         assert not gpt.get("rope_scaling") and "seq_len_interpolation_factor" not in gpt
+    if not mla:
+        assert gpt["rotary_base"] == rope["rope_theta"]
     assert gpt.get("rotary_percent", 1.0) == rope.get("partial_rotary_factor", 1.0)
     # HF attends to the last sliding_window keys including the query's own; Megatron counts those to its left.
     window = cfg.get("sliding_window")
@@ -168,7 +189,7 @@ def test_config_translation_carries_the_hf_values(folders, name):
     shape = model_bridge.decoder_shape
     assert shape.pre_norms == ("input_layernorm.weight" in layer0)
     assert shape.post_norms == ("post_feedforward_layernorm.weight" in layer0)
-    if got["qk_layernorm"]:
+    if got["qk_layernorm"] and not mla:
         per_head = hf["model.layers.0.self_attn.q_norm.weight"].numel() == got["kv_channels"]
         assert shape.qk_norm == ("head" if per_head else "projection")
     assert shape.embedding_scale == gemma
@@ -220,6 +241,13 @@ REFUSALS = [
     _refusal("qwen3", {"attention_bias": True}, "attention_bias=True"),
     _refusal("mixtral", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     _refusal("glm4_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    _refusal("deepseek_v3", {"topk_method": "greedy"}, "topk_method='greedy'"),
+    _refusal("deepseek_v3", {"rope_interleave": False}, "rope_interleave=False"),
+    _refusal("deepseek_v3", {"rope_parameters": {**_YARN, "truncate": False}}, "rope_parameters.truncate=False"),
+    # V2's group_limited_greedy ranks groups by their best score; Megatron-Core by the sum of the best topk / topk_group = 2
+    _refusal(
+        "deepseek_v2_lite", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "topk_method='group_limited_greedy'"
+    ),
     _refusal("glm4_moe", {"topk_group": 2}, "topk_group=2"),  # Megatron would rank the groups by their best 2 // 2 scores
     _refusal("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
     _refusal("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
@@ -259,6 +287,20 @@ def test_unsupported_setting_is_refused_by_name(folders, tmp_path, name, edits, 
     assert str(refused.value).startswith(_config(folder)["architectures"][0] + ":")
 
 
+def test_latent_ranks_tp_does_not_divide_are_refused_by_name(folders, tmp_path):
+    """MLA's down projections are split over TP along their rows (the local spec): q_lora_rank and kv_lora_rank + the rope dims."""
+    from bridge.megatron.builder import check_parallel_sizes
+    from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
+
+    shutil.copy(folders["deepseek_v3"] / "config.json", tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**_config(tmp_path), "kv_lora_rank": 15, "q_lora_rank": 30}))
+    bridge = AutoBridge.from_hf_pretrained(tmp_path).model_bridge
+    with pytest.raises(ParallelConfigError, match=r"kv_lora_rank \+ qk_rope_head_dim = 23 is not divisible by tp = 2"):
+        check_parallel_sizes(bridge, ParallelSizes(tp=2))
+    with pytest.raises(ParallelConfigError, match=r"q_lora_rank = 30 is not divisible by tp = 4"):
+        check_parallel_sizes(bridge, ParallelSizes(tp=4))
+
+
 def test_phi3_legacy_rope_keys_are_read(folders, tmp_path):
     """Phi-3 / Phi-4-mini config.json files predating transformers 5: ``rope_theta``, ``partial_rotary_factor`` at the top."""
     legacy = {**_config(folders["phi4-mini"]), "rope_parameters": None, "rope_scaling": None, "rope_theta": 250000.0}
@@ -289,6 +331,12 @@ _LAYER_PARAMS = {  # HF tensor in a layer → the Megatron parameter it is the f
     "mlp.shared_experts.gate_proj.weight": "mlp.shared_experts.linear_fc1.weight",
     "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
     "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
+    "self_attn.q_a_proj.weight": "self_attention.linear_q_down_proj.weight",  # DeepSeek's multi-latent attention
+    "self_attn.q_a_layernorm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.q_b_proj.weight": "self_attention.linear_q_up_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "self_attention.linear_kv_down_proj.weight",
+    "self_attn.kv_a_layernorm.weight": "self_attention.kv_layernorm.weight",
+    "self_attn.kv_b_proj.weight": "self_attention.linear_kv_up_proj.weight",
     "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
     "pre_feedforward_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.bias": "self_attention.linear_proj.bias",
@@ -303,6 +351,8 @@ _STACKED_EXPERTS = {
     "mlp.experts.down_proj": "linear_fc2.weight",
     "mlp.experts.down_proj_bias": "linear_fc2.bias",
 }
+# In a DeepSeek-V2-Lite layer (MLA without q_lora) q_proj is MLA's plain query projection.
+_MLA_LAYER_PARAMS = {**_LAYER_PARAMS, "self_attn.q_proj.weight": "self_attention.linear_q_proj.weight"}
 # In a layer with post-norms (OLMo-2) HF's post_attention_layernorm normalises the attention output.
 _POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS, "post_attention_layernorm.weight": "post_self_attn_layernorm.weight"}
 _EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|w1|down_proj|w2)\.weight")
@@ -324,6 +374,7 @@ def _megatron_names(hf: dict[str, torch.Tensor]) -> list[str]:
     for layer in layers:
         tensors = _layer_tensors(hf, layer)
         params = _POST_NORM_LAYER_PARAMS if "post_feedforward_layernorm.weight" in tensors else _LAYER_PARAMS
+        params = _MLA_LAYER_PARAMS if "self_attn.kv_b_proj.weight" in tensors else params
         for rest in sorted(tensors):
             expert = _EXPERT.fullmatch(rest)
             if rest in params:
@@ -403,5 +454,5 @@ def test_every_mapping_gives_the_expected_shard_and_exports_it_back(folders, wid
     slices = Counter(split[0] for name in exported if (split := split_stacked_name(name)))
     assert len(set(exported)) == len(exported) and sorted(whole) == sorted(hf)
     assert all(count == hf[name].shape[0] for name, count in slices.items())
-    assert {"vocab", "qkv", "row", "replicated"} <= kinds
+    assert {"vocab", "column" if "model.layers.0.self_attn.kv_b_proj.weight" in hf else "qkv", "row", "replicated"} <= kinds
     assert ({"expert_fc1", "expert_fc2", "router"} if name in TINY_MOE_MODELS else {"gated_mlp"}) <= kinds

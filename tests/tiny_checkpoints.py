@@ -126,6 +126,59 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # DeepSeek-V3: MLA with q_lora, YaRN as the released config (factor 40, mscale = mscale_all_dim = 1), a value head
+    # other than hidden / heads, a dense first layer, the sigmoid router in 2 groups (1 chosen), scaling, a shared expert
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            **_MOE,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": 32,
+            "num_key_value_heads": 4,  # MLA has no key/value groups (the released configs: as many as heads)
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 24,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "n_shared_experts": 1,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 163840,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 40.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        },
+    ),
+    # DeepSeek-V2-Lite: MLA with a plain q_proj, softmax routing (greedy top-k, not renormalised, scaled), two shared experts
+    "deepseek_v2_lite": (
+        "DeepseekV2Config",
+        {
+            **_MOE,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": 32,
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "first_k_dense_replace": 1,
+            "topk_method": "greedy",
+            "routed_scaling_factor": 1.5,
+            "n_shared_experts": 2,
+            "rms_norm_eps": 1e-6,
+        },
+    ),
     # gpt-oss: attention sinks, q/k/v/o biases, alternating windows shorter than the tests' sequences, YaRN as in
     # the real config; experts stacked, input-major, gate/up interleaved, with biases. intermediate = hidden and
     # heads × head_dim = hidden make down_proj and the attention projections square (a transposition cannot

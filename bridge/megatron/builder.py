@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
+from bridge.megatron.layers.mla import local_mla_spec
 from bridge.megatron.layers.model_ends import apply_model_ends
 from bridge.megatron.layers.norms import use_torch_norms_with_sequence_parallel
 from bridge.megatron.layers.spec import apply_decoder_shape
@@ -68,6 +69,11 @@ def check_parallel_sizes(bridge: ModelBridge, sizes: ParallelSizes, kwargs: dict
         ("intermediate_size (ffn_hidden_size)", kwargs["ffn_hidden_size"], sizes.tp, "tp"),
         ("num_hidden_layers", kwargs["num_layers"], sizes.pp * (sizes.vpp or 1), "pp × vpp"),
     ]
+    if kwargs.get("multi_latent_attention"):  # the down projections are split over TP along their rows (local spec)
+        if kwargs.get("q_lora_rank"):
+            checks.append(("q_lora_rank", kwargs["q_lora_rank"], sizes.tp, "tp"))
+        latent = kwargs["kv_lora_rank"] + kwargs["qk_pos_emb_head_dim"]
+        checks.append(("kv_lora_rank + qk_rope_head_dim", latent, sizes.tp, "tp"))
     experts = kwargs.get("num_moe_experts")
     if experts:
         checks += [
@@ -133,11 +139,21 @@ def build_transformer_config(
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
     )
-    config_class = YarnTransformerConfig if any(key.startswith("yarn_") for key in kwargs) else TransformerConfig
+    config_class = transformer_config_class(kwargs)
     try:
         return config_class(**kwargs)
     except (AssertionError, ValueError) as err:
         raise ParallelConfigError(f"Megatron-Core rejects the config derived from {bridge.architecture}: {err}") from err
+
+
+def transformer_config_class(kwargs: dict) -> type[TransformerConfig]:
+    """``MLATransformerConfig`` for multi-latent attention (its rope fields are its own), ``YarnTransformerConfig``
+    for a YaRN rope elsewhere, else ``TransformerConfig``."""
+    if kwargs.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig
+    return YarnTransformerConfig if any(key.startswith("yarn_") for key in kwargs) else TransformerConfig
 
 
 def building_on_meta() -> bool:
@@ -152,6 +168,7 @@ def use_transformer_engine(bridge: ModelBridge) -> bool:
     """
     return (
         bridge.decoder_shape.is_megatron_default
+        and bridge.transformer_engine_layers
         and cpu_mode.cuda_available()
         and importlib.util.find_spec("transformer_engine") is not None
     )
@@ -163,7 +180,11 @@ def decoder_spec(bridge: ModelBridge, config: TransformerConfig, vp_stage: int |
 
     te = use_transformer_engine(bridge)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=config.normalization, vp_stage=vp_stage)
-    return spec if te else apply_decoder_shape(use_torch_norms_with_sequence_parallel(spec), bridge.decoder_shape)
+    if te:
+        return spec
+    if config.multi_latent_attention:
+        spec = local_mla_spec(spec)
+    return apply_decoder_shape(use_torch_norms_with_sequence_parallel(spec), bridge.decoder_shape)
 
 
 @frozen_heap()
