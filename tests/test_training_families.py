@@ -1,5 +1,5 @@
 """The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 and OLMo-2
-at TP2·PP2, gpt-oss at TP2·EP2 then resumed at PP2·EP2.
+at TP2·PP2; gpt-oss, GLM-4.5 and DeepSeek-V3 at TP2·EP2, then resumed at PP2·EP2.
 
 Each is converted, trained a few steps on Megatron-Core's engine (4 gloo ranks), exported, and the
 export reloaded in transformers (the example generates with it); the exported weights are the trained
@@ -78,17 +78,29 @@ def test_example_trains_and_exports_at_tp2_pp2(tmp_path, corpus, name):
     assert not torch.equal(trained[norm], before[norm])
 
 
-def test_gpt_oss_trains_at_tp2_ep2_and_resumes_at_pp2_ep2(tmp_path, corpus):
-    """gpt-oss at TP2·EP2 (experts without expert-TP: they have biases), saved; resumed at PP2·EP2 and exported."""
-    hf = build_tiny_checkpoint("gptoss", tmp_path / "gptoss", dtype=torch.float32)
+# The MoE families whose routers or experts are not Llama's, and the layer-1 tensors training must change
+# (gpt-oss: sinks and expert biases; GLM-4.5 and DeepSeek-V3: the router's correction bias, which Megatron-Core
+# updates from the expert loads, not by gradients, and the latent attention).
+MOE_TRAINED = {
+    "gptoss": ("self_attn.sinks", "mlp.router.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj_bias"),
+    "glm4_moe": ("mlp.gate.e_score_correction_bias", "mlp.gate.weight", "mlp.shared_experts.up_proj.weight"),
+    "deepseek_v3": ("mlp.gate.e_score_correction_bias", "self_attn.kv_b_proj.weight", "mlp.experts.1.down_proj.weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE_TRAINED))
+def test_moe_family_trains_at_tp2_ep2_and_resumes_at_pp2_ep2(tmp_path, corpus, name):
+    """Trained at TP2·EP2 (gpt-oss's experts without expert-TP: they have biases), saved; resumed at PP2·EP2 and exported."""
+    hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
     work, ckpt = tmp_path / "work", tmp_path / "ckpt"
     schedule = ("--lr-decay-iters", "15")  # one schedule for both runs: the first stops at 12, the resumed one goes on to 15
-    first = _example(hf, corpus, work, "--tp", "2", "--ep", "2", "--etp", "1", "--train-iters", "12", *schedule, "--save", str(ckpt))
+    layout = ("--tp", "2", "--ep", "2", *(("--etp", "1") if name == "gptoss" else ()))
+    first = _example(hf, corpus, work, *layout, "--train-iters", "12", *schedule, "--save", str(ckpt))
     losses = _losses(first, 12)
     assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses
     resume = ("--pp", "2", "--ep", "2", "--train-iters", "15", *schedule, "--load", str(ckpt), "--overwrite-export")
     resumed = _example(hf, corpus, work, *resume)
     assert [int(i) for i in re.findall(r"^iteration (\d+)/15 ", resumed, re.M)] == [15]  # it went on from step 12
     trained, before = _exported_and_source(hf, work / "hf_export")
-    for name in ("self_attn.sinks", "mlp.router.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj_bias"):
-        assert not torch.equal(trained[f"model.layers.1.{name}"], before[f"model.layers.1.{name}"]), name
+    for tensor in MOE_TRAINED[name]:
+        assert not torch.equal(trained[f"model.layers.1.{tensor}"], before[f"model.layers.1.{tensor}"]), tensor

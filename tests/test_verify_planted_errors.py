@@ -4,6 +4,7 @@
   ``post_feedforward_layernorm``): a converter that mixes them up is wrong in layer 1 only.
 - gpt-oss stores its experts input-major with gate and up interleaved: a converter that reads the gate
   columns as one block, or one expert's (square) ``down_proj`` the other way round, keeps every shape.
+- DeepSeek's ``kv_b_proj`` holds per head its nope rows then its value rows: rows mixed up keep every shape.
 
 The tiny checkpoint is converted as a user would (``hfmb import``, one process), verified, then a copy
 with the error planted in layer 1 is imported and verified against the original.
@@ -49,11 +50,19 @@ def _transpose_one_down_proj(tensors: dict[str, torch.Tensor]) -> None:
     tensors[LAYER_1 + "mlp.experts.down_proj"] = down
 
 
+def _swap_two_kv_b_rows(tensors: dict[str, torch.Tensor]) -> None:
+    """Two rows of one ``kv_b_proj`` swapped (head 0's first nope row and first value row): every shape kept."""
+    kv_b = tensors[LAYER_1 + "self_attn.kv_b_proj.weight"].clone()
+    kv_b[[0, 16]] = kv_b[[16, 0]]
+    tensors[LAYER_1 + "self_attn.kv_b_proj.weight"] = kv_b
+
+
 PLANTED = [
     pytest.param("olmo2", _swap_post_norms, id="olmo2-post-norms-swapped"),
     pytest.param("gemma3", _swap_post_norms, id="gemma3-post-norms-swapped"),
     pytest.param("gptoss", _deinterleave_gate_up, id="gptoss-gate-up-deinterleaved"),
     pytest.param("gptoss", _transpose_one_down_proj, id="gptoss-one-down-proj-transposed"),
+    pytest.param("deepseek_v3", _swap_two_kv_b_rows, id="deepseek-v3-two-kv-b-rows-swapped"),
 ]
 
 
