@@ -1,7 +1,7 @@
 """Bounded-memory import/export (``bridge/megatron/streaming_*.py``): exact, loadable at any layout, and bounded.
 
-* The streamed import of a dense, a tied-embedding and two MoE checkpoints loads (at TP=PP=1 and at
-  TP2·PP2) into exactly the weights the in-memory conversion gives, and its streamed export equals
+* The streamed import of a dense, a tied-embedding and four MoE checkpoints (GLM-4.5, DeepSeek-V3 among them)
+  loads (at TP=PP=1 and at TP2·PP2) into exactly the weights the in-memory conversion gives, and its streamed export equals
   the source HF folder bit for bit.
 * In a fresh process, importing and exporting a checkpoint several times larger than ``--max-memory``
   stays within it: peak RSS (VmHWM) minus the RSS right after the imports.
@@ -27,7 +27,8 @@ from tests.case_matrix import case_results, run_cases
 
 pytestmark = pytest.mark.distributed  # every test starts processes or reads what spawned ranks computed
 
-MODELS = ("llama", "llama3.2", "qwen2_moe", "mixtral")  # dense, tied embeddings, MoE with shared expert and dense layers, MoE
+# dense, tied embeddings, MoE with a shared expert and dense layers, MoE, sigmoid router, multi-latent attention
+MODELS = ("llama", "llama3.2", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3")
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
