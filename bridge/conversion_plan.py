@@ -96,7 +96,7 @@ def plan_conversion(hf: str | Path, *, sizes: ParallelSizes = ParallelSizes(), w
     logger.info("counting NaN/Inf values (each tensor read once)")
     nonfinite = nonfinite_counts(bridge.reader, dict.fromkeys(name for entry in plan.entries for name in plan.mapping(entry).hf_names))
     bridge.reader.release()
-    match = match_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
+    match = match_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore, bridge.model_bridge.hf_carried)
     return ConversionPlan(
         **plan_args,
         rows=_plan_rows(derived, bridge, sizes),

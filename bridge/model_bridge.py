@@ -24,6 +24,9 @@ class ModelBridge:
 
     # Regular expressions of HF tensor names that are not weights (e.g. rotary buffers in old checkpoints).
     hf_ignore: tuple[str, ...] = ()
+    # Regular expressions of HF tensors no mapping reads that exports write back unchanged, read from the source
+    # folder (DeepSeek's and GLM's multi-token-prediction layers, which transformers drops at load): never lost.
+    hf_carried: tuple[str, ...] = ()
     # Other on-disk layouts of the same tensors (mappings/hf_views.py), e.g. transformers-5 fused experts.
     hf_views: tuple = ()
     # How the decoder differs from Megatron-Core's pre-norm GPT model (post-norms, q/k norms, soft-caps...); a

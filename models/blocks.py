@@ -163,6 +163,14 @@ def fused_expert_views(names: ExpertNames = ExpertNames()) -> tuple[Renamed | Fu
     )
 
 
+def mtp_layers(hf_config) -> tuple[str, ...]:
+    """Patterns of the multi-token-prediction layers DeepSeek-V3 and GLM-4.5 checkpoints hold after the decoder
+    (``model.layers.{num_hidden_layers + i}``, ``num_nextn_predict_layers`` of them), which transformers drops at
+    load and the bridge carries unchanged into exports (``ModelBridge.hf_carried``)."""
+    first, count = hf_config.num_hidden_layers, getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    return tuple(rf"model\.layers\.{first + i}\..+" for i in range(count))
+
+
 def shared_experts(names: MLPNames = MLPNames(prefix="mlp.shared_expert."), *, gate: str | None = None) -> list[ParamMapping]:
     """The shared experts every token goes through (one SwiGLU MLP), and the HF module of their sigmoid ``gate``, if any."""
     gated = [ReplicatedMapping(LAYER + "mlp.shared_experts.gate_weight", f"{HF_LAYER}{gate}.weight")] if gate else []

@@ -25,6 +25,7 @@ from bridge.models.blocks import (
     dense_mlp,
     embeddings_and_output,
     fused_expert_views,
+    mtp_layers,
     norm,
     pre_mlp_norm,
     routed_experts,
@@ -69,6 +70,10 @@ class _DeepseekBridge(ModelBridge):
     hf_views = fused_expert_views()
     # The local spec decides the down projections' TP layout (Transformer Engine's keeps them whole on every rank).
     transformer_engine_layers = False
+
+    @property
+    def hf_carried(self) -> tuple[str, ...]:
+        return mtp_layers(self.hf_config)
 
     def check_supported(self) -> None:
         c = self.hf_config

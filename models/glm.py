@@ -20,6 +20,7 @@ from bridge.models.blocks import (
     dense_mlp,
     embeddings_and_output,
     fused_expert_views,
+    mtp_layers,
     pre_mlp_norm,
     routed_experts,
     shared_experts,
@@ -53,6 +54,10 @@ def shared_expert_ffn(hf_config: PretrainedConfig) -> int | None:
 @register_bridge("Glm4MoeForCausalLM")
 class Glm4MoeBridge(RotaryBridge):
     hf_views = fused_expert_views()
+
+    @property
+    def hf_carried(self) -> tuple[str, ...]:
+        return mtp_layers(self.hf_config)
 
     def check_supported(self) -> None:
         check_gated_silu(self)

@@ -53,12 +53,18 @@ def run(args: argparse.Namespace) -> int:
     report(_table(("HF tensor", "HF shape", "Megatron parameter", "kind", "shape per rank", "held by", ""), rows))
     if plan.match.ignored:
         report(f"\nignored (not weights): {', '.join(sorted(plan.match.ignored))}")
+    if plan.match.carried:
+        carried = sorted(plan.match.carried)
+        report(
+            f"\ncarried unchanged into exports, not converted (e.g. multi-token-prediction layers): {len(carried)} tensors, "
+            f"{carried[0]} … {carried[-1]}"
+        )
     report_nonfinite(plan.nonfinite)
     problems = plan.problems()
     if problems:
         report("\nPLAN FAILED:\n  " + "\n  ".join(problems))
         return CHECK_FAILED
-    on_disk = len(plan.bridge.reader.shapes()) - len(plan.match.ignored)
+    on_disk = len(plan.bridge.reader.shapes()) - len(plan.match.ignored) - len(plan.match.carried)
     report(f"\nplan OK: {on_disk} HF tensors → {plan.parameters} Megatron parameters on {plan.world_size} rank(s)")
     return OK
 

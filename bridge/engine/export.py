@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from bridge.engine.plan import COWRITTEN, PlanEntry, TransferPlan, meta_shard, progress
 from bridge.hf.layout import ShardLayout
-from bridge.mappings import JoinedShards, materialize
+from bridge.mappings import JoinedShards, TensorSource, materialize
 
 
 @dataclass
@@ -75,14 +75,28 @@ class _ReceiveBuffers:
 
 
 def export_layout(
-    plan: TransferPlan, target_dtype: Callable[[str, torch.dtype], torch.dtype] | None, max_shard_bytes: int, encoding=None
+    plan: TransferPlan,
+    target_dtype: Callable[[str, torch.dtype], torch.dtype] | None,
+    max_shard_bytes: int,
+    encoding=None,
+    carried: Mapping[str, TensorSource] | None = None,
 ) -> ShardLayout:
     """The safetensors files an export of ``plan`` fills: its HF tensors in the order it makes them, in ``target_dtype(name, dtype)``,
-    stored as ``encoding`` says (``encoded``)."""
+    stored as ``encoding`` says (``encoded``); then the ``carried`` tensors (``ModelBridge.hf_carried``), as they are."""
     pick = target_dtype or (lambda name, dtype: dtype)
     typed = [(name, tensor.to(pick(name, tensor.dtype))) for name, tensor in plan.exported_meta()]
     stored = [pair for name, tensor in typed for pair in (encoding.meta(name, tensor) if encoding else [(name, tensor)])]
-    return ShardLayout(stored, max_shard_bytes)
+    kept = [(name, torch.empty(source.shape, dtype=source.dtype, device="meta")) for name, source in (carried or {}).items()]
+    return ShardLayout(stored + kept, max_shard_bytes)
+
+
+def write_carried(sink, carried: Mapping[str, TensorSource], release: Callable[[], None] | None = None) -> None:
+    """Each carried tensor read whole from its source and written as it is, one at a time (``release``: drop the
+    source's mapped window after each)."""
+    for name, source in carried.items():
+        sink.add(name, source.narrow(0, 0, source.shape[0]) if len(source.shape) else source.select_slice(()))
+        if release is not None:
+            release()
 
 
 def encoded(encoding, name: str, tensor: torch.Tensor | JoinedShards) -> list[tuple[str, torch.Tensor | JoinedShards]]:

@@ -18,15 +18,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
-from bridge.engine.export import encoded, export_layout, export_tensors
+from bridge.engine.export import encoded, export_layout, export_tensors, write_carried
 from bridge.engine.plan import TransferPlan
 from bridge.hf.folder_writer import HFFolderWriter
 from bridge.hf.layout import LayoutWriter, ShardLayout
+from bridge.mappings import TensorSource
 from bridge.runtime.gc_freeze import frozen_heap
 from bridge.runtime.rank_errors import describe, raise_everywhere, raise_first, rebuilt
 from bridge.runtime.sizes import parse_size
@@ -48,20 +49,23 @@ def write_hf_folder(
     overwrite: bool = False,
     spread: bool = True,
     encoding=None,
+    carried: Mapping[str, TensorSource] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> None:
     """Export the model of ``plan`` into an HF folder at ``out_dir``; all ranks call it, all raise any rank's error.
 
     ``target_dtype(name, dtype)`` is the dtype each HF tensor is written in; ``check`` runs on the
     finished folder before it is published (see ``HFFolderWriter.finish``); ``spread=False`` makes
     rank 0 write every tensor, as it does with an ``encoding`` (``export.encoded``), which is made
-    from whole tensors.
+    from whole tensors. Rank 0 also writes the ``carried`` tensors, as they are (``release``: drop
+    their source's mapped window after each).
     """
     rank = dist.get_rank()
     error: Exception | None = None
     folder: HFFolderWriter | None = None
     layout: ShardLayout | None = None
     try:
-        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding)
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding, carried)
         if rank == 0:
             folder = HFFolderWriter(out_dir, layout, overwrite=overwrite)
     except Exception as err:
@@ -93,6 +97,11 @@ def write_hf_folder(
                         sink.add(stored, value)
                 except Exception as err:
                     error = err
+        if rank == 0 and carried and error is None:
+            try:
+                write_carried(sink, carried, release)
+            except Exception as err:
+                error = err
         if sink is not None and error is None:
             try:
                 sink.close()

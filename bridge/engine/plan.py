@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -268,6 +268,7 @@ class CheckpointMatch:
     wrong_shapes: list[str]  # "NAME in FILE is [..], the model needs [..]"
     not_float: list[str]  # "NAME in FILE is int8" (``non_float_weights``)
     ignored: list[str]  # tensors on disk that are not weights (``ModelBridge.hf_ignore``)
+    carried: list[str] = field(default_factory=list)  # tensors exports copy unchanged (``ModelBridge.hf_carried``)
 
     def problems(self, limit: int | None = 10) -> list[str]:
         """One line per kind of problem, each listing at most ``limit`` tensors (None: all)."""
@@ -283,17 +284,22 @@ class CheckpointMatch:
         return lines
 
 
-def match_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = ()) -> CheckpointMatch:
-    """Compare the tensors on disk (names, shapes, dtypes) with the ones the plan's mappings read. No weight is read."""
+def match_checkpoint(
+    plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = (), carried: Sequence[str] = ()
+) -> CheckpointMatch:
+    """Compare the tensors on disk (names, shapes, dtypes) with the ones the plan's mappings read. No weight is read.
+
+    ``ignore``: patterns of tensors that are not weights; ``carried``: of tensors exports copy unchanged.
+    """
     expected = plan.expected_hf_shapes()
     on_disk = reader.shapes()
-    patterns = [re.compile(pattern) for pattern in ignore]
     extra = [name for name in on_disk if name not in expected]
-    ignored = [name for name in extra if any(p.fullmatch(name) for p in patterns)]
+    ignored = matching(extra, ignore)
+    kept = matching(extra, carried)
     return CheckpointMatch(
         folder=Path(reader.folder),
         missing=[name for name in expected if name not in on_disk],
-        unused=[name for name in extra if name not in ignored],
+        unused=[name for name in extra if name not in ignored and name not in kept],
         wrong_shapes=[
             f"{name} in {reader.file_of(name).name} is {list(on_disk[name])}, the model needs {list(shape)}"
             for name, shape in expected.items()
@@ -301,15 +307,23 @@ def match_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequ
         ],
         not_float=non_float_weights(reader, expected),
         ignored=ignored,
+        carried=[name for name in kept if name not in ignored],
     )
 
 
-def validate_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = ()) -> None:
-    """Every tensor the model needs is on disk with the right shape and a float dtype, and nothing else is.
+def matching(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` one of the regular expressions ``patterns`` matches whole."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+    return [name for name in names if any(p.fullmatch(name) for p in compiled)]
+
+
+def validate_checkpoint(plan: TransferPlan, reader: SafetensorsReader, ignore: Sequence[str] = (), carried: Sequence[str] = ()) -> None:
+    """Every tensor the model needs is on disk with the right shape and a float dtype, and nothing else is
+    (but tensors ``ignore`` names, not weights, and those ``carried`` names, copied by exports).
 
     Raises before any weight moves.
     """
-    problems = match_checkpoint(plan, reader, ignore).problems()
+    problems = match_checkpoint(plan, reader, ignore, carried).problems()
     if problems:
         raise CheckpointError(f"checkpoint {reader.folder} does not match the model: " + " | ".join(problems))
 

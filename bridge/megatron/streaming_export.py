@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed.checkpoint
@@ -28,10 +28,11 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from bridge.engine.export import encoded, export_layout
+from bridge.engine.export import encoded, export_layout, write_carried
 from bridge.engine.plan import PlanEntry, TransferPlan
 from bridge.hf.data_appender import STAGE_BYTES
 from bridge.hf.folder_writer import HFFolderWriter
+from bridge.mappings import TensorSource
 from bridge.megatron import checkpoint as mc
 from bridge.megatron import streaming
 from bridge.megatron.streaming import meta_model, model_chunks, region, returned_to_the_os, tensor_bytes
@@ -229,6 +230,8 @@ def export_hf_folder(
     side_files: dict[str, Path | str] | None = None,
     check: Callable[[Path], None] | None = None,
     encoding=None,
+    carried: Mapping[str, TensorSource] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> tuple[bool, streaming.Streamed]:
     """Stream a Megatron checkpoint (any layout it was saved at) into an HF folder within ``max_memory``; one process.
 
@@ -238,7 +241,9 @@ def export_hf_folder(
     is written atomically by ``HFFolderWriter``, in shards of at most ``max_shard_size``.
     ``check(folder)`` (transformers' load check) runs before publishing when the weights fit half
     the budget, and is skipped with a warning otherwise. ``encoding``: how tensors are stored
-    (``bridge.engine.export.encoded``). Returns whether it ran, and the budget with the peak measured.
+    (``bridge.engine.export.encoded``). ``carried``: tensors written as they are after the model's, each
+    read whole (``release``: drop their source's mapped window after each). Returns whether it ran, and
+    the budget with the peak measured.
     """
     budget = streaming.budget_of(max_memory)
     pick = target_dtype or (lambda name, dtype: dtype)
@@ -258,7 +263,7 @@ def export_hf_folder(
         needs = _needs(plan, entries, chunks, metadata, pick, encoding)
         _check_budget(needs, budget)
         params = {name: plan.local[name].param for name in plan.local}
-        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding)
+        layout = export_layout(plan, target_dtype, parse_size(max_shard_size), encoding, carried)
         checked: list[Path] = []
 
         def bounded_check(tmp_dir: Path) -> None:
@@ -284,5 +289,6 @@ def export_hf_folder(
                                 writer.add(stored, value)
                         progress.update(1)
                     del loaded
+            write_carried(writer, carried or {}, release)
             writer.finish(config, side_files, check=None if check is None else bounded_check)
     return bool(checked), streaming.Streamed(budget, peak.peak, peak.exact)
