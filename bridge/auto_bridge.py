@@ -13,11 +13,13 @@ from transformers import PretrainedConfig
 from bridge.engine import folder_export
 from bridge.engine import load as engine_load
 from bridge.engine.export import export_tensors
-from bridge.engine.plan import TransferPlan, validate_checkpoint
+from bridge.engine.plan import TransferPlan, matching, validate_checkpoint
 from bridge.hf import metadata as export_metadata
 from bridge.hf.dtype_choice import DtypeChoice, choose_param_dtype
 from bridge.hf.export_encodings import export_encoding
-from bridge.hf.folder import read_hf_config, resolve_hf_folder
+from bridge.hf.folder import CheckpointError, read_hf_config, resolve_hf_folder
+from bridge.hf.fp8_block_weights import fp8_views, quantization_config
+from bridge.hf.mxfp4_experts import Mxfp4Experts
 from bridge.hf.reader import SafetensorsReader
 from bridge.megatron import builder as megatron_builder
 from bridge.megatron import parallel
@@ -33,6 +35,24 @@ def _config_dtype(hf_config: PretrainedConfig) -> torch.dtype | None:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def reader_views(model_bridge: ModelBridge, hf_config: PretrainedConfig, dtype: torch.dtype | None = None) -> tuple:
+    """The views a checkpoint's reader presents its tensors through: the FP8 weights' when its config declares block-scaled
+    FP8 (decoded to ``dtype``, bfloat16 by default), then the family's own layouts.
+
+    The one place both the in-memory and the streamed conversions get them. Refuses a ``quantization_config`` whose
+    ``quant_method`` the bridge does not read for this family, by name, before any weight moves.
+    """
+    config = quantization_config(hf_config)
+    method = config.get("quant_method") if config else None
+    readable = {"fp8"} | ({"mxfp4"} if any(isinstance(view, Mxfp4Experts) for view in model_bridge.hf_views) else set())
+    if method is not None and method not in readable:
+        raise CheckpointError(
+            f"config.json's quantization_config.quant_method is {method!r}, which the bridge does not read for "
+            f"{model_bridge.architecture} (it reads: {', '.join(sorted(readable))})"
+        )
+    return (*fp8_views(hf_config, dtype), *model_bridge.hf_views)
 
 
 class AutoBridge:
@@ -72,18 +92,26 @@ class AutoBridge:
         """How the parameters' dtype relates to the stored weights and the config (reads the file headers)."""
         if self._dtype_choice is None:
             ignore = [re.compile(pattern) for pattern in self.model_bridge.hf_ignore]
+            # Tensors that are not weights, those Megatron-Core keeps in float32 whatever the parameters' dtype (the
+            # router's expert bias) and those carried unchanged into exports do not decide it.
+            aside = set(matching(self.reader.names(), (*self.model_bridge.hf_fp32_weights, *self.model_bridge.hf_carried)))
             stored = {
                 name: dtype
                 for name, dtype in self.reader.dtypes().items()
-                if dtype.is_floating_point and not any(p.fullmatch(name) for p in ignore)
+                if dtype.is_floating_point and not any(p.fullmatch(name) for p in ignore) and name not in aside
             }
             self._dtype_choice = choose_param_dtype(stored, _config_dtype(self.hf_config), self._requested_dtype)
         return self._dtype_choice
 
     @property
+    def reader_views(self) -> tuple:
+        """The views the checkpoint's tensors are read through (``reader_views``); FP8 weights decode to the dtype asked for."""
+        return reader_views(self.model_bridge, self.hf_config, self._requested_dtype)
+
+    @property
     def reader(self) -> SafetensorsReader:
         if self._reader is None:
-            self._reader = SafetensorsReader(self.hf_folder, self.model_bridge.hf_views)
+            self._reader = SafetensorsReader(self.hf_folder, self.reader_views)
         return self._reader
 
     def transformer_config(
@@ -132,8 +160,14 @@ class AutoBridge:
     def load_hf_weights(self, model, strategy: str = "slice") -> None:
         """Load the checkpoint into a model built by the caller (all ranks call this together)."""
         plan = self.plan(model)
-        validate_checkpoint(plan, self.reader, self.model_bridge.hf_ignore)
+        validate_checkpoint(plan, self.reader, self.model_bridge.hf_ignore, self.model_bridge.hf_carried)
         engine_load.load_checkpoint(plan, self.reader, strategy=strategy)
+
+    @property
+    def carried_tensors(self) -> dict:
+        """The checkpoint's tensors exports copy unchanged (``ModelBridge.hf_carried``: multi-token-prediction layers), lazily."""
+        names = matching(self.reader.names(), self.model_bridge.hf_carried)
+        return {name: self.reader.lazy(name) for name in names}
 
     def export_hf_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream HF (name, tensor) pairs from the model. Every rank must iterate; only the writing rank gets pairs.
@@ -161,7 +195,8 @@ class AutoBridge:
         All ranks call it. The ranks holding the model's shards write them in parallel when they
         share a filesystem (``bridge.engine.folder_export``); tensors are written in the source checkpoint's
         dtype for that name (or ``dtype`` when given); ``quantization="mxfp4"`` writes the weights the family
-        stores in MXFP4 that way (gpt-oss's experts), rank 0 writing every tensor.
+        stores in MXFP4 that way (gpt-oss's experts), ``quantization="fp8"`` the weights a block-scaled FP8 source
+        held in FP8 (``bridge.hf.fp8_block_weights``), rank 0 writing every tensor.
         """
         source_dtypes = self.reader.dtypes() if dtype is None else {}
         encoding = export_encoding(self.model_bridge, Path(self.hf_folder), quantization)
@@ -175,4 +210,6 @@ class AutoBridge:
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             encoding=encoding,
+            carried=self.carried_tensors,
+            release=self.reader.release,
         )

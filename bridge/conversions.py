@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import logging
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,7 @@ from bridge.engine.plan import count_nonfinite_weights
 from bridge.hf import metadata
 from bridge.hf.dtype_choice import export_rounding
 from bridge.hf.export_encodings import export_encoding
-from bridge.hf.folder import dtype_named
+from bridge.hf.folder import CheckpointError, dtype_named
 from bridge.hf.output_folder import (
     HF_MODEL_FOLDER,
     MEGATRON_CHECKPOINT,
@@ -49,6 +51,8 @@ from bridge.runtime.sizes import parse_size
 
 if TYPE_CHECKING:
     from bridge.megatron.streaming import Streamed
+
+logger = logging.getLogger(__name__)
 
 
 def one_process() -> bool:
@@ -183,6 +187,7 @@ def _source_info(bridge: AutoBridge, hf: str | Path, sizes: ParallelSizes, padde
         "padded_vocab_size": padded_vocab,
         "tie_word_embeddings": bridge.model_bridge.tie_word_embeddings,
         "hf_dtypes": {name: metadata.dtype_name(d) for name, d in sorted(bridge.reader.dtypes().items())},
+        "carried": sorted(bridge.carried_tensors),  # exported unchanged from the source folder (multi-token prediction)
         "dtype_cast": bridge.dtype_choice.cast_record(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -239,7 +244,8 @@ def export_megatron_checkpoint(
     reads a few tensors at a time within ``max_memory`` from a checkpoint saved at any layout;
     otherwise the model is loaded at ``sizes``. ``iteration``: a number, None ("release") or
     ``"latest"``. All ranks call it. ``quantization="mxfp4"`` writes the weights the family stores in
-    MXFP4 that way (gpt-oss's experts; ``bridge.hf.mxfp4_experts``).
+    MXFP4 that way (gpt-oss's experts; ``bridge.hf.mxfp4_experts``); ``quantization="fp8"`` writes the weights
+    a block-scaled FP8 source checkpoint held in FP8 back that way (it needs that folder: ``bridge.hf.fp8_block_weights``).
     """
     from bridge.checks.verify import check_loads_in_transformers
 
@@ -262,14 +268,31 @@ def export_megatron_checkpoint(
         info, hf_folder = checkpoint_record(ckpt, hf_config, iteration)
         bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]))
         source = Path(info["source_folder"]) if info.get("source_folder") else None
-        encoding = export_encoding(bridge.model_bridge, source if source and source.is_dir() else None, quantization)
+        encoding = export_encoding(bridge.model_bridge, source, quantization)
         config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype, encoding and encoding.config)
         source_dtypes = {name: dtype_named(d) for name, d in info.get("hf_dtypes", {}).items()}
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
-        check = check_loads_in_transformers if load_check else None
+        carried, release = carried_from_source(info, source)
+        check = None
+        if load_check and not _unloadable(encoding):
+            check = functools.partial(check_loads_in_transformers, carried=bridge.model_bridge.hf_carried)
         if stream:
             checked, streamed = _stream_export(
-                bridge, ckpt, out, info, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite, encoding
+                bridge,
+                ckpt,
+                out,
+                info,
+                iteration,
+                target_dtype,
+                config,
+                side,
+                check,
+                budget,
+                max_shard_size,
+                overwrite,
+                encoding,
+                carried,
+                release,
             )
             how = f"streamed ({streamed.text()})"
         else:
@@ -286,6 +309,8 @@ def export_megatron_checkpoint(
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 encoding=encoding,
+                carried=carried,
+                release=release,
             )
             checked, how = check is not None, f"read at {sizes_text(sizes)}"
     index = metadata.read_json(out / "model.safetensors.index.json")
@@ -305,8 +330,48 @@ def _with_bar(check, desc: str):
     return checking
 
 
+def carried_from_source(info: dict, source: Path | None) -> tuple[dict, Callable[[], None] | None]:
+    """The tensors the checkpoint's HF source held that exports copy unchanged (``bridge.json``'s ``carried``:
+    multi-token-prediction layers), read lazily from that folder, and the release of its reader's mapped window;
+    refused, naming them and the folder, if it lacks them."""
+    names = info.get("carried") or []
+    if not names:
+        return {}, None
+    where = f"the HF folder the checkpoint was imported from ({source})"
+    if source is None or not source.is_dir():
+        raise CheckpointError(f"{len(names)} tensors ({names[0]} …) are exported unchanged from {where}, which is gone")
+    reader = AutoBridge.from_hf_pretrained(source).reader
+    missing = [name for name in names if name not in reader]
+    if missing:
+        raise CheckpointError(f"{where} no longer holds {missing[0]} (and {len(missing) - 1} more), which exports copy unchanged")
+    return {name: reader.lazy(name) for name in names}, reader.release
+
+
+def _unloadable(encoding) -> bool:
+    """Whether transformers cannot load what ``encoding`` writes on this machine (it says why: logged), so that its load
+    check would refuse a folder that is the source's own form."""
+    reason = getattr(encoding, "transformers_load_problem", lambda: None)()
+    if reason:
+        logger.warning("transformers load check skipped: %s", reason)
+    return bool(reason)
+
+
 def _stream_export(
-    bridge, ckpt: Path, out: Path, info: dict, iteration, target_dtype, config, side, check, budget, max_shard_size, overwrite, encoding
+    bridge,
+    ckpt: Path,
+    out: Path,
+    info: dict,
+    iteration,
+    target_dtype,
+    config,
+    side,
+    check,
+    budget,
+    max_shard_size,
+    overwrite,
+    encoding,
+    carried,
+    release,
 ) -> tuple[bool, Streamed]:
     """The bounded-memory export (one process); returns whether transformers' load check ran, and the peak it measured."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -328,6 +393,8 @@ def _stream_export(
             side_files=side,
             check=check,
             encoding=encoding,
+            carried=carried,
+            release=release,
         )
     except CheckpointException as err:  # dist_checkpointing's read errors: say what did not fit
         raise mc.MegatronCheckpointError(

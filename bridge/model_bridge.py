@@ -27,6 +27,9 @@ class ModelBridge:
     # Regular expressions of HF tensors no mapping reads that exports write back unchanged, read from the source
     # folder (DeepSeek's and GLM's multi-token-prediction layers, which transformers drops at load): never lost.
     hf_carried: tuple[str, ...] = ()
+    # Regular expressions of HF weights Megatron-Core keeps in float32 whatever the parameters' dtype (the sigmoid
+    # router's correction bias, its expert_bias buffer): they do not decide the parameters' dtype.
+    hf_fp32_weights: tuple[str, ...] = ()
     # Other on-disk layouts of the same tensors (mappings/hf_views.py), e.g. transformers-5 fused experts.
     hf_views: tuple = ()
     # How the decoder differs from Megatron-Core's pre-norm GPT model (post-norms, q/k norms, soft-caps...); a

@@ -114,6 +114,10 @@ def moe_config(
     )
 
 
+# The sigmoid router's correction bias on disk: Megatron-Core's expert_bias buffer, float32 whatever the parameters' dtype.
+CORRECTION_BIAS = r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias"
+
+
 def sigmoid_router_config(bridge: ModelBridge) -> dict[str, Any]:
     """DeepSeek-V3's router (GLM-4.5's too), over ``moe_config``'s softmax fields.
 

@@ -31,7 +31,7 @@ from bridge.models.blocks import (
     routed_experts,
     shared_experts,
 )
-from bridge.models.config import check_gated_silu, decoder_config, gated_mlp_config, moe_config, sigmoid_router_config
+from bridge.models.config import CORRECTION_BIAS, check_gated_silu, decoder_config, gated_mlp_config, moe_config, sigmoid_router_config
 from bridge.models.glm import dense_first_layers, shared_expert_ffn
 from bridge.models.registry import register_bridge
 from bridge.models.rope import ROTARY_BUFFERS, rope_parameters
@@ -67,6 +67,7 @@ class _DeepseekBridge(ModelBridge):
     """What V2 and V3 share: MLA, dense first layers, shared experts; the router is each one's."""
 
     hf_ignore = ROTARY_BUFFERS
+    hf_fp32_weights = (CORRECTION_BIAS,)
     hf_views = fused_expert_views()
     # The local spec decides the down projections' TP layout (Transformer Engine's keeps them whole on every rank).
     transformer_engine_layers = False

@@ -26,6 +26,7 @@ from bridge.models.blocks import (
     shared_experts,
 )
 from bridge.models.config import (
+    CORRECTION_BIAS,
     attention_config,
     check_gated_silu,
     decoder_config,
@@ -54,6 +55,7 @@ def shared_expert_ffn(hf_config: PretrainedConfig) -> int | None:
 @register_bridge("Glm4MoeForCausalLM")
 class Glm4MoeBridge(RotaryBridge):
     hf_views = fused_expert_views()
+    hf_fp32_weights = (CORRECTION_BIAS,)
 
     @property
     def hf_carried(self) -> tuple[str, ...]:

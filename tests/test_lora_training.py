@@ -294,6 +294,10 @@ def test_example_trains_lora_exports_a_peft_adapter_and_a_merged_model(workdir):
     done = hfmb("export", str(out / "ckpt"), str(out / "cli_merged"), "--merge")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert compare_hf_folders(out / "hf_export", out / "cli_merged") == []
+    # hfmb verify: the trained adapters on their base in Megatron-Core against peft on transformers.
+    verified = hfmb("verify", str(out / "hf_tiny_llama"), str(out / "ckpt"))
+    assert verified.returncode == 0 and verified.stdout.rstrip().endswith("VERIFY PASSED"), verified.stdout + verified.stderr[-3000:]
+    assert "peft on transformers" in verified.stdout
 
 
 def test_lora_options_are_checked():

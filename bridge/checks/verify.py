@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -104,12 +105,14 @@ def transformers_load_report(folder: str | Path) -> dict[str, list[str]]:
 def check_loads_in_transformers(folder: str | Path, carried: Sequence[str] = ()) -> None:
     """Raise ``ExportCheckError`` unless transformers loads ``folder`` with an empty load report.
 
-    ``carried``: tensors the export copied that transformers' model has no place for (multi-token-prediction
-    layers, which it drops from the released checkpoints too): unexpected, as they should be.
+    ``carried``: patterns of the tensors the export copied that transformers' model has no place for
+    (multi-token-prediction layers, which it drops from the released checkpoints too; it may name them in
+    its own fused form): unexpected, as they should be.
     """
     report = transformers_load_report(folder)
     if "unexpected_keys" in report:
-        report["unexpected_keys"] = [key for key in report["unexpected_keys"] if key not in set(carried)]
+        expected = [re.compile(pattern) for pattern in carried]
+        report["unexpected_keys"] = [key for key in report["unexpected_keys"] if not any(p.fullmatch(key) for p in expected)]
     problems = {key: value for key, value in report.items() if value}
     if problems:
         details = "; ".join(
@@ -259,24 +262,43 @@ def _decoder_layers(hf_model: torch.nn.Module) -> torch.nn.ModuleList:
 @torch.no_grad()
 def hf_reference(folder: str | Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[str, list[str]]]:
     """transformers' fp32 logits, each decoder layer's output ``[batch, seq, hidden]``, and the load report."""
+    model, report = _reference_model(folder)
+    return (*_outputs(model, tokens), report)
+
+
+def peft_reference(base: str | Path, adapter: str | Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict]:
+    """``hf_reference`` of the transformers model ``base`` with the PEFT adapter folder ``adapter`` on it (``peft``)."""
+    from peft import PeftModel
+
+    model, report = _reference_model(base)
+    return (*_outputs(PeftModel.from_pretrained(model, str(adapter)).eval(), tokens, layers=model), report)
+
+
+def _reference_model(folder: str | Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+    """transformers' fp32 model of ``folder`` (eval mode) and its load report."""
     from transformers import AutoModelForCausalLM
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
     except RuntimeError as err:
         raise CheckpointError(f"transformers cannot load the reference {folder}: {err}") from err
-    model.eval()
+    return model.eval(), {key: sorted(str(item) for item in value) for key, value in info.items()}
+
+
+@torch.no_grad()
+def _outputs(model, tokens: torch.Tensor, layers=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``model``'s fp32 logits and the output of each decoder layer of ``layers`` (default: the model's own)."""
     hidden: dict[int, torch.Tensor] = {}
     handles = [
         layer.register_forward_hook(lambda module, args, output, i=i: hidden.__setitem__(i, _layer_output(output).detach().float().clone()))
-        for i, layer in enumerate(_decoder_layers(model))
+        for i, layer in enumerate(_decoder_layers(layers if layers is not None else model))
     ]
     try:
         logits = model(tokens).logits.float()
     finally:
         for handle in handles:
             handle.remove()
-    return logits, hidden, {key: sorted(str(item) for item in value) for key, value in info.items()}
+    return logits, hidden
 
 
 @torch.no_grad()

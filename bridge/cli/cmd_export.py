@@ -48,6 +48,7 @@ def add_parser(commands, command) -> None:
         "--quantize",
         choices=QUANTIZATIONS,
         help="store the weights the family's released checkpoints quantize that way (mxfp4: gpt-oss's experts; "
+        "fp8: the weights a block-scaled FP8 checkpoint such as DeepSeek-V3 held in FP8, which needs that folder; "
         "an unmodified import/export gives back the original blocks and scales); default: unquantized",
     )
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")

@@ -13,6 +13,7 @@ SUMMARY = "compare Megatron-Core's forward with transformers', or two HF folders
 EXAMPLES = """examples:
   hfmb verify ./my-hf-model --tp 2 --pp 2            # convert, then compare forwards
   hfmb verify ./my-hf-model ./ckpt --tp 2            # compare with a Megatron checkpoint
+  hfmb verify ./my-hf-model ./lora-ckpt              # a LoRA training checkpoint against peft on transformers
   hfmb verify ./my-hf-model ./hf-out                 # two HF folders, tensor by tensor
 Runs the same tokens through transformers and Megatron-Core in fp32 and prints per-layer hidden
 state differences, logits max abs diff, top-1 / top-5 agreement and KL(p_hf || p_megatron).
@@ -163,6 +164,31 @@ def _tokens(args: argparse.Namespace, bridge):
     return tokens, f"{args.batch_size} × {args.seq_len} random token ids (seed {args.seed})"
 
 
+def _lora_model_and_reference(args: argparse.Namespace, bridge, tokens):
+    """A LoRA training checkpoint: its adapters on the base rebuilt from ``args.hf`` in this process, and the reference
+    of ``peft`` on transformers with those adapters (written as the PEFT folder ``hfmb export --adapter`` writes)."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from bridge.checks.verify import peft_reference
+    from bridge.lora import save_peft_adapter
+    from bridge.megatron.parallel import init_distributed
+    from bridge.training.lora_checkpoint import load_lora_checkpoint
+
+    init_distributed()
+    if dist.get_world_size() > 1:
+        raise ValueError("a LoRA checkpoint is verified in one process (its adapters go onto the base at TP=PP=1): drop --tp/--pp")
+    lora_bridge, model = load_lora_checkpoint(args.other, args.iteration, base=bridge.hf_folder, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="hfmb-verify-") as tmp:
+        save_peft_adapter(model, lora_bridge, Path(tmp) / "adapter")
+        with elapsed_bar("peft forward"):
+            reference = peft_reference(bridge.hf_folder, Path(tmp) / "adapter", tokens)
+    what = f"the LoRA checkpoint {args.other.absolute()} (its adapters on the base, float32)"
+    return model, what, lambda: reference
+
+
 def _verify_forward(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -174,10 +200,16 @@ def _verify_forward(args: argparse.Namespace) -> int:
     from bridge.megatron import checkpoint as mc
     from bridge.megatron.foreign_checkpoint import checkpoint_record
     from bridge.runtime.rank_errors import on_rank0
+    from bridge.training.lora_checkpoint import saved_lora_record
 
     bridge = AutoBridge.from_hf_pretrained(args.hf, dtype=torch.float32)
     tokens, token_text = _tokens(args, bridge)
-    if args.other is not None:
+    reference_of = lambda: hf_reference(bridge.hf_folder, tokens)  # noqa: E731
+    reference_text = f"transformers ({bridge.hf_folder})"
+    if args.other is not None and saved_lora_record(args.other, args.iteration) is not None:
+        model, what, reference_of = _lora_model_and_reference(args, bridge, tokens)
+        reference_text = f"peft on transformers ({bridge.hf_folder} + the checkpoint's adapters)"
+    elif args.other is not None:
         ckpt = args.other.absolute()
         # A checkpoint written elsewhere has no record of its HF config: the reference folder is it.
         own_record = (ckpt / mc.SOURCE_INFO).exists()
@@ -196,7 +228,7 @@ def _verify_forward(args: argparse.Namespace) -> int:
 
     def run_reference() -> None:
         with elapsed_bar("transformers forward"):
-            reference.extend(hf_reference(bridge.hf_folder, tokens))
+            reference.extend(reference_of())
 
     on_rank0(run_reference, share=False)
     with elapsed_bar("Megatron-Core forward"):
@@ -216,7 +248,7 @@ def _verify_forward(args: argparse.Namespace) -> int:
         load_problems = {k: v for k, v in load_info.items() if v}
         if load_problems:
             failures.append(f"transformers does not load {args.hf} cleanly: {load_problems}")
-        report(f"hfmb verify: transformers ({bridge.hf_folder}) vs {what}")
+        report(f"hfmb verify: {reference_text} vs {what}")
         report(f"Megatron-Core at {sizes_text(parallel_sizes(args))} on {dist.get_world_size()} rank(s); both in float32")
         report(f"tokens: {token_text}\n")
         report(comparison.format(thresholds))

@@ -87,14 +87,18 @@ def export_layout(
     typed = [(name, tensor.to(pick(name, tensor.dtype))) for name, tensor in plan.exported_meta()]
     stored = [pair for name, tensor in typed for pair in (encoding.meta(name, tensor) if encoding else [(name, tensor)])]
     kept = [(name, torch.empty(source.shape, dtype=source.dtype, device="meta")) for name, source in (carried or {}).items()]
+    kept = [pair for name, tensor in kept for pair in (encoding.meta(name, tensor) if encoding else [(name, tensor)])]
     return ShardLayout(stored + kept, max_shard_bytes)
 
 
-def write_carried(sink, carried: Mapping[str, TensorSource], release: Callable[[], None] | None = None) -> None:
-    """Each carried tensor read whole from its source and written as it is, one at a time (``release``: drop the
-    source's mapped window after each)."""
+def write_carried(sink, carried: Mapping[str, TensorSource], release: Callable[[], None] | None = None, encoding=None) -> None:
+    """Each carried tensor read whole from its source and written as it is (as ``encoding`` stores it: an FP8
+    source's weights back in FP8), one at a time (``release``: drop the source's mapped window after each)."""
     for name, source in carried.items():
-        sink.add(name, source.narrow(0, 0, source.shape[0]) if len(source.shape) else source.select_slice(()))
+        tensor = source.narrow(0, 0, source.shape[0]) if len(source.shape) else source.select_slice(())
+        for stored, value in encoded(encoding, name, tensor):
+            sink.add(stored, value)
+        del tensor
         if release is not None:
             release()
 

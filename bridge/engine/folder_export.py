@@ -99,7 +99,7 @@ def write_hf_folder(
                     error = err
         if rank == 0 and carried and error is None:
             try:
-                write_carried(sink, carried, release)
+                write_carried(sink, carried, release, encoding)
             except Exception as err:
                 error = err
         if sink is not None and error is None:

@@ -289,6 +289,6 @@ def export_hf_folder(
                                 writer.add(stored, value)
                         progress.update(1)
                     del loaded
-            write_carried(writer, carried or {}, release)
+            write_carried(writer, carried or {}, release, encoding)
             writer.finish(config, side_files, check=None if check is None else bounded_check)
     return bool(checked), streaming.Streamed(budget, peak.peak, peak.exact)

@@ -5,7 +5,8 @@
 planner builds each chunk from the HF files through its parameter's mapping (the ``hf_to_megatron``
 the in-memory load runs) when torch's serial file writer asks for it, and frees it once written.
 What it holds for each parameter (``_held``): the parameter, a part of it written as a tensor of its
-own, and the pages of its HF tensors mapped (with one window of ``WINDOW_BYTES``); beside the parsed
+own, the pages of its HF tensors mapped (with one window of ``WINDOW_BYTES``) and the decoded copies of
+those read through a quantization view (``decode_bytes``: FP8 block-scaled weights); beside the parsed
 headers of the HF files. A budget below the largest of those with the margin is refused before
 anything is written, naming the parameter and the budget that would do.
 """
@@ -93,7 +94,10 @@ def _held(plan: TransferPlan, entry: PlanEntry, reader: SafetensorsReader, chunk
     whole = tensor_bytes(entry.local_shape, entry.dtype)
     parts = [sh.data.numel() * entry.dtype.itemsize for sh in chunks if tuple(sh.data.shape) != tuple(entry.local_shape)]
     mapped = sum(reader.lazy(name).nbytes for name in plan.mapping(entry).hf_names) + WINDOW_BYTES
-    return [("the parameter", whole), ("a part of it written on its own", max(parts, default=0)), ("the HF files' mapped pages", mapped)]
+    # A quantized HF tensor read through a view (FP8 blocks) comes as a decoded copy, made with temporaries of its own.
+    decoded = sum(getattr(reader.lazy(name), "decode_bytes", 0) for name in plan.mapping(entry).hf_names)
+    held = [("the parameter", whole), ("a part of it written on its own", max(parts, default=0)), ("the HF files' mapped pages", mapped)]
+    return held + ([("its quantized HF tensors decoded", decoded)] if decoded else [])
 
 
 class _HFSource:
@@ -107,7 +111,7 @@ class _HFSource:
 
     def __init__(self, bridge, plan: TransferPlan, reopen_bytes: int, nonfinite: dict[str, NonFinite]):
         self.plan = plan
-        self.reader = SafetensorsReader(bridge.hf_folder, bridge.model_bridge.hf_views, reopen_bytes=reopen_bytes)
+        self.reader = SafetensorsReader(bridge.hf_folder, bridge.reader_views, reopen_bytes=reopen_bytes)
         self.nonfinite = nonfinite
         self._counted: set[str] = set()
 
@@ -247,7 +251,7 @@ def import_checkpoint(
     budget = budget_of(max_memory)
     headers = _header_memory(Path(bridge.hf_folder), budget)  # before any header is parsed
     model, plan, state = meta_model(bridge, vocab_divisible_by=vocab_divisible_by)
-    validate_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore)
+    validate_checkpoint(plan, bridge.reader, bridge.model_bridge.hf_ignore, bridge.model_bridge.hf_carried)
     _check_budget(plan, bridge.reader, state, headers, budget)
     params = {entry.name: (entry, plan.local[entry.name].param) for entry in plan.entries}
     state.update(checkpoint_version=3.0, iteration=0)  # as Megatron-LM's save_checkpoint stores them

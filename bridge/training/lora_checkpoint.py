@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bridge.lora import LoraConfig, apply_lora, lora_config_of
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError
@@ -90,25 +92,34 @@ def _is_adapter_entry(entry: Any) -> bool:
     return is_adapter_param(getattr(entry, "data", None))
 
 
-def load_lora_checkpoint(root: str | Path, iteration: int | None | str = "latest", base: str | Path | None = None):
+def saved_lora_record(root: str | Path, iteration: int | None | str = "latest") -> dict[str, Any] | None:
+    """The LoRA record of a saved iteration (its adapters' config and base model), or None for a checkpoint of full weights."""
+    from megatron.core import dist_checkpointing
+
+    _, folder = megatron_checkpoint.complete_iteration(root, iteration)
+    return (dist_checkpointing.load_common_state_dict(str(folder)).get("train_state") or {}).get("lora")
+
+
+def load_lora_checkpoint(
+    root: str | Path, iteration: int | None | str = "latest", base: str | Path | None = None, dtype: torch.dtype | None = None
+):
     """``(bridge, model)``: the base rebuilt from its HF folder in this process (TP=PP=1) with a LoRA training
     checkpoint's adapters loaded onto it, ready for ``save_peft_adapter`` or ``save_merged_hf_pretrained``.
 
-    ``base``: the HF folder of the base (default: the one the checkpoint records). Raises
-    ``MegatronCheckpointError`` for a checkpoint without LoRA adapters, naming it.
+    ``base``: the HF folder of the base (default: the one the checkpoint records); ``dtype``: the model's
+    (default: the base's stored one). Raises ``MegatronCheckpointError`` for a checkpoint without LoRA
+    adapters, naming it.
     """
-    from megatron.core import dist_checkpointing
-
     from bridge import AutoBridge
 
     iteration, folder = megatron_checkpoint.complete_iteration(root, iteration)
-    record = (dist_checkpointing.load_common_state_dict(str(folder)).get("train_state") or {}).get("lora")
+    record = saved_lora_record(root, iteration)
     if record is None:
         raise MegatronCheckpointError(f"{folder} holds no LoRA adapters (export it without --adapter/--merge)")
     base = base or record.get("base_model")
     if not base:
         raise MegatronCheckpointError(f"{folder} does not record its base model: name its HF folder (--hf-config)")
-    bridge = AutoBridge.from_hf_pretrained(base)
+    bridge = AutoBridge.from_hf_pretrained(base, dtype=dtype)
     model = bridge.to_megatron_model(load_weights=True)
     apply_lora(model, bridge, config_of_record(record))
     adapters, _ = split_model_state(megatron_checkpoint.model_state_dict(model))

@@ -1,0 +1,77 @@
+"""Tensors no mapping converts that exports carry unchanged: DeepSeek-V3's and GLM-4.5's multi-token-prediction layers.
+
+The released checkpoints hold them after the decoder (``model.layers.{num_hidden_layers}``); transformers drops
+them at load. A conversion must never lose them silently: ``hfmb plan`` says they are carried, ``hfmb import`` and
+``hfmb export`` (streamed) and the in-memory ``save_hf_pretrained`` write them back bit for bit, and an export
+whose source folder no longer holds them is refused, naming them, before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from bridge.runtime.local_launch import run_distributed
+from tests.commands import hfmb
+from tests.edited_checkpoints import with_mtp_layer
+from tests.tiny_checkpoints import build_tiny_checkpoint
+
+pytestmark = pytest.mark.distributed  # hfmb processes and ranks
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "glm4_moe"])
+def with_mtp(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, with_mtp_layer(build_tiny_checkpoint(request.param, root / "plain", dtype=torch.float32), root / "hf")
+
+
+def test_plan_says_the_mtp_layer_is_carried(with_mtp):
+    name, hf = with_mtp
+    planned = hfmb("plan", str(hf))
+    assert planned.returncode == EXIT_OK, planned.stdout + planned.stderr
+    assert "carried unchanged into exports, not converted" in planned.stdout
+    assert "model.layers.4.eh_proj.weight" in planned.stdout or "model.layers.4." in planned.stdout
+
+
+def test_import_and_export_carry_the_mtp_layer_bit_for_bit(with_mtp, tmp_path):
+    from bridge.checks.verify import compare_hf_folders
+
+    name, hf = with_mtp
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    for argv in (("import", str(hf), str(ckpt)), ("export", str(ckpt), str(out))):
+        done = hfmb(*argv)
+        assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    assert "transformers load report: empty" in done.stdout  # the MTP layer is unexpected to transformers, as released
+    assert compare_hf_folders(hf, out) == []
+
+
+def _save(src: str, out: str) -> None:
+    from bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(src)
+    bridge.save_hf_pretrained(bridge.to_megatron_model(tp=2), out)
+
+
+def test_in_memory_export_carries_the_mtp_layer(with_mtp, tmp_path):
+    from bridge.checks.verify import compare_hf_folders
+
+    name, hf = with_mtp
+    run_distributed(_save, 2, str(hf), str(tmp_path / "out"))
+    assert compare_hf_folders(hf, tmp_path / "out") == []
+
+
+def test_export_whose_source_lost_the_mtp_layer_is_refused_by_name(with_mtp, tmp_path):
+    name, hf = with_mtp
+    moved, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    shutil.copytree(hf, moved)
+    imported = hfmb("import", str(moved), str(ckpt))
+    assert imported.returncode == EXIT_OK, imported.stdout + imported.stderr
+    shutil.rmtree(moved)
+    refused = hfmb("export", str(ckpt), str(out))
+    assert refused.returncode == EXIT_BAD_INPUT, refused.stdout + refused.stderr
+    assert "model.layers.4." in refused.stderr and "which is gone" in refused.stderr
+    assert not out.exists()
