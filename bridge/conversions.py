@@ -272,46 +272,28 @@ def export_megatron_checkpoint(
         config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype, encoding and encoding.config)
         source_dtypes = {name: dtype_named(d) for name, d in info.get("hf_dtypes", {}).items()}
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
-        carried, release = carried_from_source(info, source)
         check = None
         if load_check and not _unloadable(encoding):
             check = functools.partial(check_loads_in_transformers, carried=bridge.model_bridge.hf_carried)
+        carried, release = carried_from_source(info, source)
+        folder = dict(  # what both exports write besides the model's tensors, and how
+            config=config,
+            side_files=side,
+            target_dtype=target_dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            encoding=encoding,
+            carried=carried,
+            release=release,
+        )
         if stream:
-            checked, streamed = _stream_export(
-                bridge,
-                ckpt,
-                out,
-                info,
-                iteration,
-                target_dtype,
-                config,
-                side,
-                check,
-                budget,
-                max_shard_size,
-                overwrite,
-                encoding,
-                carried,
-                release,
-            )
+            checked, streamed = _stream_export(bridge, ckpt, out, info, iteration, check, budget, folder)
             how = f"streamed ({streamed.text()})"
         else:
             from bridge.engine.folder_export import write_hf_folder
 
             model = load_megatron_checkpoint(bridge, ckpt, info, sizes, iteration)
-            write_hf_folder(
-                bridge.plan(model),
-                out,
-                config=config,
-                side_files=side,
-                target_dtype=target_dtype,
-                check=_with_bar(check, "checking the folder (loading it in transformers)"),
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-                encoding=encoding,
-                carried=carried,
-                release=release,
-            )
+            write_hf_folder(bridge.plan(model), out, check=_with_bar(check, "checking the folder (loading it in transformers)"), **folder)
             checked, how = check is not None, f"read at {sizes_text(sizes)}"
     index = metadata.read_json(out / "model.safetensors.index.json")
     shards = len(set(index["weight_map"].values()))
@@ -356,24 +338,9 @@ def _unloadable(encoding) -> bool:
     return bool(reason)
 
 
-def _stream_export(
-    bridge,
-    ckpt: Path,
-    out: Path,
-    info: dict,
-    iteration,
-    target_dtype,
-    config,
-    side,
-    check,
-    budget,
-    max_shard_size,
-    overwrite,
-    encoding,
-    carried,
-    release,
-) -> tuple[bool, Streamed]:
-    """The bounded-memory export (one process); returns whether transformers' load check ran, and the peak it measured."""
+def _stream_export(bridge, ckpt: Path, out: Path, info: dict, iteration, check, budget, folder: dict) -> tuple[bool, Streamed]:
+    """The bounded-memory export (one process) with ``folder``'s settings (``export_hf_folder``'s keywords); returns whether
+    transformers' load check ran, and the peak it measured."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     from bridge.megatron.streaming_export import export_hf_folder
@@ -386,15 +353,8 @@ def _stream_export(
             padded_vocab_size=int(info["padded_vocab_size"]),
             iteration=iteration,
             max_memory=budget,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            target_dtype=target_dtype,
-            config=config,
-            side_files=side,
             check=check,
-            encoding=encoding,
-            carried=carried,
-            release=release,
+            **folder,
         )
     except CheckpointException as err:  # dist_checkpointing's read errors: say what did not fit
         raise mc.MegatronCheckpointError(
