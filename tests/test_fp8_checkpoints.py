@@ -24,7 +24,9 @@ from tests.tiny_checkpoints import build_tiny_checkpoint
 
 BLOCK = (32, 32)
 # name → (tiny family, overrides): Qwen3's MLP is 48 wide, so gate/up rows and down columns end in a half block.
-FAMILIES = {"qwen3": ("qwen3", {"intermediate_size": 48}), "glm4_moe": ("glm4_moe", {})}
+# DeepSeek-V3's latent projections (kv_a_proj_with_mqa: 16 + 8 rows) end in partial blocks too.
+FAMILIES = {"qwen3": ("qwen3", {"intermediate_size": 48}), "glm4_moe": ("glm4_moe", {}), "deepseek_v3": ("deepseek_v3", {})}
+PARTIAL_BLOCKS = {"qwen3", "deepseek_v3"}  # transformers misreads them on a CPU: compared with the dequantized fp32 folder
 TOKENS = torch.randint(0, VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
@@ -277,11 +279,12 @@ def test_a_plain_export_writes_the_dequantized_bf16_checkpoint_transformers_load
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_logits_match_transformers(matrix, folders, case):
     """transformers (5.24) dequantizes FP8 on CPU with a block of rows // scale rows, which misreads partial blocks:
-    Qwen3's (48-wide MLP) is compared with its fp32 dequantized checkpoint, GLM's whole blocks with the FP8 folder."""
+    Qwen3's (48-wide MLP) and DeepSeek-V3's are compared with their fp32 dequantized checkpoints, GLM's whole
+    blocks with the FP8 folder."""
     from transformers import AutoModelForCausalLM
 
     name = case.rsplit("-", 1)[0]
-    folder = folders[name]["fp32" if name == "qwen3" else "fp8"]
+    folder = folders[name]["fp32" if name in PARTIAL_BLOCKS else "fp8"]
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(TOKENS).logits
     got = matrix[0][case]["logits"]
