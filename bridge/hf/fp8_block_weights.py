@@ -158,7 +158,7 @@ class Fp8BlockWeights:
 
     def expand(self, name: str, base, stored: Mapping[str, object]) -> dict | None:
         # The weight is presented under its own name through its scales' entry: the reader drops the stored name a
-        # view expands, and keeps the name when the view leaves it alone.
+        # view expands (the scales'), and the weight's name keeps its own file.
         if not name.endswith(SCALE):
             if base.dtype.itemsize == 1 and base.dtype.is_floating_point and name + SCALE not in stored:
                 raise CheckpointError(

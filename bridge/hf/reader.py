@@ -292,7 +292,8 @@ class SafetensorsReader:
                 expanded = view.expand(name, self._stored[name], self._stored)
                 if expanded is not None:  # {}: a tensor the view reads through another's
                     self._virtual.update(expanded)
-                    self._file_of.update({virtual: self._file_of[name] for virtual in expanded})
+                    # a tensor presented under a stored name (an FP8 weight, through its scales) keeps that tensor's file
+                    self._file_of.update({virtual: self._file_of.get(virtual, self._file_of[name]) for virtual in expanded})
                     del self._file_of[name]
                     break
 
