@@ -130,6 +130,40 @@ def test_files_whose_bytes_the_writers_do_not_add_up_to_are_refused():
         layout.check_written([{0: sizes[0]}, {1: sizes[1] + 1, 2: sizes[2]}])
 
 
+def test_stacked_slices_are_written_into_their_one_tensor_by_any_writer_in_any_order(tmp_path):
+    """Slices ``name[i]`` (experts a family stores stacked, gpt-oss) are planned as one ``[n, ...]`` tensor: each writer
+    writes the slices it holds at their offsets, in whatever order, and the file holds the stacked tensor."""
+    gen = torch.Generator().manual_seed(1)
+    experts = torch.randn(4, 24, 40, generator=gen).bfloat16()
+    planned = [("before", torch.randn(7, generator=gen)), *((f"w[{e}]", experts[e]) for e in range(4)), ("after", torch.ones(3))]
+    layout = ShardLayout([(name, _meta(t)) for name, t in planned], 10**9)
+    assert layout.shapes() == {"before": (7,), "w": (4, 24, 40), "after": (3,)}
+    layout.create(tmp_path)
+    first, second = LayoutWriter(tmp_path, layout), LayoutWriter(tmp_path, layout)
+    for name, tensor in [planned[0], planned[3], planned[1], planned[5]]:
+        first.add(name, tensor)
+    for name, tensor in [planned[4], planned[2]]:
+        second.add(name, tensor)
+    first.close()
+    second.close()
+    layout.check_written([first.written_bytes, second.written_bytes])
+    (path,) = [tmp_path / f.name for f in layout.files]
+    os.replace(path, tmp_path / "model.safetensors")
+    assert same_bits(load_file(tmp_path / "model.safetensors")["w"], experts)
+
+
+@pytest.mark.parametrize(
+    "slices,message",
+    [
+        ([0, 2], r"tensor w: the export has slices \[0, 2\] of it, not 0 to 1"),
+        ([0, 0], r"tensor w\[0\] is exported twice"),
+    ],
+)
+def test_stacked_slices_that_do_not_make_a_whole_tensor_are_refused(slices, message):
+    with pytest.raises(ValueError, match=message):
+        ShardLayout([(f"w[{i}]", torch.empty(2, 3, device="meta")) for i in slices], 10**9)
+
+
 def test_a_name_planned_twice_is_refused():
     norm = torch.empty(4, device="meta")
     with pytest.raises(ValueError, match="tensor x is exported twice"):
