@@ -114,6 +114,17 @@ def moe_config(
     )
 
 
+def dense_first_layers(hf_config: PretrainedConfig) -> list[bool]:
+    """Which layers are MoE in DeepSeek's and GLM's checkpoints: all but the first ``first_k_dense_replace``."""
+    dense = getattr(hf_config, "first_k_dense_replace", 0) or 0
+    return [i >= dense for i in range(hf_config.num_hidden_layers)]
+
+
+def shared_expert_ffn(hf_config: PretrainedConfig) -> int | None:
+    """DeepSeek's and GLM's shared experts as one MLP: ``n_shared_experts`` of ``moe_intermediate_size`` each."""
+    return (hf_config.moe_intermediate_size * hf_config.n_shared_experts) or None
+
+
 # The sigmoid router's correction bias on disk: Megatron-Core's expert_bias buffer, float32 whatever the parameters' dtype.
 CORRECTION_BIAS = r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias"
 

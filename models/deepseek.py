@@ -31,10 +31,18 @@ from bridge.models.blocks import (
     routed_experts,
     shared_experts,
 )
-from bridge.models.config import CORRECTION_BIAS, check_gated_silu, decoder_config, gated_mlp_config, moe_config, sigmoid_router_config
-from bridge.models.glm import dense_first_layers, shared_expert_ffn
+from bridge.models.config import (
+    CORRECTION_BIAS,
+    check_gated_silu,
+    decoder_config,
+    dense_first_layers,
+    gated_mlp_config,
+    moe_config,
+    shared_expert_ffn,
+    sigmoid_router_config,
+)
 from bridge.models.registry import register_bridge
-from bridge.models.rope import ROTARY_BUFFERS, rope_parameters
+from bridge.models.rope import ROTARY_BUFFERS, rope_parameters, yarn_parameters
 
 from bridge.model_bridge import ModelBridge
 
@@ -93,20 +101,19 @@ class _DeepseekBridge(ModelBridge):
             return dict(rope_type="rope", rotary_base=rope["rope_theta"], rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
         if kind != "yarn":
             raise self.unsupported("rope_parameters.rope_type", kind, "MLA is mapped with YaRN or without scaling")
-        if not rope.get("truncate", True):
+        yarn = yarn_parameters(self, rope)
+        if not yarn.truncate:
             raise self.unsupported("rope_parameters.truncate", False, "MLA's YaRN always rounds its correction range")
-        original = rope.get("original_max_position_embeddings") or self.hf_config.max_position_embeddings
-        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         return dict(
             rope_type="yarn",
             rotary_base=rope["rope_theta"],
-            rotary_scaling_factor=float(rope.get("factor") or self.hf_config.max_position_embeddings / original),
-            original_max_position_embeddings=int(original),
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
-            # transformers scales cos/sin by mscale / mscale_all_dim only when both are set; MLA does when given mscale
-            mscale=float(mscale) if mscale and mscale_all_dim else None,
-            mscale_all_dim=float(mscale_all_dim or 0.0),
+            rotary_scaling_factor=yarn.factor,
+            original_max_position_embeddings=yarn.original_max_position_embeddings,
+            beta_fast=yarn.beta_fast,
+            beta_slow=yarn.beta_slow,
+            # MLA scales cos/sin by the ratio when given mscale; its softmax scale uses mscale_all_dim alone, as HF's
+            mscale=yarn.mscale if yarn.ratio_set else None,
+            mscale_all_dim=yarn.mscale_all_dim or 0.0,
         )
 
     def router_config(self) -> dict[str, Any]:

@@ -30,26 +30,16 @@ from bridge.models.config import (
     attention_config,
     check_gated_silu,
     decoder_config,
+    dense_first_layers,
     gated_mlp_config,
     moe_config,
+    shared_expert_ffn,
     sigmoid_router_config,
 )
 from bridge.models.registry import register_bridge
 from bridge.models.rope import RotaryBridge, check_rope
-from transformers import PretrainedConfig
 
 SHARED = MLPNames(prefix="mlp.shared_experts.")
-
-
-def dense_first_layers(hf_config: PretrainedConfig) -> list[bool]:
-    """Which layers are MoE: all but the first ``first_k_dense_replace``."""
-    dense = getattr(hf_config, "first_k_dense_replace", 0) or 0
-    return [i >= dense for i in range(hf_config.num_hidden_layers)]
-
-
-def shared_expert_ffn(hf_config: PretrainedConfig) -> int | None:
-    """The shared experts as one MLP: ``n_shared_experts`` of ``moe_intermediate_size`` each."""
-    return (hf_config.moe_intermediate_size * hf_config.n_shared_experts) or None
 
 
 @register_bridge("Glm4MoeForCausalLM")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.models.config import head_dim
@@ -78,34 +79,67 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def yarn_config(bridge: ModelBridge, rope: dict[str, Any]) -> dict[str, Any]:
-    """The ``TransformerConfig`` fields GPTModel's YaRN rotary embedding reads, from HF's YaRN parameters.
+@dataclass(frozen=True)
+class YarnParameters:
+    """HF's YaRN settings with transformers' defaults filled in, as both Megatron-Core YaRN embeddings read them
+    (GPTModel's: ``yarn_config``; multi-latent attention's own: ``models.deepseek``)."""
 
-    Both compute the same frequencies (HF's ``truncate`` is Megatron-Core's
-    ``correction_range_round_to_int``) and scale cos/sin by the same attention factor: HF's
-    ``mscale / mscale_all_dim`` ratio when both are set, else ``0.1·ln(factor) + 1``, which is what
-    Megatron-Core computes when it is given neither. An explicit ``attention_factor`` other than that
-    one has no Megatron-Core field.
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    mscale: float | None  # HF's; cos/sin are scaled by mscale / mscale_all_dim only when both are set
+    mscale_all_dim: float | None
+    truncate: bool  # round the correction range (Megatron-Core: correction_range_round_to_int)
+
+    @property
+    def ratio_set(self) -> bool:
+        return bool(self.mscale and self.mscale_all_dim)
+
+
+def yarn_parameters(bridge: ModelBridge, rope: dict[str, Any]) -> YarnParameters:
+    """The YaRN settings of ``rope``; refuses what Megatron-Core's YaRN cannot express, by setting.
+
+    Megatron-Core scales cos/sin by HF's ``mscale / mscale_all_dim`` ratio when given both, else by
+    ``0.1·ln(factor) + 1``, as transformers does; an explicit ``attention_factor`` other than that one has
+    no Megatron-Core field.
     """
-    c = bridge.hf_config
     original = rope.get("original_max_position_embeddings")
     if not original:
         raise bridge.unsupported("rope_parameters.original_max_position_embeddings", original, "YaRN needs the pretraining length")
-    factor = float(rope.get("factor") or c.max_position_embeddings / original)
+    factor = float(rope.get("factor") or bridge.hf_config.max_position_embeddings / original)
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    both = bool(mscale and mscale_all_dim)
-    attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if both else _yarn_mscale(factor)
+    params = YarnParameters(
+        factor=factor,
+        original_max_position_embeddings=int(original),
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=None if mscale is None else float(mscale),
+        mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim),
+        truncate=bool(rope.get("truncate", True)),
+    )
+    attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if params.ratio_set else _yarn_mscale(factor)
     given = rope.get("attention_factor")
     if given is not None and float(given) != attention:
         raise bridge.unsupported("rope_parameters.attention_factor", given, f"Megatron-Core's YaRN scales by {attention} here")
+    return params
+
+
+def yarn_config(bridge: ModelBridge, rope: dict[str, Any]) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields GPTModel's YaRN rotary embedding reads (``YarnTransformerConfig``).
+
+    Both compute the same frequencies (HF's ``truncate`` is Megatron-Core's ``correction_range_round_to_int``);
+    ``yarn_mscale``/``yarn_mscale_all_dim`` None makes Megatron-Core scale cos/sin as HF does without the ratio.
+    """
+    yarn = yarn_parameters(bridge, rope)
     return dict(
-        yarn_rotary_scaling_factor=factor,
-        yarn_original_max_position_embeddings=int(original),
-        yarn_beta_fast=float(rope.get("beta_fast") or 32),
-        yarn_beta_slow=float(rope.get("beta_slow") or 1),
-        yarn_mscale=float(mscale) if both else None,
-        yarn_mscale_all_dim=float(mscale_all_dim) if both else None,
-        yarn_correction_range_round_to_int=bool(rope.get("truncate", True)),
+        yarn_rotary_scaling_factor=yarn.factor,
+        yarn_original_max_position_embeddings=yarn.original_max_position_embeddings,
+        yarn_beta_fast=yarn.beta_fast,
+        yarn_beta_slow=yarn.beta_slow,
+        yarn_mscale=yarn.mscale if yarn.ratio_set else None,
+        yarn_mscale_all_dim=yarn.mscale_all_dim if yarn.ratio_set else None,
+        yarn_correction_range_round_to_int=yarn.truncate,
     )
 
 

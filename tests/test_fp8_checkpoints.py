@@ -328,30 +328,15 @@ BIG_QWEN3 = dict(
     num_key_value_heads=4,
     head_dim=64,
 )
-BUDGET = "64MB"
 
 
 @pytest.mark.distributed
 def test_an_fp8_checkpoint_streams_within_the_budget_and_comes_back_byte_for_byte(tmp_path):
     import shutil
 
-    from bridge.checks.verify import compare_hf_folders
-    from bridge.runtime.sizes import parse_size
-    from tests.test_bounded_memory import _measure
+    from tests.test_bounded_memory import convert_within_budget
 
-    budget = parse_size(BUDGET)
     source = build_tiny_checkpoint("qwen3", tmp_path / "bf16", **BIG_QWEN3)
     hf = fp8_copy(source, tmp_path / "fp8")
     shutil.rmtree(source)
-    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    imported = _measure("import", str(hf), str(ckpt), "--max-memory", BUDGET)
-    assert imported["code"] == 0, imported["err"]
-    size = sum(path.stat().st_size for path in (ckpt / "release").rglob("*") if path.is_file())
-    assert size > 3 * budget, size
-    exported = _measure("export", str(ckpt), str(out), "--max-memory", BUDGET, "--quantize", "fp8")
-    assert exported["code"] == 0, exported["err"]
-    for step, measured in (("import", imported), ("export", exported)):
-        over = measured["peak"] - measured["baseline"]
-        print(f"Qwen3 FP8 {step}: checkpoint {size / 2**20:.0f} MiB, peak RSS over the imports {over / 2**20:.1f} MiB of {BUDGET}")
-        assert over < budget, f"{step}: peak RSS {over / 2**20:.1f} MiB above the imports, over the {BUDGET} budget"
-    assert compare_hf_folders(hf, out) == []  # FP8 weights and their scales as stored
+    convert_within_budget(hf, tmp_path, "Qwen3 FP8", 3, "--quantize", "fp8")  # FP8 weights and their scales as stored
