@@ -24,8 +24,10 @@ from bridge.mappings import materialize
 from bridge.mappings.hf_views import stacked_slice_name
 
 BLOCKS, SCALES = "_blocks", "_scales"
-# Groups an encoding quantizes at a time: its float32 temporaries stay a few MiB whatever the tensor.
+# Groups a read decodes, or an encoding quantizes, at a time: the temporaries stay a few MiB whatever the tensor.
 GROUPS_PER_STEP = 1 << 12
+# Those temporaries at most: six float32 values per element (encoding; decoding's int64 nibble indices take less).
+GROUP_STEP_BYTES = 6 * GROUPS_PER_STEP * GROUP * 4
 
 
 class Mxfp4ExpertSlice:
@@ -41,6 +43,12 @@ class Mxfp4ExpertSlice:
     def nbytes(self) -> int:
         return self.shape.numel() * self.dtype.itemsize
 
+    @property
+    def decode_bytes(self) -> int:
+        """What reading all of it holds beside the mapped blocks: the decoded copy and one step of groups' temporaries
+        (a streamed import counts it in its budget)."""
+        return self.nbytes + GROUP_STEP_BYTES
+
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         e = slice(self.expert, self.expert + 1)
         if dim == 1:  # output features: rows of W, whole groups
@@ -55,7 +63,7 @@ class Mxfp4ExpertSlice:
     def _decode(self, index: tuple[slice, slice], groups: slice) -> torch.Tensor:
         blocks = self.blocks.select_slice((*index, groups, slice(None)))[0]
         scales = self.scales.select_slice((*index, groups))[0]
-        return dequantize_mxfp4(blocks, scales, self.dtype)
+        return dequantize_mxfp4(blocks, scales, self.dtype, GROUPS_PER_STEP)
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class Mxfp4Encoding:
         values decoded, the output, and the float32 temporaries of one step of groups."""
         if self._split(name) is None:
             return 0
-        return 2 * tensor.numel() * tensor.dtype.itemsize + tensor.numel() * 2 + 6 * GROUPS_PER_STEP * GROUP * 4
+        return 2 * tensor.numel() * tensor.dtype.itemsize + tensor.numel() * 2 + GROUP_STEP_BYTES
 
     def encode(self, name: str, tensor) -> list[tuple[str, torch.Tensor]]:
         split = self._split(name)
