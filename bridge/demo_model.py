@@ -55,7 +55,7 @@ def save_random_checkpoint(config, out_dir: str | Path, *, dtype: torch.dtype, s
             if name.endswith("e_score_correction_bias"):  # the routers' correction bias (DeepSeek-V3, GLM-4.5)
                 buffer.add_(torch.randn_like(buffer) * 0.1)
     model.to(dtype).save_pretrained(out_dir, save_original_format=save_original_format)
-    demo_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    demo_tokenizer(config.get_text_config().vocab_size).save_pretrained(out_dir)
     return Path(out_dir)
 
 

@@ -38,6 +38,8 @@ class ModelBridge:
     # False: built from Megatron-Core's local modules on GPUs with Transformer Engine too (a mapping relies on
     # the local spec's TP layout of some parameter).
     transformer_engine_layers: bool = True
+    # Why LoRA adapters are refused for this family, if they are.
+    lora_refusal: str | None = None
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config

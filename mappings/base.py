@@ -254,6 +254,12 @@ class ParamMapping:
         bound.hf_param = {role: _fill(pattern, match.groups()) for role, pattern in self.hf_param.items()}
         return bound
 
+    def under_prefix(self, prefix: str) -> "ParamMapping":
+        """A copy whose HF tensors are named ``prefix`` + the names of this one."""
+        moved = copy.copy(self)
+        moved.hf_param = {role: prefix + pattern for role, pattern in self.hf_param.items()}
+        return moved
+
     def single(self, hf: Mapping[str, TensorSource]) -> TensorSource:
         return hf[""]
 

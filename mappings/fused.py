@@ -57,6 +57,11 @@ class FusedRowsMapping(ParamMapping):
             bound.inner = self.inner.resolve(megatron_name)
         return bound
 
+    def under_prefix(self, prefix: str) -> "FusedRowsMapping":
+        moved = super().under_prefix(prefix)
+        moved.inner = self.inner.under_prefix(prefix)
+        return moved
+
     def role_blocks(self, fused: TensorSource, ctx: MappingContext) -> dict[str, RowBlock]:
         """Each role's rows of ``fused``, as the inner mapping's HF inputs."""
         rows = self.inner.role_rows(ctx, fused.shape[0])

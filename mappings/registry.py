@@ -18,6 +18,11 @@ class MappingRegistry:
     def __iter__(self):
         return iter(self.mappings)
 
+    def under_prefix(self, prefix: str) -> "MappingRegistry":
+        """The same table for a checkpoint that stores these tensors under ``prefix`` (the text model of a
+        composite checkpoint: ``language_model.`` + ``model.layers.*…``); the Megatron side is unchanged."""
+        return MappingRegistry(mapping.under_prefix(prefix) for mapping in self.mappings)
+
     def find(self, megatron_name: str) -> ParamMapping | None:
         """The mapping bound to ``megatron_name``, or None when no pattern matches."""
         hits = [bound for m in self.mappings if (bound := m.resolve(megatron_name)) is not None]

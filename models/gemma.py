@@ -7,7 +7,8 @@ the MLP's pre-norm is ``pre_feedforward_layernorm``), ``query_pre_attn_scalar`` 
 and sliding windows on the layers ``layer_types`` marks ``sliding_attention``. Gemma 2 soft-caps the
 attention scores and the output logits; Gemma 3 has per-head q/k norms and a rope of its own for the
 sliding layers (``rope_parameters["sliding_attention"]``; the full layers use ``"full_attention"``'s,
-with its scaling). The multimodal ``Gemma3ForConditionalGeneration`` is not mapped.
+with its scaling). Of an image-text ``Gemma3ForConditionalGeneration`` checkpoint the text model is converted
+(stored under ``language_model.``); its vision tower and projector are carried into exports unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bridge.models.rope import RotaryBridge, check_rope, rope_parameters
 from transformers import PretrainedConfig
 
 from bridge.megatron.layers.decoder_shape import DecoderShape
-from bridge.model_bridge import ModelBridge
+from bridge.model_bridge import ModelBridge, UnsupportedArchitectureError
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -132,3 +133,38 @@ class Gemma3Bridge(Gemma2Bridge):
 
     def layer_switches(self) -> dict[str, Any]:
         return {"post_norms": True, "sliding_rope_base": float(self._rope("sliding_attention")["rope_theta"])}
+
+
+@register_bridge("Gemma3ForConditionalGeneration")
+class Gemma3ImageTextBridge(Gemma3Bridge):
+    """The text model of an image-text Gemma 3 checkpoint, which trains here; exports stay complete image-text ones.
+
+    The language model's tensors are stored under ``language_model.`` (``language_model.model.layers.*``, as the
+    Hub's checkpoints and transformers' ``save_pretrained`` write them); the vision tower and the projector,
+    not trained here, are carried from the source folder into each export as they are.
+    """
+
+    TEXT_PREFIX = "language_model."
+    hf_carried = (r"vision_tower\..+", r"multi_modal_projector\..+")
+    lora_refusal = (
+        "peft names the text model's modules model.language_model.* where the checkpoint stores language_model.model.*, "
+        "and its target names (q_proj…) would adapt the vision tower too; LoRA is mapped for text checkpoints "
+        "(Gemma3ForCausalLM) only"
+    )
+
+    def __init__(self, hf_config: PretrainedConfig):
+        self.image_text_config = hf_config
+        text = hf_config.get_text_config()
+        outer, inner = getattr(hf_config, "tie_word_embeddings", None), getattr(text, "tie_word_embeddings", None)
+        if outer is not None and inner is not None and bool(outer) != bool(inner):
+            raise UnsupportedArchitectureError(
+                f"{self.architecture}: config.json's tie_word_embeddings={outer} and text_config.tie_word_embeddings={inner} disagree"
+            )
+        super().__init__(text)
+
+    @property
+    def architecture(self) -> str:
+        return (self.image_text_config.architectures or [type(self).__name__])[0]
+
+    def mapping_registry(self) -> MappingRegistry:
+        return super().mapping_registry().under_prefix(self.TEXT_PREFIX)

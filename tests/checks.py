@@ -166,6 +166,17 @@ def expected_shard(
     return "replicated", hf[p + norms[rest]]
 
 
+IMAGE_TEXT_PREFIX = "language_model."  # where an image-text checkpoint (Gemma 3's) stores its text model
+
+
+def text_model_tensors(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text model's tensors named as in a text checkpoint: an image-text one's ``language_model.`` tensors without it."""
+    prefix = IMAGE_TEXT_PREFIX
+    if not any(name.startswith(prefix) for name in hf):
+        return hf
+    return {name[len(prefix) :]: tensor for name, tensor in hf.items() if name.startswith(prefix)}
+
+
 def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE_NAMES["qwen"]) -> tuple[list[str], dict[str, int]]:
     """Compare every parameter on this rank with its independently computed expected shard.
 
@@ -176,13 +187,14 @@ def check_model_shards(model, bridge, hf: dict[str, torch.Tensor], moe_names=MOE
     from bridge.megatron.chunks import global_names, unwrap_chunks
 
     problems, kinds = [], {}
+    hf = text_model_tensors(hf)
     for chunk in unwrap_chunks(model):
         names = global_names(chunk)
         for local_name, param in chunk.named_parameters():
             kind, want = expected_shard(
                 names[local_name],
                 hf,
-                groups=bridge.hf_config.num_key_value_heads,
+                groups=bridge.model_bridge.hf_config.num_key_value_heads,
                 tied=bridge.model_bridge.tie_word_embeddings,
                 tp=parallel_state.get_tensor_model_parallel_world_size(),
                 rank=parallel_state.get_tensor_model_parallel_rank(),

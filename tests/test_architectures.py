@@ -25,7 +25,7 @@ from bridge.mappings.hf_views import split_stacked_name
 from safetensors.torch import load_file
 
 from bridge import AutoBridge, UnsupportedArchitectureError
-from tests.checks import MOE_NAMES, expected_shard, same_bits
+from tests.checks import IMAGE_TEXT_PREFIX, MOE_NAMES, expected_shard, same_bits, text_model_tensors
 from tests.tiny_checkpoints import TINY_MODELS, TINY_MOE_MODELS, build_tiny_checkpoint
 
 MODELS = [*TINY_MODELS, *TINY_MOE_MODELS]
@@ -56,6 +56,15 @@ def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {name: tensor for path in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(path).items()}
 
 
+def _text_model(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """config.json, the tensors of the text model and the prefix they are stored under: for an image-text
+    checkpoint, its ``text_config`` and ``language_model.`` tensors (named without it)."""
+    cfg, hf = _config(folder), _hf_tensors(folder)
+    if "text_config" not in cfg:
+        return cfg, hf, ""
+    return cfg["text_config"], text_model_tensors(hf), IMAGE_TEXT_PREFIX
+
+
 def _layer_tensors(hf: dict[str, torch.Tensor], layer: int) -> set[str]:
     prefix = f"model.layers.{layer}."
     return {name[len(prefix) :] for name in hf if name.startswith(prefix)}
@@ -73,7 +82,7 @@ def _is_moe_layer(hf: dict[str, torch.Tensor], layer: int) -> bool:
 def test_config_translation_carries_the_hf_values(folders, name):
     """Each Megatron field against config.json, or the saved tensors where the config leaves it implicit."""
     folder = folders[name]
-    cfg, hf = _config(folder), _hf_tensors(folder)
+    cfg, hf, _ = _text_model(folder)
     model_bridge = AutoBridge.from_hf_pretrained(folder).model_bridge
     got, gpt = model_bridge.transformer_config_kwargs(), model_bridge.gpt_model_kwargs()
     layer0 = _layer_tensors(hf, 0)
@@ -406,7 +415,7 @@ def test_every_mapping_gives_the_expected_shard_and_exports_it_back(folders, wid
     ``expected_shard``; then all ranks' shards exported back to the HF tensors. Routed experts are split
     over expert-TP, here of the same size."""
     folder = (wide_folders if tp == 4 else folders)[name]
-    cfg, hf = _config(folder), _hf_tensors(folder)
+    cfg, hf, prefix = _text_model(folder)
     registry = AutoBridge.from_hf_pretrained(folder).model_bridge.mapping_registry()
     padded = -(-cfg["vocab_size"] // (VOCAB_DIVISOR * tp)) * VOCAB_DIVISOR * tp
     ctx = MappingContext(
@@ -429,6 +438,8 @@ def test_every_mapping_gives_the_expected_shard_and_exports_it_back(folders, wid
     problems, kinds, exported = [], set(), []
     for param in _megatron_names(hf):
         mapping = registry.resolve(param)
+        assert all(hf_name.startswith(prefix) for hf_name in mapping.hf_names), mapping
+        mapping.hf_param = {role: hf_name[len(prefix) :] for role, hf_name in mapping.hf_param.items()}
         inputs = {role: _hf_tensor(hf, hf_name) for role, hf_name in mapping.hf_param.items()}
         shards = []
         for rank in range(tp):

@@ -1,7 +1,9 @@
-"""Tensors no mapping converts that exports carry unchanged: DeepSeek-V3's and GLM-4.5's multi-token-prediction layers.
+"""Tensors no mapping converts that exports carry unchanged: DeepSeek-V3's and GLM-4.5's multi-token-prediction layers,
+an image-text Gemma 3's vision tower and projector.
 
-The released checkpoints hold them after the decoder (``model.layers.{num_hidden_layers}``); transformers drops
-them at load. A conversion must never lose them silently: ``hfmb plan`` says they are carried, ``hfmb import`` and
+The released checkpoints hold MTP layers after the decoder (``model.layers.{num_hidden_layers}``); transformers drops
+them at load. The vision tower is not trained here, but an export must stay a complete image-text checkpoint
+that transformers loads whole. A conversion must never lose them silently: ``hfmb plan`` says they are carried, ``hfmb import`` and
 ``hfmb export`` (streamed) and the in-memory ``save_hf_pretrained`` write them back bit for bit, and an export
 whose source folder no longer holds them is refused, naming them, before anything is written.
 """
@@ -23,10 +25,16 @@ pytestmark = pytest.mark.distributed  # hfmb processes and ranks
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "glm4_moe"])
+# the checkpoint → the start of its carried tensors' names
+CARRIED = {"deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4.", "gemma3-vision": "multi_modal_projector."}
+
+
+@pytest.fixture(scope="module", params=list(CARRIED))
 def with_mtp(request, tmp_path_factory):
+    """(name, folder) of a checkpoint with tensors to carry (an MTP layer added to the MoE ones)."""
     root = tmp_path_factory.mktemp(request.param)
-    return request.param, with_mtp_layer(build_tiny_checkpoint(request.param, root / "plain", dtype=torch.float32), root / "hf")
+    plain = build_tiny_checkpoint(request.param, root / "plain", dtype=torch.float32)
+    return request.param, plain if request.param == "gemma3-vision" else with_mtp_layer(plain, root / "hf")
 
 
 def test_plan_says_the_mtp_layer_is_carried(with_mtp):
@@ -34,7 +42,7 @@ def test_plan_says_the_mtp_layer_is_carried(with_mtp):
     planned = hfmb("plan", str(hf))
     assert planned.returncode == EXIT_OK, planned.stdout + planned.stderr
     assert "carried unchanged into exports, not converted" in planned.stdout
-    assert "model.layers.4.eh_proj.weight" in planned.stdout or "model.layers.4." in planned.stdout
+    assert CARRIED[name] in planned.stdout
 
 
 def test_import_and_export_carry_the_mtp_layer_bit_for_bit(with_mtp, tmp_path):
@@ -45,7 +53,8 @@ def test_import_and_export_carry_the_mtp_layer_bit_for_bit(with_mtp, tmp_path):
     for argv in (("import", str(hf), str(ckpt)), ("export", str(ckpt), str(out))):
         done = hfmb(*argv)
         assert done.returncode == EXIT_OK, done.stdout + done.stderr
-    assert "transformers load report: empty" in done.stdout  # the MTP layer is unexpected to transformers, as released
+    # the MTP layer is unexpected to transformers, as released; the vision tower loads
+    assert "transformers load report: empty" in done.stdout
     assert compare_hf_folders(hf, out) == []
 
 
@@ -73,5 +82,5 @@ def test_export_whose_source_lost_the_mtp_layer_is_refused_by_name(with_mtp, tmp
     shutil.rmtree(moved)
     refused = hfmb("export", str(ckpt), str(out))
     assert refused.returncode == EXIT_BAD_INPUT, refused.stdout + refused.stderr
-    assert "model.layers.4." in refused.stderr and "which is gone" in refused.stderr
+    assert CARRIED[name] in refused.stderr and "which is gone" in refused.stderr
     assert not out.exists()

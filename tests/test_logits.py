@@ -110,7 +110,8 @@ def test_loss_is_the_same_in_every_layout(megatron_results, hf_logits, name):
 def test_rotary_frequencies_match_transformers(megatron_results, hf_models, name):
     """Rope base and Llama-3.1 / linear / YaRN scaling: too subtle to show in short-sequence logits, so compared directly;
     Gemma 3's full layers and its sliding layers (a base of their own) each against transformers' frequencies."""
-    rotary = hf_models[name].model.rotary_emb
+    decoder = hf_models[name].model
+    rotary = getattr(decoder, "language_model", decoder).rotary_emb  # an image-text model's is its language model's
     ours = case_results(megatron_results, (name, *LAYOUTS[-1]))[0]  # rank 0's, as the last layout built it
     per_kind = hasattr(rotary, "full_attention_inv_freq")
     theirs = rotary.full_attention_inv_freq if per_kind else rotary.inv_freq

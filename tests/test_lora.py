@@ -78,6 +78,15 @@ def test_routed_expert_targets_are_refused():
         resolve_targets(model_bridge.mapping_registry(), ("w1",), "MixtralForCausalLM")
 
 
+def test_lora_on_an_image_text_checkpoint_is_refused_by_name(tiny_checkpoints):
+    from bridge import AutoBridge
+    from bridge.lora import apply_lora
+
+    bridge = AutoBridge.from_hf_pretrained(tiny_checkpoints["gemma3-vision"])
+    with pytest.raises(LoraError, match=r"LoRA on Gemma3ForConditionalGeneration is not supported: .*Gemma3ForCausalLM"):
+        apply_lora([], bridge, LoraConfig(r=R, alpha=ALPHA, targets=("q_proj",)))
+
+
 @pytest.mark.parametrize("tp_rank", [0, 1])
 def test_fused_qkv_rows_of_each_role_follow_megatrons_interleaved_groups(tp_rank):
     """4 heads of dim 2 in 2 groups at TP2: each rank holds one group, [q q k v] rows (q: 2 heads × 2 rows)."""

@@ -1,5 +1,5 @@
-"""The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 and OLMo-2
-at TP2·PP2; gpt-oss, GLM-4.5 and DeepSeek-V3 at TP2·EP2, then resumed at PP2·EP2.
+"""The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 (image-text: its
+text model trains, its vision tower is carried) and OLMo-2 at TP2·PP2; gpt-oss, GLM-4.5 and DeepSeek-V3 at TP2·EP2, then resumed at PP2·EP2.
 
 Each is converted, trained a few steps on Megatron-Core's engine (4 gloo ranks), exported, and the
 export reloaded in transformers (the example generates with it); the exported weights are the trained
@@ -66,7 +66,11 @@ def _exported_and_source(hf, exported) -> tuple[dict[str, torch.Tensor], dict[st
     return trained, before
 
 
-@pytest.mark.parametrize("name", ["gemma3", "olmo2"])
+# checkpoint → where its text model's tensors are (Gemma 3 image-text: under language_model., with a vision tower)
+DENSE_TRAINED = {"gemma3-vision": "language_model.", "olmo2": ""}
+
+
+@pytest.mark.parametrize("name", list(DENSE_TRAINED))
 def test_example_trains_and_exports_at_tp2_pp2(tmp_path, corpus, name):
     hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
     work = tmp_path / "work"
@@ -74,8 +78,11 @@ def test_example_trains_and_exports_at_tp2_pp2(tmp_path, corpus, name):
     losses = _losses(text, 12)
     assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses  # random weights: the trend, not every step
     trained, before = _exported_and_source(hf, work / "hf_export")
-    norm = "model.layers.1.post_feedforward_layernorm.weight"
+    prefix = DENSE_TRAINED[name]
+    norm = prefix + "model.layers.1.post_feedforward_layernorm.weight"
     assert not torch.equal(trained[norm], before[norm])
+    untrained = [tensor for tensor in before if not tensor.startswith(prefix)]  # the vision tower, carried as it was
+    assert all(torch.equal(trained[tensor], before[tensor]) for tensor in untrained) and (untrained or not prefix)
 
 
 # The MoE families whose routers or experts are not Llama's, and the layer-1 tensors training must change

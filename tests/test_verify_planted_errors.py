@@ -1,6 +1,6 @@
 """``hfmb verify`` catches the errors converters of families whose layers are not Llama's have shipped.
 
-- OLMo-2, Gemma 2 and Gemma 3 normalise the attention and MLP outputs (``post_attention_layernorm``,
+- OLMo-2, Gemma 2 and Gemma 3 (text and image-text) normalise the attention and MLP outputs (``post_attention_layernorm``,
   ``post_feedforward_layernorm``): a converter that mixes them up is wrong in layer 1 only.
 - gpt-oss stores its experts input-major with gate and up interleaved: a converter that reads the gate
   columns as one block, or one expert's (square) ``down_proj`` the other way round, keeps every shape.
@@ -32,8 +32,13 @@ def _layer_diffs(report: str) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s+(\d)\s+(\S+)\s+\S+\s+\S+$", report, re.M)}
 
 
-def _swap_post_norms(tensors: dict[str, torch.Tensor]) -> None:
-    tensors[LAYER_1 + "post_feedforward_layernorm.weight"] = tensors[LAYER_1 + "post_attention_layernorm.weight"].clone()
+def _swap_post_norms(tensors: dict[str, torch.Tensor], layer: str = LAYER_1) -> None:
+    tensors[layer + "post_feedforward_layernorm.weight"] = tensors[layer + "post_attention_layernorm.weight"].clone()
+
+
+def _swap_image_text_post_norms(tensors: dict[str, torch.Tensor]) -> None:
+    """As ``_swap_post_norms``, in the text model of an image-text checkpoint (stored under ``language_model.``)."""
+    _swap_post_norms(tensors, "language_model." + LAYER_1)
 
 
 def _deinterleave_gate_up(tensors: dict[str, torch.Tensor]) -> None:
@@ -60,6 +65,7 @@ def _swap_two_kv_b_rows(tensors: dict[str, torch.Tensor]) -> None:
 PLANTED = [
     pytest.param("olmo2", _swap_post_norms, id="olmo2-post-norms-swapped"),
     pytest.param("gemma3", _swap_post_norms, id="gemma3-post-norms-swapped"),
+    pytest.param("gemma3-vision", _swap_image_text_post_norms, id="gemma3-image-text-post-norms-swapped"),
     pytest.param("gptoss", _deinterleave_gate_up, id="gptoss-gate-up-deinterleaved"),
     pytest.param("gptoss", _transpose_one_down_proj, id="gptoss-one-down-proj-transposed"),
     pytest.param("deepseek_v3", _swap_two_kv_b_rows, id="deepseek-v3-two-kv-b-rows-swapped"),

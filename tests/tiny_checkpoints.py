@@ -67,6 +67,27 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # Gemma 3 image-text (Gemma-3-4B and up): the text model above under language_model., tied embeddings as there, a
+    # small SigLIP vision tower and projector that exports carry unchanged
+    "gemma3-vision": (
+        "Gemma3Config",
+        {
+            "text_config": ("gemma3", {"tie_word_embeddings": True}),
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 48,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 7,
+            },
+            "mm_tokens_per_image": 4,
+            "boi_token_index": 246,
+            "eoi_token_index": 247,
+            "image_token_index": 248,
+            "tie_word_embeddings": True,
+        },
+    ),
     # OLMo-2: no pre-norms, norms on the attention and MLP outputs, q/k norms over the whole projection
     "olmo2": ("Olmo2Config", {"pad_token_id": 2}),
 }
@@ -199,13 +220,18 @@ TINY_MOE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def tiny_config(name: str, **overrides: Any):
-    """The config of the tiny ``name`` model (see ``TINY_MODELS``, ``TINY_MOE_MODELS``) with ``overrides``.
+    """The config of the tiny ``name`` model (see ``TINY_MODELS``, ``TINY_MOE_MODELS``) with ``overrides`` (of its
+    text model, for an image-text one).
 
     The tables are deep-copied: transformers edits the ``rope_parameters`` dict it is given.
     """
     import transformers
 
     class_name, extra = {**TINY_MODELS, **TINY_MOE_MODELS}[name]
+    if "text_config" in extra:  # an image-text model whose text model is another tiny model, by name; overrides go to it
+        text_name, text_overrides = extra["text_config"]
+        text = tiny_config(text_name, **{**text_overrides, **overrides}).to_dict()
+        return getattr(transformers, class_name)(**copy.deepcopy({**extra, "text_config": text}))
     return getattr(transformers, class_name)(**copy.deepcopy({**SMALL_LLAMA, **extra, **overrides}))
 
 

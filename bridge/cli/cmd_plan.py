@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if plan.match.carried:
         carried = sorted(plan.match.carried)
         report(
-            f"\ncarried unchanged into exports, not converted (e.g. multi-token-prediction layers): {len(carried)} tensors, "
+            f"\ncarried unchanged into exports, not converted (multi-token-prediction layers, a vision tower): {len(carried)} tensors, "
             f"{carried[0]} … {carried[-1]}"
         )
     report_nonfinite(plan.nonfinite)

@@ -43,8 +43,20 @@ def adapter_plan(model, bridge) -> TransferPlan:
     config = lora_config_of(model)
     if config is None:
         raise LoraError("the model has no LoRA adapters; call apply_lora (or load_peft_adapter) first")
-    adapted = resolve_targets(bridge.model_bridge.mapping_registry(), config.targets, bridge.model_bridge.architecture)
+    adapted = _resolve_targets(bridge, config.targets)
     return TransferPlan.build(model, adapter_registry(adapted), bridge.model_bridge.vocab_size, adapters=True)
+
+
+def check_lora_supported(model_bridge) -> None:
+    """Raise ``LoraError`` when the family refuses LoRA (``ModelBridge.lora_refusal``), naming it and why."""
+    if model_bridge.lora_refusal:
+        raise LoraError(f"LoRA on {model_bridge.architecture} is not supported: {model_bridge.lora_refusal}")
+
+
+def _resolve_targets(bridge, targets: tuple[str, ...]) -> list[AdaptedLinear]:
+    """``resolve_targets`` on the bridge's model, after the family's own refusal of LoRA, if any."""
+    check_lora_supported(bridge.model_bridge)
+    return resolve_targets(bridge.model_bridge.mapping_registry(), targets, bridge.model_bridge.architecture)
 
 
 def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float = 0.0) -> list[LoraAdapter]:
@@ -57,6 +69,7 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
     linears that are not Megatron-Core's local ``ColumnParallelLinear``/``RowParallelLinear`` (the
     Transformer Engine spec), sequence parallelism, or a model that already has adapters.
     """
+    check_lora_supported(bridge.model_bridge)  # the same on every rank: before the model is touched
     chunks = unwrap_chunks(model)
     ctx = mapping_context(chunks, bridge.model_bridge.vocab_size)
     found: list[tuple[torch.nn.Module, AdaptedLinear, list[RoleRows] | None]] = []
@@ -64,7 +77,7 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
     try:
         if lora_config_of(chunks) is not None:
             raise LoraError("the model already has LoRA adapters")
-        adapted = resolve_targets(bridge.model_bridge.mapping_registry(), config.targets, bridge.model_bridge.architecture)
+        adapted = _resolve_targets(bridge, config.targets)
         found = _targeted_modules(chunks, adapted, ctx)
     except Exception as err:
         error = err
