@@ -67,6 +67,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument(
+        "--sequence-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="split activations along the sequence over TP (default: on for MoE models at TP > 1, as Megatron-Core needs)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=64)
@@ -204,6 +210,7 @@ def main() -> None:
             lora=args.lora,
             ep=args.ep,
             etp=args.etp,
+            sequence_parallel=args.sequence_parallel,
         )
         if resume:
             info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer, bridge=bridge)

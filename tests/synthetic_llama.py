@@ -56,14 +56,17 @@ def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 def meta_tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """The tensors transformers saves for a model of ``config`` (a config.json's content): names and shapes of a
-    meta-device model (nothing allocated), the tied output layer left out."""
+    meta-device model (nothing allocated) under the names ``save_pretrained`` writes (an image-text model's
+    ``language_model.model.*``), the tied output layer left out."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     hf_config = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")]
+    saved = revert_weight_conversion(model, model.state_dict())
+    return [(name, tuple(t.shape)) for name, t in saved.items() if not (tied and name.endswith("lm_head.weight"))]
 
 
 def write_llama_checkpoint(folder: str | Path, shape: LlamaShape, *, shard_bytes: int = 2 * 10**9, seed: int = 0) -> Path:

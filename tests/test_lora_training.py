@@ -2,12 +2,13 @@
 adapter checkpoints TP-sharded in the dist checkpoint and resumable at another layout; the example's LoRA mode.
 
 One group of four spawned ranks (tiny demo Llama, fp32, adapters on all seven linears, B drawn non-zero so
-that every adapter trains from step 1): TP2·PP2 trains STEPS steps saving at SAVE_AT, then steps SAVE_AT+1…
-are trained again from that checkpoint at TP1·PP1·DP4. Every step sees the demo corpus's first global batch
-(``RepeatedBatch``): on fresh batches, rank-4 adapters on the random demo model move the loss less in 8 steps
-than the batches differ (measured: 5.536 → 5.492, steps ranging over ±0.02), on one batch it falls at every
-step. The tests compare the two runs' losses and read the saved checkpoint's metadata. The example runs as a
-subprocess on two ranks.
+that every adapter trains from step 1): TP2·PP2 with sequence parallelism trains STEPS steps saving at SAVE_AT,
+then steps SAVE_AT+1… are trained again from that checkpoint at TP1·PP2·DP2 with two virtual stages per rank (without sequence parallelism:
+the same losses only if the first run's adapter gradients, summed over the sequence's parts, are right). Every
+step sees the demo corpus's first global batch (``RepeatedBatch``): on fresh batches, rank-4 adapters on the
+random demo model move the loss less in 8 steps than the batches differ (measured: 5.536 → 5.492, steps
+ranging over ±0.02), on one batch it falls at every step. The tests compare the two runs' losses and read the
+saved checkpoint's metadata. The example runs as a subprocess on two ranks.
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ class RepeatedBatch(torch.utils.data.Dataset):
         return self.dataset[index % self.batch]
 
 
-def _train(hf: str, data_paths: list[str], tp: int, pp: int, save: str | None = None, load: str | None = None) -> dict:
+def _train(
+    hf: str,
+    data_paths: list[str],
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    save: str | None = None,
+    load: str | None = None,
+    sequence_parallel: bool = False,
+) -> dict:
     """One LoRA run on this group of ranks: checkpoint at SAVE_AT into ``save``, or resume from ``load``."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -85,7 +95,7 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, save: str | None = 
     cfg = TrainingConfig(**CONFIG)
     bridge = AutoBridge.from_hf_pretrained(hf, dtype=torch.float32)
     lora = LoraConfig(r=R, alpha=ALPHA, targets=TARGETS)
-    model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, None, cfg, lora=lora)
+    model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, vpp, cfg, lora=lora, sequence_parallel=sequence_parallel)
     init_adapter_weights(model, bridge, seed=cfg.seed, b_std=0.02)  # B non-zero: every A and B has a gradient at step 1
     optimizer.reload_model_params()
     chunks = unwrap_chunks(model)
@@ -129,11 +139,12 @@ def _train(hf: str, data_paths: list[str], tp: int, pp: int, save: str | None = 
 
 
 def session(hf: str, data_paths: list[str], root: str) -> dict:
-    """TP2·PP2 LoRA training saving at SAVE_AT, then its resume at TP1·PP1·DP4; each run fails alone."""
+    """TP2·PP2 LoRA training (with sequence parallelism) saving at SAVE_AT, then its resume at TP1·PP2·VPP2·DP2; each run
+    fails alone."""
     ckpt = str(Path(root) / "ckpt")
     runs: dict[str, Callable[[], dict]] = {
-        "tp2pp2": lambda: _train(hf, data_paths, 2, 2, save=ckpt),
-        "resume_tp1dp4": lambda: _train(hf, data_paths, 1, 1, load=ckpt),
+        "tp2pp2": lambda: _train(hf, data_paths, 2, 2, save=ckpt, sequence_parallel=True),
+        "resume_tp1vpp": lambda: _train(hf, data_paths, 1, 2, vpp=2, load=ckpt),
     }
     return run_cases(runs, lambda name: runs[name]())
 
@@ -164,7 +175,7 @@ def test_lora_training_at_tp2_pp2_lowers_the_loss_and_leaves_the_base_bit_identi
 
 @pytest.mark.distributed
 def test_only_adapters_reach_ddp_and_the_optimizer(four):
-    for name in ("tp2pp2", "resume_tp1dp4"):
+    for name in ("tp2pp2", "resume_tp1vpp"):
         run = _run(four, name)
         assert run["adapter_count"] > 0 and run["ddp_params_are_adapters"], name
         # Adam's exp_avg over all ranks: exactly the adapters' elements (each DP rank holds its shard of them)
@@ -173,12 +184,12 @@ def test_only_adapters_reach_ddp_and_the_optimizer(four):
 
 @pytest.mark.distributed
 def test_resume_at_tp1_continues_the_uninterrupted_loss_curve(four):
-    base, resumed = _run(four, "tp2pp2"), _run(four, "resume_tp1dp4")
-    assert resumed["layout"] == (1, 1, 4)
+    base, resumed = _run(four, "tp2pp2"), _run(four, "resume_tp1vpp")
+    assert resumed["layout"] == (1, 2, 2)
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True)
     assert resumed["steps"] == list(range(SAVE_AT + 1, STEPS + 1))
     rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], base["losses"][SAVE_AT:])]
-    print(f"LoRA resume at TP1·DP4: max relative loss difference {max(rel):.3g}")
+    print(f"LoRA resume at TP1·PP2·VPP2·DP2: max relative loss difference {max(rel):.3g}")
     assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], base["losses"][SAVE_AT:])
     assert resumed["base_bit_identical"]
 
@@ -243,6 +254,7 @@ def test_example_trains_lora_exports_a_peft_adapter_and_a_merged_model(workdir):
         str(out),
         "--tp",
         "2",
+        "--sequence-parallel",
         "--train-iters",
         "6",
         "--log-interval",

@@ -1,7 +1,7 @@
 """Applying LoRA to a bridged model: adapters on the targeted linears, base frozen, adapters initialised the same at every layout.
 
-All ranks call these together (they run collectives). ``apply_lora`` checks everything (targets,
-linear types, sequence parallelism) on every rank before it changes the model, and raises the same
+All ranks call these together (they run collectives). ``apply_lora`` checks everything (the family,
+targets, linear types) on every rank before it changes the model, and raises the same
 error everywhere.
 """
 
@@ -67,7 +67,7 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
     seed gives the same adapters at every TP/PP layout. Returns this rank's adapters. Raises
     ``LoraError`` (the model unchanged) on a target the architecture lacks, routed-expert targets,
     linears that are not Megatron-Core's local ``ColumnParallelLinear``/``RowParallelLinear`` (the
-    Transformer Engine spec), sequence parallelism, or a model that already has adapters.
+    Transformer Engine spec), or a model that already has adapters.
     """
     check_lora_supported(bridge.model_bridge)  # the same on every rank: before the model is touched
     chunks = unwrap_chunks(model)
@@ -120,8 +120,6 @@ def _targeted_modules(
                         f"{name.removesuffix('.weight')} is a {type(module).__name__}; LoRA supports Megatron-Core's local "
                         f"{expected.__name__} only (not the Transformer Engine spec)"
                     )
-                if getattr(module, "sequence_parallel", False):
-                    raise LoraError(f"{name.removesuffix('.weight')}: LoRA with sequence parallelism is not supported yet")
                 roles = {role.role: role.target for role in linear.roles}
                 rows = None if linear.row_parallel else column_role_rows(bound, ctx, module.weight.shape[0], roles)
                 found.append((module, AdaptedLinear(linear.module, bound, linear.roles), rows))
@@ -133,6 +131,7 @@ def _attach(module: torch.nn.Module, linear: AdaptedLinear, rows: list[RoleRows]
     targets = [role.target for role in linear.roles]
     adapter = LoraAdapter(
         row_parallel=linear.row_parallel,
+        sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
         in_features=weight.shape[1],
         out_features=weight.shape[0],
         column_rows=rows,

@@ -12,8 +12,13 @@ Row-parallel base (``linear_proj``, ``linear_fc2``): the input columns are split
 this rank's columns and B is whole. ``A x`` is a partial sum on each rank, all-reduced over TP
 (``reduce_from_tensor_model_parallel_region``) before B, as the base's own output is.
 
-Sequence parallelism is refused when the adapters are applied (its scattered activations would need
-the same gathers as the base).
+With sequence parallelism the column-parallel base's input is this rank's part of the sequence: ``A x``
+(``r`` wide, cheap to move) is gathered along the sequence before B, and its gradient reduce-scattered back
+(``gather_from_sequence_parallel_region``). The row-parallel base's output is scattered along the sequence,
+so the partial ``A x`` is reduce-scattered there (``reduce_scatter_to_sequence_parallel_region``) before B.
+Each rank then computes the gradient of the replicated matrix (A of a column-parallel linear, B of a
+row-parallel one) from its part of the sequence only; the matrix is marked ``sequence_parallel``, as
+Megatron-Core marks its norms, so that ``finalize_model_grads`` sums it over TP.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 from bridge.lora.config import LoraError
 from bridge.mappings import MappingContext, ParamMapping
@@ -78,13 +88,15 @@ class LoraAdapter(torch.nn.Module):
     """The adapters of one Megatron linear: ``lora_A[target]`` and ``lora_B[target]`` per adapted role.
 
     Column-parallel: A ``[r, in]``, B ``[local rows of the role, r]``; row-parallel: A ``[r, local in]``,
-    B ``[out, r]``. ``delta(x)`` is the update to add to the base linear's output for its input ``x``.
+    B ``[out, r]``. ``delta(x)`` is the update to add to the base linear's output for its input ``x``;
+    ``sequence_parallel`` as the base linear's.
     """
 
     def __init__(
         self,
         *,
         row_parallel: bool,
+        sequence_parallel: bool,
         in_features: int,
         out_features: int,
         column_rows: list[RoleRows] | None,
@@ -97,6 +109,7 @@ class LoraAdapter(torch.nn.Module):
     ):
         super().__init__()
         self.row_parallel = row_parallel
+        self.sequence_parallel = sequence_parallel
         self.out_features = out_features
         self.scale = scale
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
@@ -107,6 +120,9 @@ class LoraAdapter(torch.nn.Module):
             b_rows = out_features if row_parallel else self.rows[target].positions.numel()
             self.lora_A[target] = torch.nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
             self.lora_B[target] = torch.nn.Parameter(torch.zeros(b_rows, r, dtype=dtype, device=device))
+            if sequence_parallel:  # the replicated matrix's gradient comes from this rank's part of the sequence
+                replicated = self.lora_B[target] if row_parallel else self.lora_A[target]
+                replicated.sequence_parallel = True
 
     def bind(self, base: torch.nn.Module) -> None:
         """Remember the linear this adapts (not as a submodule: its weight stays out of this module's parameters)."""
@@ -125,14 +141,16 @@ class LoraAdapter(torch.nn.Module):
         x = self.dropout(x.to(next(iter(self.lora_A.values())).dtype))
         if self.row_parallel:
             total = None
+            reduce = reduce_scatter_to_sequence_parallel_region if self.sequence_parallel else reduce_from_tensor_model_parallel_region
             for target in self.targets:
-                h = reduce_from_tensor_model_parallel_region(F.linear(x, self.lora_A[target]))
+                h = reduce(F.linear(x, self.lora_A[target]))
                 y = F.linear(h, self.lora_B[target]) * self.scale
                 total = y if total is None else total + y
             return total
         out = None
         for target in self.targets:
-            h = copy_to_tensor_model_parallel_region(F.linear(x, self.lora_A[target]))
+            h = F.linear(x, self.lora_A[target])
+            h = gather_from_sequence_parallel_region(h) if self.sequence_parallel else copy_to_tensor_model_parallel_region(h)
             y = F.linear(h, self.lora_B[target]) * self.scale
             rows = self.rows[target]
             if rows.covers_all:

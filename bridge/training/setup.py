@@ -179,8 +179,11 @@ def setup_model_and_optimizer(
     *,
     ep: int = 1,
     etp: int | None = None,
+    sequence_parallel: bool | None = None,
 ):
     """Convert (``bridge.to_megatron_model``), wrap in DDP, build optimizer and scheduler: one call per rank.
+
+    ``sequence_parallel``: None leaves it to the conversion (on for MoE with TP > 1, as Megatron-Core needs).
 
     With ``lora``, adapters go on the converted model before it is wrapped (``bridge.lora.apply_lora``,
     initialised from ``cfg.seed`` the same at every layout): the base is frozen, so DDP's gradient
@@ -188,7 +191,9 @@ def setup_model_and_optimizer(
     the HF weights (``load_weights=True``; a weights-only checkpoint may replace them later). Raises
     ``LoraError`` on every rank, naming it, for a target the model lacks or cannot adapt.
     """
-    chunks = bridge.to_megatron_model(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, load_weights=load_weights, seed=cfg.seed)
+    chunks = bridge.to_megatron_model(
+        tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, load_weights=load_weights, seed=cfg.seed, sequence_parallel=sequence_parallel
+    )
     check_schedule(cfg)
     if lora is not None:
         apply_lora(chunks, bridge, lora, seed=cfg.seed)
