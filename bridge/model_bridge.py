@@ -38,8 +38,13 @@ class ModelBridge:
     # False: built from Megatron-Core's local modules on GPUs with Transformer Engine too (a mapping relies on
     # the local spec's TP layout of some parameter).
     transformer_engine_layers: bool = True
-    # Why LoRA adapters are refused for this family, if they are.
-    lora_refusal: str | None = None
+    # (stored-name prefix, module path) pairs where transformers' modules are not named as the tensors are stored
+    # (an image-text Gemma 3 stores language_model.model.* and holds model.language_model.*): peft names adapters by
+    # module path.
+    hf_module_paths: tuple[tuple[str, str], ...] = ()
+    # peft's exclude_modules for the adapters the bridge writes: what peft's target names would also reach that the
+    # bridge does not convert (a vision tower's q_proj).
+    peft_exclude_modules: str | None = None
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config

@@ -141,16 +141,14 @@ class Gemma3ImageTextBridge(Gemma3Bridge):
 
     The language model's tensors are stored under ``language_model.`` (``language_model.model.layers.*``, as the
     Hub's checkpoints and transformers' ``save_pretrained`` write them); the vision tower and the projector,
-    not trained here, are carried from the source folder into each export as they are.
+    not trained here, are carried from the source folder into each export as they are. LoRA adapters name the
+    text model's modules as transformers does (``model.language_model.*``) and exclude the vision tower.
     """
 
     TEXT_PREFIX = "language_model."
     hf_carried = (r"vision_tower\..+", r"multi_modal_projector\..+")
-    lora_refusal = (
-        "peft names the text model's modules model.language_model.* where the checkpoint stores language_model.model.*, "
-        "and its target names (q_proj…) would adapt the vision tower too; LoRA is mapped for text checkpoints "
-        "(Gemma3ForCausalLM) only"
-    )
+    hf_module_paths = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+    peft_exclude_modules = r".*\b(vision_tower|multi_modal_projector)\b.*"
 
     def __init__(self, hf_config: PretrainedConfig):
         self.image_text_config = hf_config

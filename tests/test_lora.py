@@ -78,13 +78,18 @@ def test_routed_expert_targets_are_refused():
         resolve_targets(model_bridge.mapping_registry(), ("w1",), "MixtralForCausalLM")
 
 
-def test_lora_on_an_image_text_checkpoint_is_refused_by_name(tiny_checkpoints):
-    from bridge import AutoBridge
-    from bridge.lora import apply_lora
+def test_image_text_targets_are_named_by_transformers_module_paths():
+    """Gemma 3 image-text stores ``language_model.model.layers.*`` but transformers (and so peft) holds
+    ``model.language_model.layers.*``; the output layer and the vision tower are never targets."""
+    from bridge.models import bridge_for
+    from transformers import Gemma3Config
 
-    bridge = AutoBridge.from_hf_pretrained(tiny_checkpoints["gemma3-vision"])
-    with pytest.raises(LoraError, match=r"LoRA on Gemma3ForConditionalGeneration is not supported: .*Gemma3ForCausalLM"):
-        apply_lora([], bridge, LoraConfig(r=R, alpha=ALPHA, targets=("q_proj",)))
+    model_bridge = bridge_for(Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]))
+    registry, paths = model_bridge.mapping_registry(), model_bridge.hf_module_paths
+    (o_proj,) = resolve_targets(registry, ("o_proj",), "Gemma3ForConditionalGeneration", paths)
+    assert o_proj.mapping.hf_names == ["language_model.model.layers.*.self_attn.o_proj.weight"]
+    assert o_proj.roles[0].peft_name("B") == "base_model.model.model.language_model.layers.*.self_attn.o_proj.lora_B.weight"
+    assert LoraConfig(r=R, alpha=ALPHA, targets=["o_proj"]).peft_config("base", model_bridge.peft_exclude_modules)["exclude_modules"]
 
 
 @pytest.mark.parametrize("tp_rank", [0, 1])
@@ -111,7 +116,9 @@ def test_peft_settings_that_change_the_update_are_refused():
 # ---------------------------------------------------------------- distributed: one session per world size
 
 
-def lora_session(checkpoint: str, moe_checkpoint: str, peft_adapters: dict[str, str], root: str, tokens: torch.Tensor) -> dict:
+def lora_session(
+    checkpoint: str, moe_checkpoint: str, image_text_checkpoint: str, peft_adapters: dict[str, str], root: str, tokens: torch.Tensor
+) -> dict:
     """Every LoRA case on this rank at the world size's layout (``LAYOUTS``)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -142,7 +149,14 @@ def lora_session(checkpoint: str, moe_checkpoint: str, peft_adapters: dict[str, 
 
     def run_case(case: tuple[str, str]) -> dict:
         kind, name = case
-        bridge, model = fresh(moe_checkpoint if kind == "moe" else checkpoint)
+        bridge, model = fresh({"moe": moe_checkpoint, "image_text": image_text_checkpoint}.get(kind, checkpoint))
+        if kind == "image_text":  # Gemma 3 image-text: adapters on its text model, named as transformers' modules
+            if name == "import":
+                load_peft_adapter(model, bridge, peft_adapters["image_text"])
+            else:
+                apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=TARGETS["qv"]), seed=SEED, b_std=B_STD)
+            save_peft_adapter(model, bridge, out / f"image-text-{name}-adapter")
+            return logits_of(model, bridge)
         if kind == "moe":  # attention adapters on an MoE model: at TP > 1 Megatron's MoE runs with sequence parallelism
             apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=MOE_TARGETS), seed=SEED, b_std=B_STD)
             save_peft_adapter(model, bridge, out / "moe-adapter")
@@ -173,7 +187,7 @@ def lora_session(checkpoint: str, moe_checkpoint: str, peft_adapters: dict[str, 
     cases = (
         [("apply", name) for name in TARGETS]
         + [("import", name) for name in TARGETS]
-        + [("bad_adapter", "rank8"), ("train", ""), ("moe", "")]
+        + [("bad_adapter", "rank8"), ("train", ""), ("moe", ""), ("image_text", "apply"), ("image_text", "import")]
     )
     return run_cases(cases, run_case)
 
@@ -233,7 +247,7 @@ def frozen_base_step(model, bridge, tokens: torch.Tensor) -> dict:
     }
 
 
-def _peft_adapter(checkpoint: Path, folder: Path, targets: tuple[str, ...], r: int = R) -> Path:
+def _peft_adapter(checkpoint: Path, folder: Path, targets: tuple[str, ...], r: int = R, exclude: str | None = None) -> Path:
     """An adapter made by peft on transformers (B drawn non-zero), saved with ``save_pretrained``."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -242,7 +256,7 @@ def _peft_adapter(checkpoint: Path, folder: Path, targets: tuple[str, ...], r: i
     torch.manual_seed(7)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
-        PeftLoraConfig(r=r, lora_alpha=ALPHA, target_modules=list(targets), task_type="CAUSAL_LM"),
+        PeftLoraConfig(r=r, lora_alpha=ALPHA, target_modules=list(targets), exclude_modules=exclude, task_type="CAUSAL_LM"),
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -261,8 +275,17 @@ def lora_inputs(tiny_checkpoints, tiny_moe_checkpoints, tmp_path_factory) -> dic
     config = json.loads((rank8 / "adapter_config.json").read_text())
     (rank8 / "adapter_config.json").write_text(json.dumps({**config, "r": R}))
     adapters["rank8"] = rank8
+    image_text = tiny_checkpoints["gemma3-vision"]  # a user's own exclusion of the vision tower: another regex than the bridge's
+    adapters["image_text"] = _peft_adapter(image_text, root / "peft-image-text", ALL_LINEARS, exclude=r".*vision_tower.*|.*projector.*")
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-    return {"checkpoint": checkpoint, "moe": tiny_moe_checkpoints["mixtral"], "adapters": adapters, "root": root / "out", "tokens": tokens}
+    return {
+        "checkpoint": checkpoint,
+        "moe": tiny_moe_checkpoints["mixtral"],
+        "image_text": image_text,
+        "adapters": adapters,
+        "root": root / "out",
+        "tokens": tokens,
+    }
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS), ids=lambda world: "tp{}-pp{}".format(*LAYOUTS[world]))
@@ -273,6 +296,7 @@ def session(request, lora_inputs) -> dict:
         world,
         str(lora_inputs["checkpoint"]),
         str(lora_inputs["moe"]),
+        str(lora_inputs["image_text"]),
         {k: str(v) for k, v in lora_inputs["adapters"].items()},
         str(lora_inputs["root"]),
         lora_inputs["tokens"],
@@ -404,3 +428,24 @@ def test_adapter_gradients_at_tp2_pp2_are_the_tp1_gradients_split_like_the_adapt
             full = whole[name]
             expected = full if grad.shape == full.shape else full.chunk(2, dim=0 if grad.shape[0] != full.shape[0] else 1)[t]
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.distributed
+def test_image_text_adapters_equal_peft_and_import_back_byte_identical(session):
+    """Gemma 3 image-text: adapters on the text model equal peft on Gemma3ForConditionalGeneration; the folder names
+    transformers' modules and excludes the vision tower; a peft-made adapter imports, matches and exports byte-identical."""
+    out, checkpoint, tokens = session["out"], session["image_text"], session["tokens"]
+    for case, adapter in (("apply", out / "image-text-apply-adapter"), ("import", session["adapters"]["image_text"])):
+        ours = _held(session["results"], ("image_text", case), "logits")
+        theirs = _peft_logits(checkpoint, adapter, tokens)
+        diff = (ours - theirs).abs().max().item()
+        print(f"LoRA logits {out.name} gemma3 image-text {case}: max abs diff {diff:.3g}")
+        assert diff <= 1e-4 and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    written = load_file(out / "image-text-apply-adapter" / "adapter_model.safetensors")
+    assert written and all(name.startswith("base_model.model.model.language_model.layers.") for name in written)
+    assert json.loads((out / "image-text-apply-adapter" / "adapter_config.json").read_text())["exclude_modules"]
+    source, again = session["adapters"]["image_text"], out / "image-text-import-adapter"
+    theirs, ours = load_file(source / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(ours[k].numpy().tobytes() == theirs[k].numpy().tobytes() for k in ours)
+    a, b = (json.loads((folder / "adapter_config.json").read_text()) for folder in (source, again))
+    assert a["exclude_modules"] == b["exclude_modules"]

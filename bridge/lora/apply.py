@@ -1,7 +1,7 @@
 """Applying LoRA to a bridged model: adapters on the targeted linears, base frozen, adapters initialised the same at every layout.
 
-All ranks call these together (they run collectives). ``apply_lora`` checks everything (the family,
-targets, linear types) on every rank before it changes the model, and raises the same
+All ranks call these together (they run collectives). ``apply_lora`` checks everything (targets,
+linear types) on every rank before it changes the model, and raises the same
 error everywhere.
 """
 
@@ -47,16 +47,10 @@ def adapter_plan(model, bridge) -> TransferPlan:
     return TransferPlan.build(model, adapter_registry(adapted), bridge.model_bridge.vocab_size, adapters=True)
 
 
-def check_lora_supported(model_bridge) -> None:
-    """Raise ``LoraError`` when the family refuses LoRA (``ModelBridge.lora_refusal``), naming it and why."""
-    if model_bridge.lora_refusal:
-        raise LoraError(f"LoRA on {model_bridge.architecture} is not supported: {model_bridge.lora_refusal}")
-
-
 def _resolve_targets(bridge, targets: tuple[str, ...]) -> list[AdaptedLinear]:
-    """``resolve_targets`` on the bridge's model, after the family's own refusal of LoRA, if any."""
-    check_lora_supported(bridge.model_bridge)
-    return resolve_targets(bridge.model_bridge.mapping_registry(), targets, bridge.model_bridge.architecture)
+    """``resolve_targets`` on the bridge's model: its mappings, architecture and module paths."""
+    model_bridge = bridge.model_bridge
+    return resolve_targets(model_bridge.mapping_registry(), targets, model_bridge.architecture, model_bridge.hf_module_paths)
 
 
 def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float = 0.0) -> list[LoraAdapter]:
@@ -69,7 +63,6 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
     linears that are not Megatron-Core's local ``ColumnParallelLinear``/``RowParallelLinear`` (the
     Transformer Engine spec), or a model that already has adapters.
     """
-    check_lora_supported(bridge.model_bridge)  # the same on every rank: before the model is touched
     chunks = unwrap_chunks(model)
     ctx = mapping_context(chunks, bridge.model_bridge.vocab_size)
     found: list[tuple[torch.nn.Module, AdaptedLinear, list[RoleRows] | None]] = []

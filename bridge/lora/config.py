@@ -25,7 +25,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "lora_bias": False,
     "target_parameters": None,
     "trainable_token_indices": None,
-    "exclude_modules": None,
     "layer_replication": None,
 }
 
@@ -35,7 +34,9 @@ class LoraConfig:
     """Rank ``r``, ``alpha`` (the update is scaled by ``alpha / r``), dropout on the adapters' input, and the
     target modules by their HF names as peft takes them (``q_proj``, ``o_proj``, ``gate_proj``, ...).
 
-    ``dtype``: the adapters' dtype (default: the adapted weight's). Raises ``LoraError`` on a bad value.
+    ``dtype``: the adapters' dtype (default: the adapted weight's). ``exclude_modules``: peft's, as an imported
+    adapter's config gave it (written back on export; the modules adapted are decided by ``targets`` and the
+    model, and an adapter's tensors must be exactly those). Raises ``LoraError`` on a bad value.
     """
 
     r: int
@@ -43,6 +44,7 @@ class LoraConfig:
     targets: tuple[str, ...]
     dropout: float = 0.0
     dtype: torch.dtype | None = field(default=None, compare=False)
+    exclude_modules: str | tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -63,8 +65,10 @@ class LoraConfig:
         """What ``B·A`` is multiplied by: ``alpha / r``, as peft does without rsLoRA."""
         return self.alpha / self.r
 
-    def peft_config(self, base_model_name_or_path: str) -> dict[str, Any]:
-        """The ``adapter_config.json`` peft writes for this adapter (a causal-LM LoRA)."""
+    def peft_config(self, base_model_name_or_path: str, exclude_modules: str | None = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` peft writes for this adapter (a causal-LM LoRA); ``exclude_modules`` when the
+        config has none (the model bridge's ``peft_exclude_modules``)."""
+        excluded = self.exclude_modules if self.exclude_modules is not None else exclude_modules
         return {
             "base_model_name_or_path": base_model_name_or_path,
             "peft_type": "LORA",
@@ -76,6 +80,7 @@ class LoraConfig:
             "inference_mode": True,
             "init_lora_weights": True,
             **_PEFT_DEFAULTS,
+            "exclude_modules": list(excluded) if isinstance(excluded, tuple) else excluded,
         }
 
     @classmethod
@@ -92,4 +97,12 @@ class LoraConfig:
             raise LoraError(f"{source}: target_modules={targets!r} is a regular expression; only a list of module names is supported")
         if doc.get("r") is None or doc.get("lora_alpha") is None:
             raise LoraError(f"{source}: r and lora_alpha must both be given")
-        return cls(r=doc["r"], alpha=doc["lora_alpha"], targets=tuple(targets or ()), dropout=doc.get("lora_dropout", 0.0), dtype=dtype)
+        excluded = doc.get("exclude_modules")
+        return cls(
+            r=doc["r"],
+            alpha=doc["lora_alpha"],
+            targets=tuple(targets or ()),
+            dropout=doc.get("lora_dropout", 0.0),
+            dtype=dtype,
+            exclude_modules=tuple(excluded) if isinstance(excluded, list) else excluded,
+        )

@@ -68,7 +68,7 @@ def save_peft_adapter(
     error: Exception | None = None
     if dist.get_rank() == 0:
         try:
-            doc = config.peft_config(base_model_name_or_path or str(bridge.hf_folder))
+            doc = config.peft_config(base_model_name_or_path or str(bridge.hf_folder), bridge.model_bridge.peft_exclude_modules)
             _write_adapter_folder(Path(out_dir), tensors, doc, overwrite)
         except Exception as err:
             error = err

@@ -23,6 +23,7 @@ from bridge.mappings import (
 )
 
 PEFT_PREFIX = "base_model.model."
+ModulePaths = tuple[tuple[str, str], ...]  # (stored-name prefix, transformers module-path prefix)
 ADAPTER_MODULE = "lora"  # the child module of an adapted linear that holds its adapters
 
 
@@ -32,7 +33,7 @@ class TargetRole:
 
     role: str  # key of the base mapping's ``hf_param`` ("q", "gate", "" for a single tensor)
     target: str  # "q_proj"
-    hf_module: str  # "model.layers.*.self_attn.q_proj" (``*`` as in the mapping)
+    hf_module: str  # "model.layers.*.self_attn.q_proj" (``*`` as in the mapping), as transformers names the module
 
     def peft_name(self, matrix: str) -> str:
         """peft's tensor name of this module's ``lora_A`` or ``lora_B`` weight (``matrix`` "A" or "B")."""
@@ -56,15 +57,24 @@ class AdaptedLinear:
         return f"{self.module}.{ADAPTER_MODULE}.lora_{matrix}.{role.target}"
 
 
-def _roles(mapping: ParamMapping) -> list[TargetRole]:
+def module_path(hf_name: str, module_paths: ModulePaths = ()) -> str:
+    """The path of the module holding the stored tensor ``hf_name`` in transformers' model (``ModelBridge.hf_module_paths``)."""
+    module = hf_name.removesuffix(".weight")
+    for stored, path in module_paths:
+        if module.startswith(stored):
+            return path + module[len(stored) :]
+    return module
+
+
+def _roles(mapping: ParamMapping, module_paths: ModulePaths) -> list[TargetRole]:
     roles = []
     for role, hf_name in mapping.hf_param.items():
-        module = hf_name.removesuffix(".weight")
+        module = module_path(hf_name, module_paths)
         roles.append(TargetRole(role, module.rpartition(".")[2], module))
     return roles
 
 
-def adaptable_linears(registry: MappingRegistry) -> list[AdaptedLinear]:
+def adaptable_linears(registry: MappingRegistry, module_paths: ModulePaths = ()) -> list[AdaptedLinear]:
     """Every linear weight of the registry with all its roles (not norms, routers, embeddings or the output layer)."""
     found = []
     for mapping in registry:
@@ -72,16 +82,19 @@ def adaptable_linears(registry: MappingRegistry) -> list[AdaptedLinear]:
             continue
         if not mapping.megatron_param.endswith(".weight") or not all(name.endswith(".weight") for name in mapping.hf_names):
             continue
-        found.append(AdaptedLinear(mapping.megatron_param.removesuffix(".weight"), mapping, tuple(_roles(mapping))))
+        found.append(AdaptedLinear(mapping.megatron_param.removesuffix(".weight"), mapping, tuple(_roles(mapping, module_paths))))
     return found
 
 
-def resolve_targets(registry: MappingRegistry, targets: tuple[str, ...], architecture: str) -> list[AdaptedLinear]:
+def resolve_targets(
+    registry: MappingRegistry, targets: tuple[str, ...], architecture: str, module_paths: ModulePaths = ()
+) -> list[AdaptedLinear]:
     """The linears ``targets`` adapt, each with only its targeted roles; raises ``LoraError`` on a target the model lacks.
 
-    Routed MoE expert linears are refused (not supported yet), naming the target.
+    Routed MoE expert linears are refused (not supported yet), naming the target. ``module_paths``: the
+    model bridge's ``hf_module_paths``, for peft's names.
     """
-    linears = adaptable_linears(registry)
+    linears = adaptable_linears(registry, module_paths)
     available = sorted({role.target for linear in linears for role in linear.roles})
     unknown = [target for target in targets if target not in available]
     if unknown:
