@@ -72,15 +72,20 @@ class AutoBridge:
         self._reader: SafetensorsReader | None = None
 
     @classmethod
-    def from_hf_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> "AutoBridge":
+    def from_hf_pretrained(
+        cls, path_or_id: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False, mtp: bool = False
+    ) -> "AutoBridge":
         """A bridge for a local HF folder or a Hub repo id.
 
         ``dtype`` casts the weights (rounding those it cannot hold exactly); by default the parameters
-        get the stored dtypes, whatever the config says (``bridge.hf.dtype_choice``).
+        get the stored dtypes, whatever the config says (``bridge.hf.dtype_choice``). ``mtp``: build the
+        checkpoint's multi-token-prediction layers as Megatron-Core's MTP block, to train them (DeepSeek-V3,
+        GLM-4.5; ``ModelBridge.with_mtp_layers``); without it exports carry them unchanged.
         """
         folder = resolve_hf_folder(path_or_id)
         hf_config = read_hf_config(folder, trust_remote_code=trust_remote_code)
-        return cls(folder, hf_config, bridge_for(hf_config), dtype)
+        model_bridge = bridge_for(hf_config)
+        return cls(folder, hf_config, model_bridge.with_mtp_layers() if mtp else model_bridge, dtype)
 
     @property
     def dtype(self) -> torch.dtype:

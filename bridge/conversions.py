@@ -274,7 +274,7 @@ def export_megatron_checkpoint(
         target_dtype = lambda name, current: dtype or source_dtypes.get(name, current)  # noqa: E731
         check = None
         if load_check and not _unloadable(encoding):
-            check = functools.partial(check_loads_in_transformers, carried=bridge.model_bridge.hf_carried)
+            check = functools.partial(check_loads_in_transformers, not_in_transformers=bridge.model_bridge.hf_not_in_transformers)
         carried, release = carried_from_source(info, source)
         folder = dict(  # what both exports write besides the model's tensors, and how
             config=config,

@@ -7,6 +7,7 @@ files and model construction lives in the engine, so adding an architecture touc
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -27,6 +28,9 @@ class ModelBridge:
     # Regular expressions of HF tensors no mapping reads that exports write back unchanged, read from the source
     # folder (DeepSeek's and GLM's multi-token-prediction layers, which transformers drops at load): never lost.
     hf_carried: tuple[str, ...] = ()
+    # Regular expressions of HF tensors transformers' model has no place for (unexpected at load, as in the released
+    # checkpoints): multi-token-prediction layers, carried or built.
+    hf_not_in_transformers: tuple[str, ...] = ()
     # Regular expressions of HF weights Megatron-Core keeps in float32 whatever the parameters' dtype (the sigmoid
     # router's correction bias, its expert_bias buffer): they do not decide the parameters' dtype.
     hf_fp32_weights: tuple[str, ...] = ()
@@ -45,6 +49,9 @@ class ModelBridge:
     # peft's exclude_modules for the adapters the bridge writes: what peft's target names would also reach that the
     # bridge does not convert (a vision tower's q_proj).
     peft_exclude_modules: str | None = None
+    # The checkpoint's multi-token-prediction layers become Megatron-Core's MTP block (trained, exported from it)
+    # instead of being carried: set on the copy ``with_mtp_layers`` returns.
+    builds_mtp_layers: bool = False
 
     def __init__(self, hf_config: PretrainedConfig):
         self.hf_config = hf_config
@@ -61,6 +68,20 @@ class ModelBridge:
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    @property
+    def mtp_layer_count(self) -> int:
+        """Multi-token-prediction layers the checkpoint holds after its decoder (a family that maps them says how many)."""
+        return 0
+
+    def with_mtp_layers(self) -> "ModelBridge":
+        """This bridge building the checkpoint's multi-token-prediction layers as Megatron-Core's MTP block, for
+        training them (``mtp_num_layers``); refused, naming the setting, when the checkpoint has none."""
+        if not self.mtp_layer_count:
+            raise self.unsupported("num_nextn_predict_layers", 0, "the checkpoint has no multi-token-prediction layers to build")
+        bridge = copy.copy(self)
+        bridge.builds_mtp_layers = True
+        return bridge
 
     def check_supported(self) -> None:
         """Raise ``UnsupportedArchitectureError`` naming a config setting Megatron-Core cannot express."""

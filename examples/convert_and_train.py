@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import warnings
 
@@ -66,6 +67,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="train the checkpoint's multi-token-prediction layers too (Megatron-Core's MTP block; DeepSeek-V3, GLM-4.5)",
+    )
     p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     p.add_argument(
         "--sequence-parallel",
@@ -122,12 +128,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_hf(folder: Path | str):
-    """The export (or the base) with plain transformers; every key must load."""
+def load_hf(folder: Path | str, not_in_transformers: tuple[str, ...] = ()):
+    """The export (or the base) with plain transformers; every key must load but those ``not_in_transformers``
+    names (the model bridge's ``hf_not_in_transformers``: multi-token-prediction layers, which transformers drops)."""
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"]:
+    unexpected = [key for key in info["unexpected_keys"] if not any(re.fullmatch(pattern, key) for pattern in not_in_transformers)]
+    if info["missing_keys"] or unexpected:
         raise RuntimeError(f"{folder} does not load cleanly: {info}")
     return model
 
@@ -152,16 +160,19 @@ def lora_summary(model, bridge, lora: LoraConfig) -> str:
     )
 
 
-def report_lora_generation(hf_model: str, adapter: Path, export: Path, prompt: str, max_new_tokens: int) -> None:
+def report_lora_generation(
+    hf_model: str, adapter: Path, export: Path, prompt: str, max_new_tokens: int, not_in_transformers: tuple[str, ...]
+) -> None:
     """Rank 0: the adapter on its base in peft, and the merged export in transformers, each continue ``prompt``."""
     try:
         from peft import PeftModel
     except ImportError:
         print(f"peft is not installed (pip install peft): {adapter} is not reloaded on its base")
     else:
-        peft_model = PeftModel.from_pretrained(load_hf(hf_model), adapter).eval()
+        peft_model = PeftModel.from_pretrained(load_hf(hf_model, not_in_transformers), adapter).eval()
         print(f"peft (base + adapter) continues {prompt!r} with {generate(peft_model, hf_model, prompt, max_new_tokens)!r}")
-    print(f"merged model (transformers) continues {prompt!r} with {generate(load_hf(export), export, prompt, max_new_tokens)!r}")
+    merged = load_hf(export, not_in_transformers)
+    print(f"merged model (transformers) continues {prompt!r} with {generate(merged, export, prompt, max_new_tokens)!r}")
 
 
 def main() -> None:
@@ -195,7 +206,7 @@ def main() -> None:
         log_interval=args.log_interval,
     )
     dtype = torch.bfloat16 if cpu_mode.cuda_available() else torch.float32
-    bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype)
+    bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype, mtp=args.mtp)
     resume = args.load is not None and megatron_checkpoint.is_checkpoint(args.load)
     start, consumed = 0, 0
     try:
@@ -240,7 +251,7 @@ def main() -> None:
         if args.save and args.save_interval and result.iteration % args.save_interval == 0:
             save(result.iteration)
 
-    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end)
+    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(), start, on_step_end)
     if args.save and results and not (args.save_interval and cfg.train_iters % args.save_interval == 0):
         save(cfg.train_iters)
 
@@ -261,11 +272,11 @@ def main() -> None:
             )
         prompt = tokenizer.detokenize(dataset[0]["tokens"][:8].tolist())
         if args.lora is None:
-            continued = generate(load_hf(export), export, prompt, args.generate_tokens)
+            continued = generate(load_hf(export, bridge.model_bridge.hf_not_in_transformers), export, prompt, args.generate_tokens)
             print(f"exported to {export}; transformers continues {prompt!r} with {continued!r}")
         else:
             print(f"exported the adapter to {adapter} (PEFT) and the merged model to {export}")
-            report_lora_generation(hf_model, adapter, export, prompt, args.generate_tokens)
+            report_lora_generation(hf_model, adapter, export, prompt, args.generate_tokens, bridge.model_bridge.hf_not_in_transformers)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """Parameter mappings between HF tensors and Megatron-Core parameters, and their registry."""
 
 from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, RowCopy, TensorSource, copy_bytes, materialize
+from bridge.mappings.copies import CopiedMapping
 from bridge.mappings.fused import FusedRowsMapping, fused_gate_up, fused_qkv
 from bridge.mappings.gated_mlp import GatedMLPMapping
 from bridge.mappings.linear import ColumnParallelMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping
@@ -10,6 +11,7 @@ from bridge.mappings.transposed import InterleavedGateUpMapping, TransposedRowPa
 
 __all__ = [
     "ColumnParallelMapping",
+    "CopiedMapping",
     "FusedRowsMapping",
     "GatedMLPMapping",
     "InterleavedGateUpMapping",

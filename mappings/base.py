@@ -235,7 +235,7 @@ class ParamMapping:
         self.megatron_param = megatron_param
         self.hf_param: dict[str, str] = {"": hf_param} if isinstance(hf_param, str) else dict(hf_param)
         self.load_only = load_only
-        self._regex = re.compile("^" + _WILDCARD.sub(r"(\\d+)", re.escape(megatron_param)) + "$")
+        self._regex = _megatron_regex(megatron_param)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.megatron_param!r} ⇄ {self.hf_names})"
@@ -253,6 +253,22 @@ class ParamMapping:
         bound.megatron_param = megatron_name
         bound.hf_param = {role: _fill(pattern, match.groups()) for role, pattern in self.hf_param.items()}
         return bound
+
+    def relocated(self, megatron: tuple[str, str], hf: tuple[str, str]) -> "ParamMapping":
+        """A copy for another place of the same module: the prefix ``megatron[0]`` of the Megatron pattern becomes
+        ``megatron[1]``, ``hf[0]`` of every HF pattern ``hf[1]`` (e.g. a decoder layer's pattern ``decoder.layers.*.``
+        ⇄ ``model.layers.*.`` made the multi-token-prediction layer's ``mtp.layers.0.transformer_layer.`` ⇄
+        ``model.layers.61.``). Both sides must lose or keep the same number of ``*``."""
+        moved = copy.copy(self)
+        if not self.megatron_param.startswith(megatron[0]) or not all(name.startswith(hf[0]) for name in self.hf_names):
+            raise MappingError(f"{self} is not under {megatron[0]} ⇄ {hf[0]}")
+        lost = megatron[0].count("*") - megatron[1].count("*")
+        if lost != hf[0].count("*") - hf[1].count("*"):
+            raise MappingError(f"relocating {self}: {megatron} and {hf} drop different numbers of '*'")
+        moved.megatron_param = megatron[1] + self.megatron_param[len(megatron[0]) :]
+        moved._regex = _megatron_regex(moved.megatron_param)
+        moved.hf_param = {role: hf[1] + name[len(hf[0]) :] for role, name in self.hf_param.items()}
+        return moved
 
     def under_prefix(self, prefix: str) -> "ParamMapping":
         """A copy whose HF tensors are named ``prefix`` + the names of this one."""
@@ -284,6 +300,11 @@ class ParamMapping:
         """Rows of each HF role tensor, in ``hf_param`` order, when one tensor of ``rows`` rows holds them all
         stacked along dim 0 (``FusedRowsMapping``); mappings whose roles never come fused do not say."""
         raise MappingError(f"{self.megatron_param}: {type(self).__name__} does not say how its HF tensors stack into one")
+
+
+def _megatron_regex(pattern: str) -> re.Pattern:
+    """The regular expression of a Megatron name pattern, each ``*`` a number."""
+    return re.compile("^" + _WILDCARD.sub(r"(\\d+)", re.escape(pattern)) + "$")
 
 
 def _fill(pattern: str, values: Sequence[str]) -> str:

@@ -57,6 +57,11 @@ class FusedRowsMapping(ParamMapping):
             bound.inner = self.inner.resolve(megatron_name)
         return bound
 
+    def relocated(self, megatron: tuple[str, str], hf: tuple[str, str]) -> "FusedRowsMapping":
+        moved = super().relocated(megatron, hf)
+        moved.inner = self.inner.relocated(megatron, hf)
+        return moved
+
     def under_prefix(self, prefix: str) -> "FusedRowsMapping":
         moved = super().under_prefix(prefix)
         moved.inner = self.inner.under_prefix(prefix)

@@ -25,7 +25,6 @@ from bridge.models.blocks import (
     dense_mlp,
     embeddings_and_output,
     fused_expert_views,
-    mtp_layers,
     norm,
     pre_mlp_norm,
     routed_experts,
@@ -41,6 +40,7 @@ from bridge.models.config import (
     shared_expert_ffn,
     sigmoid_router_config,
 )
+from bridge.models.mtp import MultiTokenPrediction
 from bridge.models.registry import register_bridge
 from bridge.models.rope import ROTARY_BUFFERS, rope_parameters, yarn_parameters
 
@@ -71,7 +71,7 @@ def mla_attention(q_lora: bool) -> list[ParamMapping]:
     ]
 
 
-class _DeepseekBridge(ModelBridge):
+class _DeepseekBridge(MultiTokenPrediction, ModelBridge):
     """What V2 and V3 share: MLA, dense first layers, shared experts; the router is each one's."""
 
     hf_ignore = ROTARY_BUFFERS
@@ -79,10 +79,6 @@ class _DeepseekBridge(ModelBridge):
     hf_views = fused_expert_views()
     # The local spec decides the down projections' TP layout (Transformer Engine's keeps them whole on every rank).
     transformer_engine_layers = False
-
-    @property
-    def hf_carried(self) -> tuple[str, ...]:
-        return mtp_layers(self.hf_config)
 
     def check_supported(self) -> None:
         c = self.hf_config
@@ -153,7 +149,7 @@ class _DeepseekBridge(ModelBridge):
         return []
 
     def mapping_registry(self) -> MappingRegistry:
-        return MappingRegistry(
+        return self.with_mtp_block(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
                 *mla_attention(q_lora=self.hf_config.q_lora_rank is not None),

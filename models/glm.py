@@ -20,7 +20,6 @@ from bridge.models.blocks import (
     dense_mlp,
     embeddings_and_output,
     fused_expert_views,
-    mtp_layers,
     pre_mlp_norm,
     routed_experts,
     shared_experts,
@@ -36,6 +35,7 @@ from bridge.models.config import (
     shared_expert_ffn,
     sigmoid_router_config,
 )
+from bridge.models.mtp import MultiTokenPrediction
 from bridge.models.registry import register_bridge
 from bridge.models.rope import RotaryBridge, check_rope
 
@@ -43,13 +43,9 @@ SHARED = MLPNames(prefix="mlp.shared_experts.")
 
 
 @register_bridge("Glm4MoeForCausalLM")
-class Glm4MoeBridge(RotaryBridge):
+class Glm4MoeBridge(MultiTokenPrediction, RotaryBridge):
     hf_views = fused_expert_views()
     hf_fp32_weights = (CORRECTION_BIAS,)
-
-    @property
-    def hf_carried(self) -> tuple[str, ...]:
-        return mtp_layers(self.hf_config)
 
     def check_supported(self) -> None:
         check_gated_silu(self)
@@ -71,7 +67,7 @@ class Glm4MoeBridge(RotaryBridge):
 
     def mapping_registry(self) -> MappingRegistry:
         c = self.hf_config
-        return MappingRegistry(
+        return self.with_mtp_block(
             [
                 *embeddings_and_output(self.tie_word_embeddings),
                 *attention(qkv_bias=bool(c.attention_bias), qk_norm=bool(getattr(c, "use_qk_norm", False))),

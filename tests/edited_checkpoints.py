@@ -24,8 +24,8 @@ def edited_copy(src: str | Path, dst: str | Path, edit: Callable[[dict[str, torc
 def with_mtp_layer(src: str | Path, dst: str | Path) -> Path:
     """A copy of the DeepSeek-V3 or GLM-4.5 checkpoint ``src`` with one multi-token-prediction layer after its decoder, as
     the released checkpoints hold it (``model.layers.{num_hidden_layers}``: a decoder layer's tensors, here the last
-    layer's perturbed, plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.norm``), and
-    ``num_nextn_predict_layers: 1``."""
+    layer's perturbed, plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.norm``, and the model's embedding and
+    output layer again as ``embed_tokens`` and ``shared_head.head``), and ``num_nextn_predict_layers: 1``."""
     import json
 
     dst = Path(dst)
@@ -42,6 +42,8 @@ def with_mtp_layer(src: str | Path, dst: str | Path) -> Path:
         extra["shared_head.norm.weight"] = (hidden,)
         for name, shape in extra.items():
             tensors[mtp + name] = torch.randn(shape, generator=generator).to(dtype)
+        tensors[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
 
     edited_copy(src, dst, add_layer)
     (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))

@@ -115,9 +115,7 @@ def _train(
             save_train_state(save, model, optimizer, scheduler, SAVE_AT, SAVE_AT * cfg.global_batch_size, True, bridge=bridge)
 
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
-    results = train(
-        model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end, progress=False
-    )
+    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(), start, on_step_end, progress=False)
     after = {f"{i}.{n}": p.detach() for i, c in enumerate(chunks) for n, p in c.named_parameters() if not is_adapter_param(p)}
     adapters = adapter_parameters(model)
     in_ddp = [param for ddp in model for buffer in ddp.buffers for param in buffer.params]

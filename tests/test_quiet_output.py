@@ -50,7 +50,7 @@ cfg = TrainingConfig(train_iters=1, micro_batch_size=1, global_batch_size=1, seq
 model, optimizer, scheduler = setup_model_and_optimizer(bridge, 2, 1, None, cfg)  # MoE at TP=2: sequence parallel
 tokens = torch.arange(17).remainder(bridge.model_bridge.vocab_size)[None]
 batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, 16), position_ids=torch.arange(16)[None])
-result = train_step(make_forward_step(bridge.model_bridge.vocab_size), [itertools.repeat(batch)], model, optimizer, scheduler, cfg, 1)
+result = train_step(make_forward_step(), [itertools.repeat(batch)], model, optimizer, scheduler, cfg, 1)
 print("loss", result.loss)
 """
 

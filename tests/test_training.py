@@ -100,9 +100,7 @@ def _train(
             bridge.save_hf_pretrained(model, snapshot)
 
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed)
-    results = train(
-        model, optimizer, scheduler, iterators, cfg, make_forward_step(bridge.model_bridge.vocab_size), start, on_step_end, progress=False
-    )
+    results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(), start, on_step_end, progress=False)
     out["steps"] = [r.iteration for r in results]
     out["losses"] = [r.loss for r in results]
     out["grad_norms"] = [r.grad_norm for r in results]

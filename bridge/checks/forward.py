@@ -6,12 +6,29 @@ the ranks of the last pipeline stage get the logits (gathered over TP, vocab pad
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from bridge.megatron.chunks import unwrap_chunks
+
+
+@contextlib.contextmanager
+def main_model_only(chunks: list[torch.nn.Module]) -> Iterator[None]:
+    """Inside, the chunks run without their multi-token-prediction block: Megatron-Core 0.16's ``GPTModel`` computes
+    MTP only as a loss (it clones the labels), and the MTP layers do not change the main model's logits."""
+    saved = [(chunk, chunk.mtp_process, chunk.config.mtp_num_layers) for chunk in chunks if getattr(chunk, "mtp_process", False)]
+    try:
+        for chunk, _, _ in saved:
+            chunk.mtp_process, chunk.config.mtp_num_layers = False, None
+        yield
+    finally:
+        for chunk, process, layers in saved:
+            chunk.mtp_process, chunk.config.mtp_num_layers = process, layers
 
 
 @torch.no_grad()
@@ -43,15 +60,16 @@ def megatron_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Te
         return chunk(next(data_iterator), position_ids, causal), loss_func
 
     iterators = [iter(micro_batches) for _ in chunks]
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq,
-        micro_batch_size=micro,
-        forward_only=True,
-    )
+    with main_model_only(chunks):
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq,
+            micro_batch_size=micro,
+            forward_only=True,
+        )
     if not parallel_state.is_pipeline_last_stage():
         return None
     logits = gather_from_tensor_model_parallel_region(torch.cat(captured, dim=0))

@@ -102,16 +102,16 @@ def transformers_load_report(folder: str | Path) -> dict[str, list[str]]:
     return {key: sorted(str(item) for item in value) for key, value in info.items()}
 
 
-def check_loads_in_transformers(folder: str | Path, carried: Sequence[str] = ()) -> None:
+def check_loads_in_transformers(folder: str | Path, not_in_transformers: Sequence[str] = ()) -> None:
     """Raise ``ExportCheckError`` unless transformers loads ``folder`` with an empty load report.
 
-    ``carried``: patterns of the tensors the export copied that transformers' model has no place for
+    ``not_in_transformers``: patterns of the tensors transformers' model has no place for
     (multi-token-prediction layers, which it drops from the released checkpoints too; it may name them in
     its own fused form): unexpected, as they should be.
     """
     report = transformers_load_report(folder)
     if "unexpected_keys" in report:
-        expected = [re.compile(pattern) for pattern in carried]
+        expected = [re.compile(pattern) for pattern in not_in_transformers]
         report["unexpected_keys"] = [key for key in report["unexpected_keys"] if not any(p.fullmatch(key) for p in expected)]
     problems = {key: value for key, value in report.items() if value}
     if problems:

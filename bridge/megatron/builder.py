@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer import TransformerConfig
 
 from bridge.megatron.layers.mla import local_mla_spec
-from bridge.megatron.layers.model_ends import apply_model_ends
+from bridge.megatron.layers.model_ends import apply_model_ends, mask_vocab_padding_in_loss
 from bridge.megatron.layers.norms import use_torch_norms_with_sequence_parallel
 from bridge.megatron.layers.spec import apply_decoder_shape
 from bridge.megatron.parallel import ParallelConfigError, ParallelSizes
@@ -109,6 +109,8 @@ def build_transformer_config(
     ``sequence_parallel`` defaults to on exactly when Megatron-Core needs it: MoE with TP > 1.
     """
     kwargs = {**bridge.transformer_config_kwargs(), **bridge.rope_config_kwargs()}
+    if bridge.builds_mtp_layers:
+        kwargs["mtp_num_layers"] = bridge.mtp_layer_count
     check_parallel_sizes(bridge, sizes, kwargs)
     moe = bool(kwargs.get("num_moe_experts"))
     if sequence_parallel is None:
@@ -174,6 +176,17 @@ def use_transformer_engine(bridge: ModelBridge) -> bool:
     )
 
 
+def mtp_spec(bridge: ModelBridge, config: TransformerConfig, decoder, vp_stage: int | None):
+    """Megatron-Core's MTP block spec on the stage that holds it (None elsewhere, and without MTP layers): its
+    ``transformer_layer`` is the decoder's last layer's spec (``decoder``), its norms as the decoder's."""
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    spec = get_gpt_mtp_block_spec(config, decoder, use_transformer_engine=use_transformer_engine(bridge), vp_stage=vp_stage)
+    return spec if spec is None or use_transformer_engine(bridge) else use_torch_norms_with_sequence_parallel(spec)
+
+
 def decoder_spec(bridge: ModelBridge, config: TransformerConfig, vp_stage: int | None):
     """The decoder block spec of this rank's layers (in virtual stage ``vp_stage``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -194,9 +207,11 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
+        decoder = decoder_spec(bridge, config, vp_stage)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_spec(bridge, config, vp_stage),
+            transformer_layer_spec=decoder,
+            mtp_block_spec=mtp_spec(bridge, config, decoder, vp_stage),
             vocab_size=vocab_size,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -205,6 +220,7 @@ def build_gpt_chunks(bridge: ModelBridge, config: TransformerConfig, vocab_size:
             **{"position_embedding_type": "rope", **bridge.gpt_model_kwargs()},
         )
         apply_model_ends(model, bridge.decoder_shape, config.hidden_size)
+        mask_vocab_padding_in_loss(model, bridge.vocab_size)
         # The local spec's torch norms ignore params_dtype; Megatron's Float16Module would cast them too.
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != config.params_dtype:

@@ -91,11 +91,16 @@ def release_state(model_state: dict) -> dict:
 
 
 def model_state_dict(model) -> dict:
-    """Megatron-LM's model entries: ``model`` or ``model0``, ``model1``, … for virtual pipeline stages."""
+    """Megatron-LM's model entries: ``model`` or ``model0``, ``model1``, … for virtual pipeline stages.
+
+    The metadata names the data-parallel group, as Megatron-LM's checkpointing passes it: ``GPTModel`` reads it
+    itself for the multi-token-prediction block's copy of the embedding on a later pipeline stage.
+    """
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
     chunks = unwrap_chunks(model)
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    states = [chunk.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None)) for chunk in chunks]
+    return {"model": states[0]} if len(states) == 1 else {f"model{i}": state for i, state in enumerate(states)}
 
 
 def check_writer_dependencies() -> None:

@@ -15,7 +15,7 @@ A loop of your own::
     bridge = AutoBridge.from_hf_pretrained(path, dtype=torch.float32)
     model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, vpp, cfg)
     iterators = build_train_iterators(dataset, model, cfg.micro_batch_size, consumed_samples=0)
-    forward_step = make_forward_step(bridge.model_bridge.vocab_size)
+    forward_step = make_forward_step()
     for it in range(1, cfg.train_iters + 1):
         result = train_step(forward_step, iterators, model, optimizer, scheduler, cfg, it)
 

@@ -7,9 +7,11 @@ The loss follows Megatron-LM's ``pretrain_gpt``: every micro-batch reports (sum 
 number of tokens) and the step's loss is their ratio over the whole global batch, the same number
 whatever the TP×PP×DP layout.
 
-The loss is the cross entropy over the model's *real* vocabulary: Megatron pads the vocabulary
-to a multiple of 128×TP, and those padding logits are masked out so the trained model is exactly
-the HF model it came from (which has no padding rows) and its loss equals transformers' loss.
+The loss is Megatron-Core's own (the model gets the labels), the cross entropy over the model's *real*
+vocabulary: Megatron pads the vocabulary to a multiple of 128×TP, and the model masks those padding
+logits out (``bridge.megatron.layers.model_ends.mask_vocab_padding_in_loss``) so the trained model is
+exactly the HF model it came from (which has no padding rows) and its loss equals transformers' loss.
+Multi-token-prediction layers, when built, add their loss inside the model (Megatron-Core's MTP block).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from bridge.training.setup import TrainingConfig, num_microbatches
 
@@ -49,19 +50,11 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int, logits: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
     """Megatron-LM's GPT loss contract: (sum of masked token losses, token count, {"lm loss": [sum, count]}).
 
-    ``logits`` are this TP rank's vocabulary slice ``[batch, seq, padded_vocab / tp]``; columns past
-    ``vocab_size`` (Megatron's padding) get -inf before the vocab-parallel cross entropy.
+    ``losses``: the model's per-token cross entropy ``[batch, seq]`` (over the real vocabulary).
     """
-    logits = logits.float()
-    local = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * local
-    if start + local > vocab_size:
-        padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
-    losses = vocab_parallel_cross_entropy(logits, labels)
     mask = loss_mask.float()
     loss = torch.sum(losses.float() * mask)
     num_tokens = mask.sum().detach().to(torch.int)
@@ -69,7 +62,7 @@ def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int, lo
     return loss, num_tokens, {"lm loss": report}
 
 
-def make_forward_step(vocab_size: int) -> Callable:
+def make_forward_step() -> Callable:
     """A ``forward_step_func(data_iterator, model)`` for GPT batches from ``bridge.training.data``."""
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
@@ -79,8 +72,9 @@ def make_forward_step(vocab_size: int) -> Callable:
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-        output = model(tokens, position_ids, None)  # logits on the last stage, hidden states before it
-        return output, partial(loss_func, labels, loss_mask, vocab_size)
+        # per-token losses on the last stage, hidden states before it
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+        return output, partial(loss_func, loss_mask)
 
     return forward_step
 

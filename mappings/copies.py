@@ -1,0 +1,52 @@
+"""A tensor the HF checkpoint stores under several names, one Megatron-Core parameter.
+
+DeepSeek-V3's and GLM-4.5's multi-token-prediction layers hold their own ``embed_tokens`` and
+``shared_head.head``, equal to the model's embedding and output layer, which Megatron-Core's MTP block
+shares. Loading checks that each copy equals the main tensor (the slice this rank loads), so that a
+checkpoint whose copies differ is refused rather than silently reduced to one; export writes the
+parameter under every name.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource
+
+
+class CopiedMapping(ParamMapping):
+    """``inner`` (one HF tensor), whose tensor the checkpoint also holds, identical, under ``copies``."""
+
+    def __init__(self, inner: ParamMapping, copies: Sequence[str]):
+        (main,) = inner.hf_names
+        super().__init__(
+            inner.megatron_param, {"": main, **{f"copy {i}": name for i, name in enumerate(copies)}}, load_only=inner.load_only
+        )
+        self.inner = inner
+        self.kind = inner.kind
+
+    @property
+    def tp_sharded(self) -> bool:  # type: ignore[override]
+        return self.inner.tp_sharded
+
+    def resolve(self, megatron_name: str) -> "CopiedMapping | None":
+        bound = super().resolve(megatron_name)
+        if bound is not None:
+            bound.inner = self.inner.resolve(megatron_name)
+        return bound
+
+    def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
+        parts = self.inner.shard_parts({"": hf[""]}, ctx)
+        for role, name in self.hf_param.items():
+            if not role:
+                continue
+            copy = self.inner.shard_parts({"": hf[role]}, ctx)
+            real = [(a, b) for a, b in zip(parts, copy) if a.device.type != "meta"]
+            if len(copy) != len(parts) or not all(a.shape == b.shape and torch.equal(a, b) for a, b in real):
+                raise MappingError(f"{name} differs from {self.hf_names[0]}: Megatron-Core's {self.megatron_param} is one tensor for both")
+        return parts
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: MappingContext) -> dict[str, torch.Tensor | JoinedShards]:
+        (tensor,) = self.inner.megatron_to_hf(shards, ctx).values()
+        return {name: tensor for name in self.hf_names}
