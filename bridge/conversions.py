@@ -42,7 +42,7 @@ from bridge.hf.output_folder import (
 from bridge.hf.weight_values import NonFinite
 from bridge.megatron import checkpoint as mc
 from bridge.megatron.builder import check_parallel_sizes
-from bridge.megatron.foreign_checkpoint import check_fits, checkpoint_record
+from bridge.megatron.foreign_checkpoint import check_fits, checkpoint_record, stored_mtp_layers
 from bridge.megatron.parallel import ParallelSizes, init_distributed
 from bridge.runtime.memory_budget import memory_budget
 from bridge.runtime.progress import elapsed_bar
@@ -109,6 +109,7 @@ def import_hf_checkpoint(
     overwrite: bool = False,
     stream: bool | None = None,
     max_memory: int | str | None = None,
+    mtp: bool = False,
 ) -> ImportResult:
     """An HF checkpoint (folder or Hub id) → a Megatron-Core dist checkpoint in Megatron-LM's layout at ``out``.
 
@@ -117,7 +118,8 @@ def import_hf_checkpoint(
     HF folder. ``stream`` (default: in one process) converts tensor by tensor within
     ``max_memory`` (default: ``bridge.runtime.memory_budget``'s share of the available memory),
     padding the vocabulary as ``sizes.tp`` needs; otherwise each rank builds its shards at
-    ``sizes``. All ranks call it.
+    ``sizes``. ``mtp``: the multi-token-prediction layers become Megatron-Core's MTP block (``mtp.layers.*``, for a
+    run with ``mtp_num_layers``) instead of being carried. All ranks call it.
     """
     stream = one_process() if stream is None else stream
     if max_memory is not None and not stream:
@@ -126,7 +128,7 @@ def import_hf_checkpoint(
     init_distributed()
     with contextlib.ExitStack() as stack:
         target = _claim(stack, Path(out), overwrite, MEGATRON_CHECKPOINT)
-        bridge = AutoBridge.from_hf_pretrained(hf, dtype=dtype)
+        bridge = AutoBridge.from_hf_pretrained(hf, dtype=dtype, mtp=mtp)
         check_parallel_sizes(bridge.model_bridge, sizes)  # the streamed conversion records them without building at them
         model = None if stream else bridge.to_megatron_model(**model_sizes(sizes))
         root: list[Any] = [target.temp_path() if target is not None else None]
@@ -266,7 +268,9 @@ def export_megatron_checkpoint(
     with contextlib.ExitStack() as stack:
         _claim(stack, out, overwrite, HF_MODEL_FOLDER, check_sources)
         info, hf_folder = checkpoint_record(ckpt, hf_config, iteration)
-        bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]))
+        # MTP layers trained as Megatron-Core's MTP block are exported from it (else carried from the source folder)
+        mtp = stored_mtp_layers(ckpt, iteration) > 0
+        bridge = AutoBridge.from_hf_pretrained(hf_folder, dtype=dtype_named(info["params_dtype"]), mtp=mtp)
         source = Path(info["source_folder"]) if info.get("source_folder") else None
         encoding = export_encoding(bridge.model_bridge, source, quantization)
         config, side = metadata.folder_metadata(hf_folder, bridge.hf_config, dtype, encoding and encoding.config)

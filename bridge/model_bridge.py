@@ -26,7 +26,7 @@ class ModelBridge:
     # Regular expressions of HF tensor names that are not weights (e.g. rotary buffers in old checkpoints).
     hf_ignore: tuple[str, ...] = ()
     # Regular expressions of HF tensors no mapping reads that exports write back unchanged, read from the source
-    # folder (DeepSeek's and GLM's multi-token-prediction layers, which transformers drops at load): never lost.
+    # folder (DeepSeek's and GLM's multi-token-prediction layers when not built, an image-text model's vision tower): never lost.
     hf_carried: tuple[str, ...] = ()
     # Regular expressions of HF tensors transformers' model has no place for (unexpected at load, as in the released
     # checkpoints): multi-token-prediction layers, carried or built.
@@ -78,7 +78,9 @@ class ModelBridge:
         """This bridge building the checkpoint's multi-token-prediction layers as Megatron-Core's MTP block, for
         training them (``mtp_num_layers``); refused, naming the setting, when the checkpoint has none."""
         if not self.mtp_layer_count:
-            raise self.unsupported("num_nextn_predict_layers", 0, "the checkpoint has no multi-token-prediction layers to build")
+            if hasattr(self.hf_config, "num_nextn_predict_layers"):
+                raise self.unsupported("num_nextn_predict_layers", 0, "the checkpoint has no multi-token-prediction layers to build")
+            raise UnsupportedArchitectureError(f"{self.architecture} has no multi-token-prediction layers to build (mtp=True, --mtp)")
         bridge = copy.copy(self)
         bridge.builds_mtp_layers = True
         return bridge

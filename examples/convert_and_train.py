@@ -41,6 +41,7 @@ from bridge import AutoBridge
 from bridge.lora import LoraConfig, LoraError, adapter_plan, save_merged_hf_pretrained, save_peft_adapter
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.parallel import init_distributed
+from bridge.model_bridge import UnsupportedArchitectureError
 from bridge.runtime import cpu_mode
 from bridge.training import (
     TrainingConfig,
@@ -206,10 +207,10 @@ def main() -> None:
         log_interval=args.log_interval,
     )
     dtype = torch.bfloat16 if cpu_mode.cuda_available() else torch.float32
-    bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype, mtp=args.mtp)
     resume = args.load is not None and megatron_checkpoint.is_checkpoint(args.load)
     start, consumed = 0, 0
     try:
+        bridge = AutoBridge.from_hf_pretrained(hf_model, dtype=dtype, mtp=args.mtp)
         # A LoRA checkpoint holds the adapters only: the frozen base always comes from the HF weights.
         model, optimizer, scheduler = setup_model_and_optimizer(
             bridge,
@@ -226,7 +227,8 @@ def main() -> None:
         if resume:
             info = load_train_state(args.load, model, optimizer, scheduler, cfg.use_distributed_optimizer, bridge=bridge)
             start, consumed = info.iteration, info.consumed_samples
-    except (LoraError, megatron_checkpoint.MegatronCheckpointError) as err:  # the same on every rank: one line, exit 2
+    # the same on every rank: one line, exit 2
+    except (LoraError, megatron_checkpoint.MegatronCheckpointError, UnsupportedArchitectureError) as err:
         if rank0:
             print(f"convert_and_train.py: error: {err}", file=sys.stderr)
         dist.destroy_process_group()

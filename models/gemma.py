@@ -14,6 +14,7 @@ with its scaling). Of an image-text ``Gemma3ForConditionalGeneration`` checkpoin
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import torch.nn.functional as F
@@ -147,7 +148,7 @@ class Gemma3ImageTextBridge(Gemma3Bridge):
 
     TEXT_PREFIX = "language_model."
     hf_carried = (r"vision_tower\..+", r"multi_modal_projector\..+")
-    hf_module_paths = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+    hf_module_paths = (("language_model.model.", "model.language_model."),)
     peft_exclude_modules = r".*\b(vision_tower|multi_modal_projector)\b.*"
 
     def __init__(self, hf_config: PretrainedConfig):
@@ -163,6 +164,10 @@ class Gemma3ImageTextBridge(Gemma3Bridge):
     @property
     def architecture(self) -> str:
         return (self.image_text_config.architectures or [type(self).__name__])[0]
+
+    @property
+    def hf_ignore(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(re.escape(self.TEXT_PREFIX) + pattern for pattern in super().hf_ignore)
 
     def mapping_registry(self) -> MappingRegistry:
         return super().mapping_registry().under_prefix(self.TEXT_PREFIX)

@@ -91,6 +91,28 @@ def expected_shard(
 ) -> tuple[str, torch.Tensor]:
     """(kind, expected tensor) of TP rank ``rank`` (expert-TP rank ``etp_rank``) for the Megatron parameter
     ``name`` (global layer and expert numbers)."""
+    mtp = re.match(r"mtp\.layers\.(\d+)\.(.+)", name)
+    if mtp is not None:  # Megatron-Core's MTP layer i: the HF layer after the decoder's, num_hidden_layers + i
+        first = min(int(m.group(1)) for key in hf if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.weight$", key)))
+        layer, rest = first + int(mtp.group(1)), mtp.group(2)
+        if rest.startswith("transformer_layer."):
+            return expected_shard(
+                f"decoder.layers.{layer}.{rest.removeprefix('transformer_layer.')}",
+                hf,
+                groups=groups,
+                tied=tied,
+                tp=tp,
+                rank=rank,
+                padded_vocab=padded_vocab,
+                etp=etp,
+                etp_rank=etp_rank,
+                moe_names=moe_names,
+            )
+        p = f"model.layers.{layer}."
+        if rest == "eh_proj.weight":
+            return "column", hf[p + "eh_proj.weight"].chunk(tp, dim=0)[rank]
+        norms = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "final_layernorm.weight": "shared_head.norm.weight"}
+        return "replicated", hf[p + norms[rest]]
     match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
     if match is None:
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):

@@ -30,25 +30,25 @@ CARRIED = {"deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4.", "gem
 
 
 @pytest.fixture(scope="module", params=list(CARRIED))
-def with_mtp(request, tmp_path_factory):
+def carrying(request, tmp_path_factory):
     """(name, folder) of a checkpoint with tensors to carry (an MTP layer added to the MoE ones)."""
     root = tmp_path_factory.mktemp(request.param)
     plain = build_tiny_checkpoint(request.param, root / "plain", dtype=torch.float32)
     return request.param, plain if request.param == "gemma3-vision" else with_mtp_layer(plain, root / "hf")
 
 
-def test_plan_says_the_mtp_layer_is_carried(with_mtp):
-    name, hf = with_mtp
+def test_plan_says_what_is_carried(carrying):
+    name, hf = carrying
     planned = hfmb("plan", str(hf))
     assert planned.returncode == EXIT_OK, planned.stdout + planned.stderr
     assert "carried unchanged into exports, not converted" in planned.stdout
     assert CARRIED[name] in planned.stdout
 
 
-def test_import_and_export_carry_the_mtp_layer_bit_for_bit(with_mtp, tmp_path):
+def test_import_and_export_carry_them_bit_for_bit(carrying, tmp_path):
     from bridge.checks.verify import compare_hf_folders
 
-    name, hf = with_mtp
+    name, hf = carrying
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     for argv in (("import", str(hf), str(ckpt)), ("export", str(ckpt), str(out))):
         done = hfmb(*argv)
@@ -65,16 +65,16 @@ def _save(src: str, out: str) -> None:
     bridge.save_hf_pretrained(bridge.to_megatron_model(tp=2), out)
 
 
-def test_in_memory_export_carries_the_mtp_layer(with_mtp, tmp_path):
+def test_in_memory_export_carries_them(carrying, tmp_path):
     from bridge.checks.verify import compare_hf_folders
 
-    name, hf = with_mtp
+    name, hf = carrying
     run_distributed(_save, 2, str(hf), str(tmp_path / "out"))
     assert compare_hf_folders(hf, tmp_path / "out") == []
 
 
-def test_export_whose_source_lost_the_mtp_layer_is_refused_by_name(with_mtp, tmp_path):
-    name, hf = with_mtp
+def test_export_whose_source_lost_them_is_refused_by_name(carrying, tmp_path):
+    name, hf = carrying
     moved, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     shutil.copytree(hf, moved)
     imported = hfmb("import", str(moved), str(ckpt))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from bridge.mappings import MappingContext, QKVMapping
+from bridge.models import bridge_for
 from safetensors.torch import load_file
 
 from bridge.lora import LoraConfig, LoraError, resolve_targets
@@ -32,7 +33,6 @@ _TRAIN_GRADS: dict[int, list[dict]] = {}  # world size → the first stage's "tr
 
 
 def _llama_bridge():
-    from bridge.models import bridge_for
 
     return bridge_for(tiny_config("llama", architectures=["LlamaForCausalLM"]))
 
@@ -71,17 +71,29 @@ def test_targets_come_from_the_mapping_registry():
 
 
 def test_routed_expert_targets_are_refused():
-    from bridge.models import bridge_for
 
     model_bridge = bridge_for(tiny_config("mixtral", architectures=["MixtralForCausalLM"]))
     with pytest.raises(LoraError, match=r"'w1' adapts the routed MoE experts .* not supported yet"):
         resolve_targets(model_bridge.mapping_registry(), ("w1",), "MixtralForCausalLM")
 
 
+def test_mtp_layers_and_their_embedding_copies_are_never_targets():
+    """With DeepSeek-V3's MTP block built, the MTP layer's linears (which transformers and peft do not have) and the
+    embedding / output layer (stored twice, a ``CopiedMapping``) are not adapted."""
+    from bridge.lora import adaptable_linears
+
+    model_bridge = bridge_for(tiny_config("deepseek_v3", architectures=["DeepseekV3ForCausalLM"], num_nextn_predict_layers=1))
+    mtp = model_bridge.with_mtp_layers()
+    linears = adaptable_linears(mtp.mapping_registry(), mtp.hf_module_paths, mtp.hf_not_in_transformers)
+    assert not [linear.module for linear in linears if linear.module.startswith("mtp.")]
+    targets = {role.target for linear in linears for role in linear.roles}
+    assert targets == {role.target for linear in adaptable_linears(model_bridge.mapping_registry()) for role in linear.roles}
+    assert not targets & {"embed_tokens", "lm_head", "head", "eh_proj"}
+
+
 def test_image_text_targets_are_named_by_transformers_module_paths():
     """Gemma 3 image-text stores ``language_model.model.layers.*`` but transformers (and so peft) holds
     ``model.language_model.layers.*``; the output layer and the vision tower are never targets."""
-    from bridge.models import bridge_for
     from transformers import Gemma3Config
 
     model_bridge = bridge_for(Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]))

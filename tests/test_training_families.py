@@ -1,5 +1,6 @@
 """The convert-and-train example on the families whose layers are the project's own: tiny Gemma 3 (image-text: its
-text model trains, its vision tower is carried) and OLMo-2 at TP2·PP2; gpt-oss, GLM-4.5 and DeepSeek-V3 at TP2·EP2, then resumed at PP2·EP2.
+text model trains, its vision tower is carried) and OLMo-2 at TP2·PP2; gpt-oss, GLM-4.5 and DeepSeek-V3 (with its
+multi-token-prediction layer) at TP2·EP2, then resumed at PP2·EP2.
 
 Each is converted, trained a few steps on Megatron-Core's engine (4 gloo ranks), exported, and the
 export reloaded in transformers (the example generates with it); the exported weights are the trained
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.commands import ROOT, clean_env
+from tests.edited_checkpoints import with_mtp_layer
 from tests.tiny_checkpoints import build_tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -30,8 +32,8 @@ def corpus(tmp_path_factory) -> str:
     return data_paths[1]
 
 
-def _example(hf, corpus: str, work, *args: str) -> str:
-    """Run the convert-and-train example on 4 gloo ranks; its output (it must succeed)."""
+def _example(hf, corpus: str, work, *args: str, refused: bool = False) -> str:
+    """Run the convert-and-train example on 4 gloo ranks; its output (it must succeed, or with ``refused`` exit 2)."""
     cmd = [
         sys.executable,
         "-m",
@@ -44,6 +46,9 @@ def _example(hf, corpus: str, work, *args: str) -> str:
     env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     text = result.stdout + result.stderr
+    if refused:
+        assert result.returncode == 2, text[-5000:]
+        return result.stderr
     assert result.returncode == 0, text[-5000:]
     assert re.search(r"^exported to .*; transformers continues '.+' with '.+'$", text, re.M), text[-3000:]
     return text
@@ -95,19 +100,35 @@ MOE_TRAINED = {
 }
 
 
+# DeepSeek-V3 trains its multi-token-prediction layer too (--mtp: Megatron-Core's MTP block, on the last stage at PP2).
+WITH_MTP = ("deepseek_v3",)
+
+
 @pytest.mark.parametrize("name", list(MOE_TRAINED))
 def test_moe_family_trains_at_tp2_ep2_and_resumes_at_pp2_ep2(tmp_path, corpus, name):
     """Trained at TP2·EP2 (gpt-oss's experts without expert-TP: they have biases), saved; resumed at PP2·EP2 and exported."""
     hf = build_tiny_checkpoint(name, tmp_path / name, dtype=torch.float32)
+    mtp = ("--mtp",) if name in WITH_MTP else ()
+    if mtp:
+        hf = with_mtp_layer(hf, tmp_path / f"{name}-mtp")
     work, ckpt = tmp_path / "work", tmp_path / "ckpt"
-    schedule = ("--lr-decay-iters", "15")  # one schedule for both runs: the first stops at 12, the resumed one goes on to 15
+    schedule = ("--lr-decay-iters", "15", *mtp)  # one schedule for both runs: the first stops at 12, the resumed one goes on to 15
     layout = ("--tp", "2", "--ep", "2", *(("--etp", "1") if name == "gptoss" else ()))
     first = _example(hf, corpus, work, *layout, "--train-iters", "12", *schedule, "--save", str(ckpt))
     losses = _losses(first, 12)
     assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), losses
     resume = ("--pp", "2", "--ep", "2", "--train-iters", "15", *schedule, "--load", str(ckpt), "--overwrite-export")
+    if mtp:  # resuming the MTP layers' checkpoint without them would drop them: refused, naming the option
+        without = [arg for arg in resume if arg != "--mtp"]
+        assert "holds 1 multi-token-prediction layers and the model has 0" in _example(hf, corpus, work, *without, refused=True)
     resumed = _example(hf, corpus, work, *resume)
     assert [int(i) for i in re.findall(r"^iteration (\d+)/15 ", resumed, re.M)] == [15]  # it went on from step 12
     trained, before = _exported_and_source(hf, work / "hf_export")
     for tensor in MOE_TRAINED[name]:
         assert not torch.equal(trained[f"model.layers.1.{tensor}"], before[f"model.layers.1.{tensor}"]), tensor
+    if mtp:  # the MTP layer (model.layers.4) trained too; its embedding and output copies are the trained model's
+        for tensor in ("eh_proj.weight", "enorm.weight", MOE_TRAINED[name][1], MOE_TRAINED[name][0]):
+            assert not torch.equal(trained[f"model.layers.4.{tensor}"], before[f"model.layers.4.{tensor}"]), tensor
+        assert torch.equal(trained["model.layers.4.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+        assert torch.equal(trained["model.layers.4.shared_head.head.weight"], trained["lm_head.weight"])
+        assert not torch.equal(trained["lm_head.weight"], before["lm_head.weight"])

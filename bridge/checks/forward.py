@@ -21,6 +21,7 @@ from bridge.megatron.chunks import unwrap_chunks
 def main_model_only(chunks: list[torch.nn.Module]) -> Iterator[None]:
     """Inside, the chunks run without their multi-token-prediction block: Megatron-Core 0.16's ``GPTModel`` computes
     MTP only as a loss (it clones the labels), and the MTP layers do not change the main model's logits."""
+    # the chunks share one TransformerConfig: switched off and restored together
     saved = [(chunk, chunk.mtp_process, chunk.config.mtp_num_layers) for chunk in chunks if getattr(chunk, "mtp_process", False)]
     try:
         for chunk, _, _ in saved:

@@ -33,6 +33,12 @@ def add_parser(commands, command) -> None:
         "or float32 where they are mixed, so that nothing is rounded; the config's dtype where it holds them exactly)",
     )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT (only one this tool wrote)")
+    imp.add_argument(
+        "--mtp",
+        action="store_true",
+        help="write the multi-token-prediction layers (DeepSeek-V3, GLM-4.5) as Megatron-Core's MTP block (mtp.layers.*), "
+        "for training with them; without it they are carried into exports unchanged",
+    )
     add_memory_args(imp)
 
 
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stream=streams(args),
         max_memory=args.max_memory,
+        mtp=args.mtp,
     )
     out = result.out
     report(

@@ -48,9 +48,15 @@ def adapter_plan(model, bridge) -> TransferPlan:
 
 
 def _resolve_targets(bridge, targets: tuple[str, ...]) -> list[AdaptedLinear]:
-    """``resolve_targets`` on the bridge's model: its mappings, architecture and module paths."""
+    """``resolve_targets`` on the bridge's model: its mappings, architecture, module paths and the modules transformers lacks."""
     model_bridge = bridge.model_bridge
-    return resolve_targets(model_bridge.mapping_registry(), targets, model_bridge.architecture, model_bridge.hf_module_paths)
+    return resolve_targets(
+        model_bridge.mapping_registry(),
+        targets,
+        model_bridge.architecture,
+        model_bridge.hf_module_paths,
+        model_bridge.hf_not_in_transformers,
+    )
 
 
 def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float = 0.0) -> list[LoraAdapter]:
@@ -71,7 +77,7 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
         if lora_config_of(chunks) is not None:
             raise LoraError("the model already has LoRA adapters")
         adapted = _resolve_targets(bridge, config.targets)
-        found = _targeted_modules(chunks, adapted, ctx)
+        found = _targeted_modules(chunks, adapted, ctx, config.dropout)
     except Exception as err:
         error = err
     raise_first(error)
@@ -89,11 +95,11 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
 
 
 def _targeted_modules(
-    chunks: list[torch.nn.Module], adapted: list[AdaptedLinear], ctx: MappingContext
+    chunks: list[torch.nn.Module], adapted: list[AdaptedLinear], ctx: MappingContext, dropout: float
 ) -> list[tuple[torch.nn.Module, AdaptedLinear, list[RoleRows] | None]]:
     """This rank's linears that ``adapted`` names, each with its (bound) entry and, column-parallel, its roles' output rows.
 
-    Raises ``LoraError`` on a linear that cannot be adapted.
+    Raises ``LoraError`` on a linear that cannot be adapted (with ``dropout``, one with sequence parallelism).
     """
     found = []
     for chunk in chunks:
@@ -112,6 +118,11 @@ def _targeted_modules(
                     raise LoraError(
                         f"{name.removesuffix('.weight')} is a {type(module).__name__}; LoRA supports Megatron-Core's local "
                         f"{expected.__name__} only (not the Transformer Engine spec)"
+                    )
+                if dropout and getattr(module, "sequence_parallel", False):
+                    raise LoraError(
+                        f"{name.removesuffix('.weight')}: LoRA dropout={dropout} with sequence parallelism is not supported "
+                        "(the TP ranks would draw one mask for different parts of the sequence); use dropout 0"
                     )
                 roles = {role.role: role.target for role in linear.roles}
                 rows = None if linear.row_parallel else column_role_rows(bound, ctx, module.weight.shape[0], roles)

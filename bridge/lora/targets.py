@@ -10,6 +10,7 @@ role, A whole on every rank; A of a row-parallel linear is split like its input 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from bridge.lora.config import LoraError
@@ -74,11 +75,16 @@ def _roles(mapping: ParamMapping, module_paths: ModulePaths) -> list[TargetRole]
     return roles
 
 
-def adaptable_linears(registry: MappingRegistry, module_paths: ModulePaths = ()) -> list[AdaptedLinear]:
-    """Every linear weight of the registry with all its roles (not norms, routers, embeddings or the output layer)."""
+def adaptable_linears(registry: MappingRegistry, module_paths: ModulePaths = (), absent: tuple[str, ...] = ()) -> list[AdaptedLinear]:
+    """Every linear weight of the registry with all its roles (not norms, routers, embeddings or the output layer, even
+    when the checkpoint stores them twice), but those whose HF tensors match ``absent`` (regular expressions: the
+    model bridge's ``hf_not_in_transformers``, modules transformers' model and so peft do not have)."""
     found = []
     for mapping in registry:
-        if isinstance(mapping, (ReplicatedMapping, VocabParallelMapping)) or mapping.load_only:
+        kind = getattr(mapping, "inner", mapping)  # a mapping of copies (``CopiedMapping``) is its inner one's kind
+        if isinstance(kind, (ReplicatedMapping, VocabParallelMapping)) or mapping.load_only:
+            continue
+        if any(re.fullmatch(pattern, name.replace("*", "0")) for pattern in absent for name in mapping.hf_names):
             continue
         if not mapping.megatron_param.endswith(".weight") or not all(name.endswith(".weight") for name in mapping.hf_names):
             continue
@@ -87,14 +93,14 @@ def adaptable_linears(registry: MappingRegistry, module_paths: ModulePaths = ())
 
 
 def resolve_targets(
-    registry: MappingRegistry, targets: tuple[str, ...], architecture: str, module_paths: ModulePaths = ()
+    registry: MappingRegistry, targets: tuple[str, ...], architecture: str, module_paths: ModulePaths = (), absent: tuple[str, ...] = ()
 ) -> list[AdaptedLinear]:
     """The linears ``targets`` adapt, each with only its targeted roles; raises ``LoraError`` on a target the model lacks.
 
     Routed MoE expert linears are refused (not supported yet), naming the target. ``module_paths``: the
-    model bridge's ``hf_module_paths``, for peft's names.
+    model bridge's ``hf_module_paths``, for peft's names; ``absent``: its ``hf_not_in_transformers`` (never adapted).
     """
-    linears = adaptable_linears(registry, module_paths)
+    linears = adaptable_linears(registry, module_paths, absent)
     available = sorted({role.target for linear in linears for role in linear.roles})
     unknown = [target for target in targets if target not in available]
     if unknown:

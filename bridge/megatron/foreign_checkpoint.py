@@ -9,6 +9,7 @@ its shape, naming the first that is not, before anything loads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def stored_tensors(root: str | Path, iteration: int | str | None = "latest") -> 
     except Exception as err:  # dist_checkpointing's words for a folder it cannot read
         raise MegatronCheckpointError(f"cannot read the tensor metadata of {folder}: {err}") from err
     return {key: value for key, value in stored.items() if isinstance(value, ShardedTensor)}
+
+
+def stored_mtp_layers(root: str | Path, iteration: int | str | None = "latest") -> int:
+    """How many multi-token-prediction layers (Megatron-Core's ``mtp.layers.*``) the saved iteration holds."""
+    return len({match.group(1) for key in stored_tensors(root, iteration) if (match := re.match(r"mtp\.layers\.(\d+)\.", key))})
 
 
 def derived_record(root: str | Path, hf_folder: Path, iteration: int | str | None = "latest") -> dict[str, Any]:

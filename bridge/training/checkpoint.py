@@ -256,6 +256,7 @@ def load_train_state(
     when ``bridge`` is given); it loads the adapters and their optimizer state, the base is the model's own.
     """
     iteration, folder = complete_iteration(root, iteration)
+    check_mtp_layers(root, iteration, model)
     common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = common.get("train_state")
     if saved is None:
@@ -289,6 +290,19 @@ def load_train_state(
     resumed = int(loaded["iteration"])
     logger.info("resumed from %s at iteration %d (%d samples consumed)", folder, resumed, saved["consumed_samples"])
     return ResumeInfo(resumed, int(saved["consumed_samples"]), True, same_layout, folder)
+
+
+def check_mtp_layers(root: str | Path, iteration: int | None, model) -> None:
+    """Refuse, naming the option, a checkpoint whose multi-token-prediction layers (Megatron-Core's MTP block) the
+    model lacks, or the reverse: a model built without them would skip them silently (and export stale ones)."""
+    from bridge.megatron.foreign_checkpoint import stored_mtp_layers
+
+    saved = stored_mtp_layers(root, iteration)
+    built = unwrap_chunks(model)[0].config.mtp_num_layers or 0
+    if saved != built:
+        has = f"holds {saved} multi-token-prediction layers" if saved else "holds no multi-token-prediction layers"
+        fix = "build the model with them (--mtp; mtp=True)" if saved else "build the model without them (no --mtp)"
+        raise MegatronCheckpointError(f"{root} {has} and the model has {built}: {fix}")
 
 
 def _load_weights_only(root: str | Path, model, iteration: int | None) -> None:

@@ -27,7 +27,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from bridge.megatron.chunks import unwrap_chunks
 from bridge.training.setup import TrainingConfig, num_microbatches
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class StepResult:
     num_tokens: int
     skipped: bool
     seconds: float
+    mtp_losses: tuple[float, ...] = ()  # each multi-token-prediction layer's loss (unscaled), when the model has them
 
 
 def _model_device(model) -> torch.device:
@@ -94,6 +97,24 @@ def _reduce_loss(losses_reduced: list[dict]) -> torch.Tensor:
     return total
 
 
+def _mtp_losses(layers: int, microbatches: int) -> tuple[float, ...]:
+    """Each MTP layer's loss this step on every rank: Megatron-Core's tracker (per micro-batch means, averaged over
+    data-parallel ranks on the last stage), over the step's micro-batches; the tracker is emptied for the next step."""
+    if not layers:
+        return ()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    values = torch.zeros(layers, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and "values" in MTPLossLoggingHelper.tracker:
+        MTPLossLoggingHelper.reduce_loss_in_tracker()
+        values += MTPLossLoggingHelper.tracker["values"].to(device=device, dtype=torch.float64) / microbatches
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            values, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=parallel_state.get_pipeline_model_parallel_group()
+        )
+    return tuple(values.tolist())
+
+
 def train_step(
     forward_step_func: Callable,
     data_iterators: Sequence[Iterator],
@@ -122,6 +143,7 @@ def train_step(
     if update_successful:
         scheduler.step(increment=cfg.global_batch_size)
     total = _reduce_loss(losses_reduced)
+    mtp = _mtp_losses(unwrap_chunks(model)[0].config.mtp_num_layers or 0, num_microbatches(cfg))
     return StepResult(
         iteration=iteration,
         loss=(total[0] / total[1].clamp(min=1)).item(),
@@ -130,18 +152,23 @@ def train_step(
         num_tokens=int(total[1].item()),
         skipped=not update_successful,
         seconds=time.perf_counter() - start,
+        mtp_losses=mtp,
     )
 
 
 def format_log_line(result: StepResult, window: Sequence[StepResult], train_iters: int, elapsed: float) -> str:
-    """``iteration 5/20 | loss 5.4321 | lr 1.00e-04 | grad norm 1.234 | tokens/s 1234 | elapsed 12.3s``."""
+    """``iteration 5/20 | loss 5.4321 | lr 1.00e-04 | grad norm 1.234 | tokens/s 1234 | elapsed 12.3s``, then the
+    multi-token-prediction layers' loss (``| mtp loss 5.6789``, their mean) when the model has them."""
     loss = sum(r.loss for r in window) / len(window)
+    mtp = [sum(r.mtp_losses) / len(r.mtp_losses) for r in window if r.mtp_losses]
     tokens_per_s = sum(r.num_tokens for r in window) / max(sum(r.seconds for r in window), 1e-9)
     grad = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
     skipped = sum(r.skipped for r in window)
     return (
         f"iteration {result.iteration}/{train_iters} | loss {loss:.4f} | lr {result.lr:.3e} | grad norm {grad} | "
-        f"tokens/s {tokens_per_s:.0f} | elapsed {elapsed:.1f}s" + (f" | skipped {skipped}" if skipped else "")
+        f"tokens/s {tokens_per_s:.0f} | elapsed {elapsed:.1f}s"
+        + (f" | skipped {skipped}" if skipped else "")
+        + (f" | mtp loss {sum(mtp) / len(mtp):.4f}" if mtp else "")
     )
 
 
