@@ -302,6 +302,35 @@ class ParamMapping:
         raise MappingError(f"{self.megatron_param}: {type(self).__name__} does not say how its HF tensors stack into one")
 
 
+class WrappingMapping(ParamMapping):
+    """A mapping built around an ``inner`` one for the same Megatron parameter (another on-disk form of its HF tensors):
+    TP-sharded as it is, and bound, relocated and prefixed along with it."""
+
+    def __init__(self, inner: ParamMapping, hf_param: str | Mapping[str, str]):
+        super().__init__(inner.megatron_param, hf_param, load_only=inner.load_only)
+        self.inner = inner
+
+    @property
+    def tp_sharded(self) -> bool:  # type: ignore[override]
+        return self.inner.tp_sharded
+
+    def resolve(self, megatron_name: str) -> "WrappingMapping | None":
+        bound = super().resolve(megatron_name)
+        if bound is not None:
+            bound.inner = self.inner.resolve(megatron_name)
+        return bound
+
+    def relocated(self, megatron: tuple[str, str], hf: tuple[str, str]) -> "WrappingMapping":
+        moved = super().relocated(megatron, hf)
+        moved.inner = self.inner.relocated(megatron, hf)
+        return moved
+
+    def under_prefix(self, prefix: str) -> "WrappingMapping":
+        moved = super().under_prefix(prefix)
+        moved.inner = self.inner.under_prefix(prefix)
+        return moved
+
+
 def _megatron_regex(pattern: str) -> re.Pattern:
     """The regular expression of a Megatron name pattern, each ``*`` a number."""
     return re.compile("^" + _WILDCARD.sub(r"(\\d+)", re.escape(pattern)) + "$")

@@ -12,31 +12,18 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, WrappingMapping
 
 
-class CopiedMapping(ParamMapping):
+class CopiedMapping(WrappingMapping):
     """``inner`` (one HF tensor), whose tensor the checkpoint also holds, identical, under ``copies``."""
 
     def __init__(self, inner: ParamMapping, copies: Sequence[str]):
         if len(inner.hf_names) != 1 or inner.load_only:
             raise MappingError(f"{inner}: copies are mapped for a mapping of one HF tensor that exports it")
         (main,) = inner.hf_names
-        super().__init__(
-            inner.megatron_param, {"": main, **{f"copy {i}": name for i, name in enumerate(copies)}}, load_only=inner.load_only
-        )
-        self.inner = inner
+        super().__init__(inner, {"": main, **{f"copy {i}": name for i, name in enumerate(copies)}})
         self.kind = inner.kind
-
-    @property
-    def tp_sharded(self) -> bool:  # type: ignore[override]
-        return self.inner.tp_sharded
-
-    def resolve(self, megatron_name: str) -> "CopiedMapping | None":
-        bound = super().resolve(megatron_name)
-        if bound is not None:
-            bound.inner = self.inner.resolve(megatron_name)
-        return bound
 
     def shard_parts(self, hf: Mapping[str, TensorSource], ctx: MappingContext) -> list[torch.Tensor]:
         parts = self.inner.shard_parts({"": hf[""]}, ctx)

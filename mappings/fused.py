@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, join_shards
+from bridge.mappings.base import JoinedShards, MappingContext, MappingError, ParamMapping, TensorSource, WrappingMapping, join_shards
 from bridge.mappings.gated_mlp import GatedMLPMapping
 from bridge.mappings.qkv import QKVMapping
 
@@ -35,7 +35,7 @@ class RowBlock:
         return self.base.narrow(0, self.start, self.shape[0]).narrow(dim, start, length)
 
 
-class FusedRowsMapping(ParamMapping):
+class FusedRowsMapping(WrappingMapping):
     """``inner``'s role tensors read from, and written back to, the one HF tensor ``hf_param`` (roles in ``inner.hf_param`` order).
 
     ``inner`` says how many rows each role has (``role_rows``); its own HF names are placeholders
@@ -43,29 +43,8 @@ class FusedRowsMapping(ParamMapping):
     """
 
     def __init__(self, hf_param: str, inner: ParamMapping):
-        super().__init__(inner.megatron_param, hf_param, load_only=inner.load_only)
-        self.inner = inner
+        super().__init__(inner, hf_param)
         self.kind = f"{inner.kind} (fused on disk)"
-
-    @property
-    def tp_sharded(self) -> bool:  # type: ignore[override]
-        return self.inner.tp_sharded
-
-    def resolve(self, megatron_name: str) -> "FusedRowsMapping | None":
-        bound = super().resolve(megatron_name)
-        if bound is not None:
-            bound.inner = self.inner.resolve(megatron_name)
-        return bound
-
-    def relocated(self, megatron: tuple[str, str], hf: tuple[str, str]) -> "FusedRowsMapping":
-        moved = super().relocated(megatron, hf)
-        moved.inner = self.inner.relocated(megatron, hf)
-        return moved
-
-    def under_prefix(self, prefix: str) -> "FusedRowsMapping":
-        moved = super().under_prefix(prefix)
-        moved.inner = self.inner.under_prefix(prefix)
-        return moved
 
     def role_blocks(self, fused: TensorSource, ctx: MappingContext) -> dict[str, RowBlock]:
         """Each role's rows of ``fused``, as the inner mapping's HF inputs."""
