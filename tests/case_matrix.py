@@ -75,6 +75,9 @@ def _free_case_groups() -> None:
 
     Megatron-Core forgets its groups without destroying them; each gloo group keeps its threads
     (a 45-case matrix left ~2000 threads per rank, the machine spending most of its time in the kernel).
+    A destroyed gloo group stops its threads only once the group object is freed, and the case's
+    model (reference cycles: modules that hold their groups) keeps it alive until a full collection,
+    which a heap this large rarely triggers: hence the ``gc.collect``.
     Every rank calls this after all ranks finished the case.
     """
     import torch.distributed as dist
@@ -84,6 +87,7 @@ def _free_case_groups() -> None:
     world = dist.GroupMember.WORLD
     for group in [g for g in dist.distributed_c10d._world.pg_map if g is not world]:  # torch lists groups nowhere public
         dist.destroy_process_group(group)
+    gc.collect()
 
 
 def _free_process_groups() -> None:
