@@ -33,7 +33,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _example(hf, corpus: str, work, *args: str, refused: bool = False) -> str:
-    """Run the convert-and-train example on 4 gloo ranks; its output (it must succeed, or with ``refused`` exit 2)."""
+    """Run the convert-and-train example on 4 gloo ranks; its output (it must succeed, or with ``refused`` fail)."""
     cmd = [
         sys.executable,
         "-m",
@@ -46,8 +46,8 @@ def _example(hf, corpus: str, work, *args: str, refused: bool = False) -> str:
     env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     text = result.stdout + result.stderr
-    if refused:
-        assert result.returncode == 2, text[-5000:]
+    if refused:  # every rank exits 2; torchrun itself exits 1 once one of them has
+        assert result.returncode != 0, text[-5000:]
         return result.stderr
     assert result.returncode == 0, text[-5000:]
     assert re.search(r"^exported to .*; transformers continues '.+' with '.+'$", text, re.M), text[-3000:]
