@@ -9,8 +9,9 @@ Without ``--hf-model`` it builds a tiny Llama checkpoint and a small two-corpus 
 the provenance ``hfmb export`` needs (``bridge.json``, ``hf_config/``). At the end the model is
 exported with ``save_hf_pretrained``, reloaded with transformers and asked to continue a prompt.
 
-LoRA: ``--lora-rank 8 [--lora-alpha 16] [--lora-targets q_proj,v_proj]`` freezes the converted base and
-trains adapters on it (only they reach DDP and the optimizer). Checkpoints then hold the adapters and
+LoRA: ``--lora-rank 8 [--lora-alpha 16] [--lora-targets q_proj,v_proj]`` (MoE experts: ``--lora-target-parameters
+experts.gate_up_proj,experts.down_proj``) freezes the converted base and trains adapters on it (only they
+reach DDP and the optimizer). Checkpoints then hold the adapters and
 their optimizer state, not the base (a resume rebuilds it from ``--hf-model``; the same ``--lora-*``
 options are needed). At the end the adapter is written as a PEFT folder (``--export-adapter``, default
 ``<workdir>/lora_adapter``) and the merged model (``W + (alpha/r)·B·A``) to ``--export``; both are
@@ -155,8 +156,9 @@ def lora_summary(model, bridge, lora: LoraConfig) -> str:
     """``LoRA r=8 alpha=16 on q_proj, v_proj: trainable N of M parameters (x%)``: the adapters' and the base's HF sizes."""
     trainable = sum(math.prod(shape) for shape in adapter_plan(model, bridge).expected_hf_shapes().values())
     base = sum(math.prod(shape) for shape in bridge.reader.shapes().values())
+    adapted = ", ".join((*lora.targets, *lora.target_parameters))
     return (
-        f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.targets)}: trainable {trainable} of {trainable + base} "
+        f"LoRA r={lora.r} alpha={lora.alpha:g} on {adapted}: trainable {trainable} of {trainable + base} "
         f"parameters ({100 * trainable / (trainable + base):.2f}%); the base is frozen"
     )
 

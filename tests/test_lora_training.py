@@ -42,6 +42,7 @@ CONFIG = dict(
     log_interval=4,
 )
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 R, ALPHA = 4, 8
 # A resume at another layout repeats the uninterrupted run's losses to this relative tolerance. Measured: 1e-8 to 2e-8;
 # the same resume with the adapters' Adam state left out (optimizer.load_state_dict skipped): 2.7e-3.
@@ -70,8 +71,13 @@ def _train(
     save: str | None = None,
     load: str | None = None,
     sequence_parallel: bool = False,
+    ep: int = 1,
+    experts: bool = False,
 ) -> dict:
-    """One LoRA run on this group of ranks: checkpoint at SAVE_AT into ``save``, or resume from ``load``."""
+    """One LoRA run on this group of ranks: checkpoint at SAVE_AT into ``save``, or resume from ``load``.
+
+    ``experts``: an MoE model, with adapters on its attention and routed experts (``EXPERT_PARAMETERS``).
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -94,13 +100,16 @@ def _train(
     parallel_state.destroy_model_parallel()
     cfg = TrainingConfig(**CONFIG)
     bridge = AutoBridge.from_hf_pretrained(hf, dtype=torch.float32)
-    lora = LoraConfig(r=R, alpha=ALPHA, targets=TARGETS)
-    model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, vpp, cfg, lora=lora, sequence_parallel=sequence_parallel)
+    if experts:
+        lora = LoraConfig(r=R, alpha=ALPHA, targets=TARGETS[:4], target_parameters=EXPERT_PARAMETERS)
+    else:
+        lora = LoraConfig(r=R, alpha=ALPHA, targets=TARGETS)
+    model, optimizer, scheduler = setup_model_and_optimizer(bridge, tp, pp, vpp, cfg, lora=lora, sequence_parallel=sequence_parallel, ep=ep)
     init_adapter_weights(model, bridge, seed=cfg.seed, b_std=0.02)  # B non-zero: every A and B has a gradient at step 1
     optimizer.reload_model_params()
     chunks = unwrap_chunks(model)
     base = {f"{i}.{n}": p.detach().clone() for i, c in enumerate(chunks) for n, p in c.named_parameters() if not is_adapter_param(p)}
-    out: dict = {"layout": (tp, pp, parallel_state.get_data_parallel_world_size())}
+    out: dict = {"layout": (tp, pp, parallel_state.get_data_parallel_world_size()), "ep": ep}
     start = consumed = 0
     if load is not None:
         info = load_train_state(load, model, optimizer, scheduler, cfg.use_distributed_optimizer, bridge=bridge)
@@ -118,10 +127,15 @@ def _train(
     results = train(model, optimizer, scheduler, iterators, cfg, make_forward_step(), start, on_step_end, progress=False)
     after = {f"{i}.{n}": p.detach() for i, c in enumerate(chunks) for n, p in c.named_parameters() if not is_adapter_param(p)}
     adapters = adapter_parameters(model)
-    in_ddp = [param for ddp in model for buffer in ddp.buffers for param in buffer.params]
+    in_ddp = [param for ddp in model for buffer in (*ddp.buffers, *ddp.expert_parallel_buffers) for param in buffer.params]
     state_elements = sum(state["exp_avg"].numel() for adam in _torch_adams(optimizer) for state in adam.state.values())
-    totals = torch.tensor([state_elements, sum(p.numel() for p in adapters)], dtype=torch.int64)
-    dist.all_reduce(totals)  # over all ranks: every DP rank holds its shard of the adapters' Adam state
+    routed = [not getattr(p, "allreduce", True) for p in adapters]  # DDP reduces these over expert DP (EP > 1), the rest over DP
+    totals = torch.tensor(
+        [state_elements, sum(p.numel() for p, r in zip(adapters, routed) if not r), sum(p.numel() for p, r in zip(adapters, routed) if r)],
+        dtype=torch.int64,
+    )
+    dist.all_reduce(totals)  # over all ranks: every DP (expert-DP) rank holds its shard of the adapters' Adam state
+    dp, expert_dp = parallel_state.get_data_parallel_world_size(), parallel_state.get_expert_data_parallel_world_size()
     out.update(
         steps=[r.iteration for r in results],
         losses=[r.loss for r in results],
@@ -131,20 +145,35 @@ def _train(
         ddp_params_are_adapters=len(in_ddp) == len(adapters) and all(is_adapter_param(p) for p in in_ddp),
         adapter_count=len(adapters),
         optimizer_state_elements=int(totals[0]),
-        adapter_elements_times_dp=int(totals[1]),
+        adapter_elements=int(totals[1]) // dp + int(totals[2]) // expert_dp,
     )
     return out
 
 
-def session(hf: str, data_paths: list[str], root: str) -> dict:
-    """TP2·PP2 LoRA training (with sequence parallelism) saving at SAVE_AT, then its resume at TP1·PP2·VPP2·DP2; each run
-    fails alone."""
-    ckpt = str(Path(root) / "ckpt")
+def session(hf: str, moe: str, data_paths: list[str], root: str) -> dict:
+    """TP2·PP2 LoRA training (with sequence parallelism) saving at SAVE_AT, then its resume at TP1·PP2·VPP2·DP2; the
+    same for expert adapters on ``moe`` (at TP2·EP2, the experts split over expert TP too; resumed at PP2·EP2·DP2, whole);
+    each run fails alone."""
+    ckpt, experts_ckpt = str(Path(root) / "ckpt"), str(Path(root) / "experts-ckpt")
     runs: dict[str, Callable[[], dict]] = {
         "tp2pp2": lambda: _train(hf, data_paths, 2, 2, save=ckpt, sequence_parallel=True),
         "resume_tp1vpp": lambda: _train(hf, data_paths, 1, 2, vpp=2, load=ckpt),
+        "experts_tp2ep2": lambda: _train(moe, data_paths, 2, 1, save=experts_ckpt, sequence_parallel=True, ep=2, experts=True),
+        "experts_resume_pp2ep2": lambda: _train(moe, data_paths, 1, 2, load=experts_ckpt, ep=2, experts=True),
+        "experts_resume_ep1": lambda: _refusal(lambda: _train(moe, data_paths, 1, 2, load=experts_ckpt, experts=True)),
     }
     return run_cases(runs, lambda name: runs[name]())
+
+
+def _refusal(run: Callable[[], dict]) -> dict:
+    """``run``'s ``MegatronCheckpointError`` message (it must raise one)."""
+    from bridge.megatron.checkpoint import MegatronCheckpointError
+
+    try:
+        run()
+    except MegatronCheckpointError as err:
+        return {"error": str(err)}
+    raise AssertionError("the run was not refused")
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +182,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def four(demo, workdir) -> dict:
-    return run_distributed(session, 4, *demo, str(workdir))[0]
+def four(demo, tiny_moe_checkpoints, workdir) -> dict:
+    hf, data_paths = demo
+    return run_distributed(session, 4, hf, str(tiny_moe_checkpoints["mixtral"]), data_paths, str(workdir))[0]
 
 
 def _run(session_results: dict, name: str) -> dict:
@@ -172,12 +202,29 @@ def test_lora_training_at_tp2_pp2_lowers_the_loss_and_leaves_the_base_bit_identi
 
 
 @pytest.mark.distributed
+def test_expert_adapters_train_and_resume_at_expert_parallelism(four):
+    """Adapters on Mixtral's attention and routed experts: the loss falls at TP2·EP2 (two experts per rank, each split
+    over expert TP), the base stays bit-identical, and a resume at PP2·EP2·DP2 (whole experts) repeats the losses."""
+    base, resumed = _run(four, "experts_tp2ep2"), _run(four, "experts_resume_pp2ep2")
+    losses = base["losses"]
+    print(f"LoRA experts TP2·EP2 losses: {[round(x, 4) for x in losses]}")
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert base["base_bit_identical"] and resumed["base_bit_identical"] and base["base_requires_grad"] == []
+    assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True) and resumed["ep"] == 2
+    rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], losses[SAVE_AT:])]
+    print(f"LoRA experts resume at PP2·EP2·DP2: max relative loss difference {max(rel):.3g}")
+    assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], losses[SAVE_AT:])
+    # at EP1 the experts' optimizer state would be the dense optimizer's: refused before anything loads, naming the option
+    assert re.search(r"saved at EP=2 and this run has EP=1: .* resume with EP > 1 \(--ep\)", _run(four, "experts_resume_ep1")["error"])
+
+
+@pytest.mark.distributed
 def test_only_adapters_reach_ddp_and_the_optimizer(four):
-    for name in ("tp2pp2", "resume_tp1vpp"):
+    for name in ("tp2pp2", "resume_tp1vpp", "experts_tp2ep2", "experts_resume_pp2ep2"):
         run = _run(four, name)
         assert run["adapter_count"] > 0 and run["ddp_params_are_adapters"], name
         # Adam's exp_avg over all ranks: exactly the adapters' elements (each DP rank holds its shard of them)
-        assert run["optimizer_state_elements"] == run["adapter_elements_times_dp"] // run["layout"][2], name
+        assert run["optimizer_state_elements"] == run["adapter_elements"], name
 
 
 @pytest.mark.distributed
@@ -314,7 +361,7 @@ def test_lora_options_are_checked():
     import argparse
 
     from bridge.lora import LoraError
-    from bridge.training.lora_args import add_lora_arguments, lora_config_from_args
+    from bridge.training.lora_args import add_lora_arguments, lora_arguments_for, lora_config_from_args
 
     parser = argparse.ArgumentParser()
     add_lora_arguments(parser)
@@ -325,3 +372,10 @@ def test_lora_options_are_checked():
         lora_config_from_args(parser.parse_args(["--lora-alpha", "16"]))
     with pytest.raises(LoraError, match="rank r=0"):
         lora_config_from_args(parser.parse_args(["--lora-rank", "0"]))
+    experts = lora_config_from_args(
+        parser.parse_args(["--lora-rank", "4", "--lora-target-parameters", "experts.gate_up_proj,experts.down_proj"])
+    )
+    assert (experts.targets, experts.target_parameters) == ((), EXPERT_PARAMETERS)  # only the experts when only they are named
+    with pytest.raises(LoraError, match="--lora-target-parameters needs --lora-rank"):
+        lora_config_from_args(parser.parse_args(["--lora-target-parameters", "experts.down_proj"]))
+    assert lora_arguments_for(experts) == ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-parameters", ",".join(EXPERT_PARAMETERS)]

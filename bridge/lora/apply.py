@@ -18,8 +18,8 @@ from bridge.engine.plan import TransferPlan, mapping_context
 from bridge.lora.config import LoraConfig, LoraError
 from bridge.lora.layers import LoraAdapter, RoleRows, column_role_rows
 from bridge.lora.sharding import install_adapter_sharding, remove_adapter_sharding
-from bridge.lora.targets import ADAPTER_MODULE, AdaptedLinear, adapter_registry, resolve_targets
-from bridge.mappings import MappingContext
+from bridge.lora.targets import ADAPTER_MODULE, AdaptedLinear, ExpertParameterRole, adapter_registry, resolve_targets
+from bridge.mappings import GatedMLPMapping, MappingContext
 from bridge.megatron.chunks import ADAPTER_ATTR, global_names, is_adapter_param, unwrap_chunks
 from bridge.runtime.rank_errors import raise_first
 
@@ -43,31 +43,35 @@ def adapter_plan(model, bridge) -> TransferPlan:
     config = lora_config_of(model)
     if config is None:
         raise LoraError("the model has no LoRA adapters; call apply_lora (or load_peft_adapter) first")
-    adapted = _resolve_targets(bridge, config.targets)
+    adapted = _resolve_targets(bridge, config)
     return TransferPlan.build(model, adapter_registry(adapted), bridge.model_bridge.vocab_size, adapters=True)
 
 
-def _resolve_targets(bridge, targets: tuple[str, ...]) -> list[AdaptedLinear]:
-    """``resolve_targets`` on the bridge's model: its mappings, architecture, module paths and the modules transformers lacks."""
+def _resolve_targets(bridge, config: LoraConfig) -> list[AdaptedLinear]:
+    """``resolve_targets`` of ``config`` on the bridge's model: its mappings, architecture, module paths, the modules
+    transformers lacks, and its views (where transformers stacks the experts)."""
     model_bridge = bridge.model_bridge
     return resolve_targets(
         model_bridge.mapping_registry(),
-        targets,
+        config.targets,
         model_bridge.architecture,
         model_bridge.hf_module_paths,
         model_bridge.hf_not_in_transformers,
+        config.target_parameters,
+        model_bridge.hf_views,
     )
 
 
 def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float = 0.0) -> list[LoraAdapter]:
-    """Add adapters to the linears ``config.targets`` name, freeze every other parameter, and initialise the adapters.
+    """Add adapters to the linears ``config.targets`` and ``config.target_parameters`` name, freeze every other
+    parameter, and initialise the adapters.
 
     A is Kaiming-uniform as peft makes it, B zero (or normal with std ``b_std``, for tests), drawn
     per tensor from ``seed`` as whole HF-shaped tensors and sliced like the weights, so the same
     seed gives the same adapters at every TP/PP layout. Returns this rank's adapters. Raises
-    ``LoraError`` (the model unchanged) on a target the architecture lacks, routed-expert targets,
-    linears that are not Megatron-Core's local ``ColumnParallelLinear``/``RowParallelLinear`` (the
-    Transformer Engine spec), or a model that already has adapters.
+    ``LoraError`` (the model unchanged) on a target the architecture lacks, linears that are not
+    Megatron-Core's local ``ColumnParallelLinear``/``RowParallelLinear`` (the Transformer Engine spec, grouped
+    experts), or a model that already has adapters.
     """
     chunks = unwrap_chunks(model)
     ctx = mapping_context(chunks, bridge.model_bridge.vocab_size)
@@ -76,7 +80,7 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
     try:
         if lora_config_of(chunks) is not None:
             raise LoraError("the model already has LoRA adapters")
-        adapted = _resolve_targets(bridge, config.targets)
+        adapted = _resolve_targets(bridge, config)
         found = _targeted_modules(chunks, adapted, ctx, config.dropout)
     except Exception as err:
         error = err
@@ -88,9 +92,8 @@ def apply_lora(model, bridge, config: LoraConfig, *, seed: int = 0, b_std: float
                 param.requires_grad_(False)
         setattr(chunk, _CONFIG_ATTR, config)
     init_adapter_weights(model, bridge, seed=seed, b_std=b_std)
-    logger.info(
-        "LoRA r=%d alpha=%s on %s: %d adapted linears on this rank", config.r, config.alpha, ", ".join(config.targets), len(adapters)
-    )
+    targets = ", ".join((*config.targets, *config.target_parameters))
+    logger.info("LoRA r=%d alpha=%s on %s: %d adapted linears on this rank", config.r, config.alpha, targets, len(adapters))
     return adapters
 
 
@@ -124,18 +127,34 @@ def _targeted_modules(
                         f"{name.removesuffix('.weight')}: LoRA dropout={dropout} with sequence parallelism is not supported "
                         "(the TP ranks would draw one mask for different parts of the sequence); use dropout 0"
                     )
-                roles = {role.role: role.target for role in linear.roles}
-                rows = None if linear.row_parallel else column_role_rows(bound, ctx, module.weight.shape[0], roles)
+                rows = None if linear.row_parallel else _column_rows(linear, bound, ctx, module.weight.shape[0])
                 found.append((module, AdaptedLinear(linear.module, bound, linear.roles), rows))
     return found
+
+
+def _column_rows(linear: AdaptedLinear, bound, ctx: MappingContext, local_rows: int) -> list[RoleRows]:
+    """Where each adapted role's rows sit in this rank's shard of a column-parallel linear (a stacked expert
+    parameter's adapter covers all the rows)."""
+    if isinstance(linear.roles[0], ExpertParameterRole):
+        return [RoleRows(linear.roles[0].target, torch.arange(local_rows), True)]
+    return column_role_rows(bound, ctx, local_rows, {role.role: role.target for role in linear.roles})
+
+
+def _spans_gate_and_up(role, linear: AdaptedLinear) -> bool:
+    """Whether ``role``'s B holds a gated ``linear_fc1``'s gate and up rows (an adapted stacked expert parameter)."""
+    return isinstance(role, ExpertParameterRole) and isinstance(linear.mapping, GatedMLPMapping)
 
 
 def _attach(module: torch.nn.Module, linear: AdaptedLinear, rows: list[RoleRows] | None, config: LoraConfig) -> LoraAdapter:
     weight = module.weight
     targets = [role.target for role in linear.roles]
+    expert = bool(getattr(module, "is_expert", False))
     adapter = LoraAdapter(
         row_parallel=linear.row_parallel,
         sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
+        expert_group=module.tp_group if expert else None,
+        allreduce=getattr(weight, "allreduce", True),
+        gated_targets=tuple(role.target for role in linear.roles if _spans_gate_and_up(role, linear)),
         in_features=weight.shape[1],
         out_features=weight.shape[0],
         column_rows=rows,

@@ -23,7 +23,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "lora_bias": False,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
 }
@@ -34,6 +33,8 @@ class LoraConfig:
     """Rank ``r``, ``alpha`` (the update is scaled by ``alpha / r``), dropout on the adapters' input, and the
     target modules by their HF names as peft takes them (``q_proj``, ``o_proj``, ``gate_proj``, ...).
 
+    ``target_parameters``: routed MoE experts, as peft names the stacked expert parameters of transformers 5
+    (``experts.gate_up_proj``, ``experts.down_proj``); peft allows no dropout on them.
     ``dtype``: the adapters' dtype (default: the adapted weight's). ``exclude_modules``: peft's, as an imported
     adapter's config gave it (written back on export; the modules adapted are decided by ``targets`` and the
     model, and an adapter's tensors must be exactly those). Raises ``LoraError`` on a bad value.
@@ -43,22 +44,31 @@ class LoraConfig:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
+    target_parameters: tuple[str, ...] = ()
     dtype: torch.dtype | None = field(default=None, compare=False)
     exclude_modules: str | tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)
+        parameters = (self.target_parameters,) if isinstance(self.target_parameters, str) else tuple(self.target_parameters or ())
+        object.__setattr__(self, "target_parameters", parameters)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise LoraError(f"LoRA rank r={self.r!r}: it must be a positive integer")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
             raise LoraError(f"LoRA alpha={self.alpha!r}: it must be a positive number")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"LoRA dropout={self.dropout!r}: it must be in [0, 1)")
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise LoraError(f"LoRA targets={list(targets)!r}: name at least one module (e.g. 'q_proj', 'v_proj')")
-        if len(set(targets)) != len(targets):
-            raise LoraError(f"LoRA targets={list(targets)!r}: a module is named twice")
+        if not (targets or parameters) or not all(isinstance(t, str) and t for t in (*targets, *parameters)):
+            raise LoraError(
+                f"LoRA targets={list(targets)!r}, target_parameters={list(parameters)!r}: name at least one module "
+                "(e.g. 'q_proj', 'v_proj') or stacked expert parameter (e.g. 'experts.gate_up_proj')"
+            )
+        for kind, names in (("targets", targets), ("target_parameters", parameters)):
+            if len(set(names)) != len(names):
+                raise LoraError(f"LoRA {kind}={list(names)!r}: a name is given twice")
+        if parameters and self.dropout:
+            raise LoraError(f"LoRA dropout={self.dropout!r} with target_parameters: peft allows no dropout on stacked expert parameters")
 
     @property
     def scale(self) -> float:
@@ -77,6 +87,7 @@ class LoraConfig:
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "target_modules": sorted(self.targets),
+            "target_parameters": list(self.target_parameters) or None,
             "inference_mode": True,
             "init_lora_weights": True,
             **_PEFT_DEFAULTS,
@@ -103,6 +114,7 @@ class LoraConfig:
             alpha=doc["lora_alpha"],
             targets=tuple(targets or ()),
             dropout=doc.get("lora_dropout", 0.0),
+            target_parameters=tuple(doc.get("target_parameters") or ()),
             dtype=dtype,
             exclude_modules=tuple(excluded) if isinstance(excluded, list) else excluded,
         )

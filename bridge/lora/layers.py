@@ -19,6 +19,12 @@ so the partial ``A x`` is reduce-scattered there (``reduce_scatter_to_sequence_p
 Each rank then computes the gradient of the replicated matrix (A of a column-parallel linear, B of a
 row-parallel one) from its part of the sequence only; the matrix is marked ``sequence_parallel``, as
 Megatron-Core marks its norms, so that ``finalize_model_grads`` sums it over TP.
+
+A routed expert's linear communicates nothing itself (Megatron-Core's ``explicit_expert_comm``): the
+token dispatcher hands every expert-TP rank the same tokens and sums the row-parallel outputs (and
+the input gradients) over expert TP. The adapters follow: ``A x`` and ``B h`` are local, and only the
+replicated matrix's gradient, partial on each rank, is summed over the expert-TP group in the
+backward pass (``_ReplicatedWeightLinear``); ``finalize_model_grads`` knows no expert-TP group.
 """
 
 from __future__ import annotations
@@ -36,6 +42,25 @@ from megatron.core.tensor_parallel import (
 
 from bridge.lora.config import LoraError
 from bridge.mappings import MappingContext, ParamMapping
+
+
+class _ReplicatedWeightLinear(torch.autograd.Function):
+    """``F.linear(x, weight)`` whose weight gradient is summed over ``group`` (the input gradient stays this rank's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.group = group
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.group is not None and torch.distributed.get_world_size(ctx.group) > 1:
+            torch.distributed.all_reduce(grad_weight, group=ctx.group)
+        return grad_x, grad_weight, None
 
 
 @dataclass(frozen=True)
@@ -89,7 +114,9 @@ class LoraAdapter(torch.nn.Module):
 
     Column-parallel: A ``[r, in]``, B ``[local rows of the role, r]``; row-parallel: A ``[r, local in]``,
     B ``[out, r]``. ``delta(x)`` is the update to add to the base linear's output for its input ``x``;
-    ``sequence_parallel`` as the base linear's.
+    ``sequence_parallel`` as the base linear's. ``expert_group``: a routed expert's linear, its expert-TP group;
+    ``allreduce``: the base weight's (Megatron-Core's DDP reduces ``False`` over expert DP); ``gated_targets``: roles
+    whose B spans a gated ``linear_fc1``'s gate and up rows (a stacked expert parameter's).
     """
 
     def __init__(
@@ -106,23 +133,33 @@ class LoraAdapter(torch.nn.Module):
         dropout: float,
         dtype: torch.dtype,
         device: torch.device,
+        expert_group=None,
+        allreduce: bool = True,
+        gated_targets: tuple[str, ...] = (),
     ):
         super().__init__()
         self.row_parallel = row_parallel
-        self.sequence_parallel = sequence_parallel
+        self.expert = expert_group is not None
+        self.expert_group = expert_group
+        self.sequence_parallel = sequence_parallel and not self.expert
+        self.gated_targets = gated_targets  # B's local rows are this rank's gate rows, then its up rows
         self.out_features = out_features
         self.scale = scale
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.lora_A = torch.nn.ParameterDict()
         self.lora_B = torch.nn.ParameterDict()
+        for matrices in (self.lora_A, self.lora_B):  # marked as Megatron-Core marks an expert's modules (the plans read it)
+            matrices.is_expert = self.expert
         self.rows = {} if column_rows is None else {rows.target: rows for rows in column_rows}
         for target in targets:
             b_rows = out_features if row_parallel else self.rows[target].positions.numel()
             self.lora_A[target] = torch.nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
             self.lora_B[target] = torch.nn.Parameter(torch.zeros(b_rows, r, dtype=dtype, device=device))
-            if sequence_parallel:  # the replicated matrix's gradient comes from this rank's part of the sequence
+            if self.sequence_parallel:  # the replicated matrix's gradient comes from this rank's part of the sequence
                 replicated = self.lora_B[target] if row_parallel else self.lora_A[target]
                 replicated.sequence_parallel = True
+            for matrix in (self.lora_A[target], self.lora_B[target]):  # DDP: an expert's gradients are reduced over expert DP
+                matrix.allreduce = allreduce
 
     def bind(self, base: torch.nn.Module) -> None:
         """Remember the linear this adapts (not as a submodule: its weight stays out of this module's parameters)."""
@@ -139,27 +176,30 @@ class LoraAdapter(torch.nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``scale · B A x`` for every adapted role, laid out like the base linear's (local) output."""
         x = self.dropout(x.to(next(iter(self.lora_A.values())).dtype))
-        if self.row_parallel:
-            total = None
-            reduce = reduce_scatter_to_sequence_parallel_region if self.sequence_parallel else reduce_from_tensor_model_parallel_region
-            for target in self.targets:
-                h = reduce(F.linear(x, self.lora_A[target]))
-                y = F.linear(h, self.lora_B[target]) * self.scale
-                total = y if total is None else total + y
-            return total
         out = None
         for target in self.targets:
-            h = F.linear(x, self.lora_A[target])
-            h = gather_from_sequence_parallel_region(h) if self.sequence_parallel else copy_to_tensor_model_parallel_region(h)
-            y = F.linear(h, self.lora_B[target]) * self.scale
-            rows = self.rows[target]
-            if rows.covers_all:
+            y = self._role_update(x, self.lora_A[target], self.lora_B[target]) * self.scale
+            rows = None if self.row_parallel else self.rows[target]
+            if rows is None or rows.covers_all:
                 out = y if out is None else out + y
                 continue
             if out is None:
                 out = y.new_zeros(*y.shape[:-1], self.out_features)
             out = out.index_add(-1, rows.positions.to(y.device), y)
         return out
+
+    def _role_update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B (A x)`` of one role, with the communication of the base linear's kind (see the module docstring)."""
+        if self.expert:
+            if self.row_parallel:
+                return _ReplicatedWeightLinear.apply(F.linear(x, a), b, self.expert_group)
+            return F.linear(_ReplicatedWeightLinear.apply(x, a, self.expert_group), b)
+        if self.row_parallel:
+            reduce = reduce_scatter_to_sequence_parallel_region if self.sequence_parallel else reduce_from_tensor_model_parallel_region
+            return F.linear(reduce(F.linear(x, a)), b)
+        h = F.linear(x, a)
+        h = gather_from_sequence_parallel_region(h) if self.sequence_parallel else copy_to_tensor_model_parallel_region(h)
+        return F.linear(h, b)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (this rank's shard of the base weight) plus ``scale · B A`` of every role, computed in fp32."""

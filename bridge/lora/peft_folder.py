@@ -27,6 +27,8 @@ from bridge.hf.output_folder import FolderKind, claimed_target
 from bridge.hf.reader import SafetensorsReader
 from bridge.lora.apply import adapter_plan, apply_lora, lora_config_of, remove_lora
 from bridge.lora.config import LoraConfig, LoraError
+from bridge.lora.expert_tensors import expert_adapter_views, join_expert_slices
+from bridge.megatron.chunks import unwrap_chunks
 from bridge.runtime.rank_errors import raise_everywhere, raise_first
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,14 @@ def export_adapter_weights(model, bridge, dtype: torch.dtype | None = None) -> I
     Every rank must iterate; only global rank 0 receives pairs. Tensors are in the adapters' dtype
     unless ``dtype`` is given; at TP=1 they may share memory with the parameters (``clone()`` to keep).
     """
-    for name, tensor in export_tensors(adapter_plan(model, bridge)):
+    pairs = export_tensors(adapter_plan(model, bridge))
+    for name, tensor in join_expert_slices(pairs, _experts(model)):
         yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _experts(model) -> int:
+    """The model's number of routed experts (0 without)."""
+    return unwrap_chunks(model)[0].config.num_moe_experts or 0
 
 
 def save_peft_adapter(
@@ -115,6 +123,9 @@ def load_peft_adapter(model, bridge, folder: str | Path, *, dtype: torch.dtype |
     error: Exception | None = None
     try:
         plan = adapter_plan(model, bridge)
+        views = expert_adapter_views((name for mapping in plan.registry for name in mapping.hf_names), _experts(model))
+        if views:  # peft's tensors of stacked expert parameters, as the per-expert slices the mappings name
+            reader = SafetensorsReader(folder, views=views)
         validate_checkpoint(plan, reader)
     except Exception as err:
         error = err

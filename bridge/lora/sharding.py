@@ -12,7 +12,10 @@ that calls the class's method and replaces the adapter's entries by ``adapter_sh
 split tensors TP-sharded along the axis they are split on (B: 0, A: 1), whole ones replicated, both
 through Megatron-Core's ``make_sharded_tensors_for_checkpoint`` with the layer offsets the linear
 got. Global shapes are then the TP=1 shapes, so a checkpoint saved at one TP/PP layout loads at
-another, and the distributed optimizer shards the adapters' state the same way.
+another, and the distributed optimizer shards the adapters' state the same way. A B spanning a gated
+``linear_fc1``'s gate and up rows (a stacked expert parameter's) holds this rank's gate rows, then its
+up rows: it is saved through Megatron-Core's ``apply_swiglu_sharded_factory``, as the weight is. A
+routed expert's linear gets the expert axis in its offsets and its expert-TP group from ``SequentialMLP``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import types
 from typing import Any
 
 import torch
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
@@ -51,7 +55,13 @@ def adapter_sharded_state_dict(
     matrix, axis = split_axis(adapter)
     axes = {f"{matrix}.{target}": axis for target in adapter.targets}
     state = adapter.state_dict(prefix="", keep_vars=True)
-    return make_sharded_tensors_for_checkpoint(state, prefix, axes, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+    sharded = make_sharded_tensors_for_checkpoint(
+        state, prefix, axes, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+    )
+    for target in adapter.gated_targets:
+        key = f"{prefix}lora_B.{target}"
+        sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+    return sharded
 
 
 def _linear_with_adapter_sharded_state_dict(

@@ -52,7 +52,19 @@ def layout() -> dict[str, int]:
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "dp": parallel_state.get_data_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
     }
+
+
+def check_optimizer_parts(saved: dict[str, int], folder: Path) -> None:
+    """Refuse resuming across EP = 1 ⇄ EP > 1, naming the option: at EP > 1 Megatron-Core keeps the routed experts'
+    optimizer state in an optimizer of its own (chained to the dense one), and neither loads the other's state."""
+    if "ep" in saved and (saved["ep"] > 1) != (layout()["ep"] > 1):
+        raise MegatronCheckpointError(
+            f"{folder} was saved at EP={saved['ep']} and this run has EP={layout()['ep']}: Megatron-Core keeps the routed "
+            "experts' optimizer state apart only at EP > 1, so the optimizer state does not load across EP = 1 and EP > 1; "
+            f"resume with {'EP > 1 (--ep)' if saved['ep'] > 1 else 'EP = 1 (no --ep)'}"
+        )
 
 
 def optimizer_metadata(use_distributed_optimizer: bool) -> dict:
@@ -270,6 +282,7 @@ def load_train_state(
         raise MegatronCheckpointError(
             f"{folder} was saved with use_distributed_optimizer={saved['use_distributed_optimizer']}; resume with the same setting"
         )
+    check_optimizer_parts(saved["layout"], folder)
     same_layout = {k: saved["layout"][k] for k in ("tp", "pp")} == {k: layout()[k] for k in ("tp", "pp")}
     if not same_layout:
         logger.warning("checkpoint layout %s differs from this run's %s: the RNG state is not restored", saved["layout"], layout())

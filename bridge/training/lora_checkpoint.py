@@ -35,12 +35,31 @@ def lora_record(model, bridge=None) -> dict[str, Any] | None:
     if config is None:
         return None
     base = None if bridge is None else str(Path(bridge.hf_folder).absolute())
-    return {"r": config.r, "alpha": config.alpha, "targets": list(config.targets), "dropout": config.dropout, "base_model": base}
+    return {
+        "r": config.r,
+        "alpha": config.alpha,
+        "targets": list(config.targets),
+        "target_parameters": list(config.target_parameters),
+        "dropout": config.dropout,
+        "base_model": base,
+    }
 
 
 def config_of_record(record: dict[str, Any]) -> LoraConfig:
     """The ``LoraConfig`` a checkpoint's LoRA record describes."""
-    return LoraConfig(r=record["r"], alpha=record["alpha"], targets=tuple(record["targets"]), dropout=record.get("dropout", 0.0))
+    return LoraConfig(
+        r=record["r"],
+        alpha=record["alpha"],
+        targets=tuple(record["targets"]),
+        dropout=record.get("dropout", 0.0),
+        target_parameters=tuple(record.get("target_parameters", ())),
+    )
+
+
+def _adapted(config: LoraConfig) -> str:
+    """``targets q_proj,v_proj`` (and ``target parameters experts.down_proj``), for messages."""
+    text = f"targets {','.join(config.targets) or '-'}"
+    return text + (f", target parameters {','.join(config.target_parameters)}" if config.target_parameters else "")
 
 
 def check_resume(saved: dict[str, Any] | None, model, folder: Path, bridge=None) -> None:
@@ -62,10 +81,14 @@ def check_resume(saved: dict[str, Any] | None, model, folder: Path, bridge=None)
             f"{folder} holds LoRA adapters only (the base is {saved.get('base_model')}); resume it with "
             + " ".join(lora_arguments_for(recorded))
         )
-    if (config.r, float(config.alpha), sorted(config.targets)) != (recorded.r, float(recorded.alpha), sorted(recorded.targets)):
+
+    def key(c: LoraConfig) -> tuple:
+        return c.r, float(c.alpha), sorted(c.targets), sorted(c.target_parameters)
+
+    if key(config) != key(recorded):
         raise MegatronCheckpointError(
-            f"{folder} holds LoRA adapters r={recorded.r}, alpha={recorded.alpha:g}, targets {','.join(recorded.targets)}; "
-            f"this run asks for r={config.r}, alpha={config.alpha:g}, targets {','.join(config.targets)}. "
+            f"{folder} holds LoRA adapters r={recorded.r}, alpha={recorded.alpha:g}, {_adapted(recorded)}; "
+            f"this run asks for r={config.r}, alpha={config.alpha:g}, {_adapted(config)}. "
             f"Resume with {' '.join(lora_arguments_for(recorded))}"
         )
     if bridge is not None and saved.get("base_model") and Path(saved["base_model"]) != Path(bridge.hf_folder).absolute():
