@@ -28,6 +28,7 @@ ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 TARGETS = {"all": ALL_LINEARS, "qv": ("q_proj", "v_proj")}
 LAYOUTS = {1: (1, 1), 4: (2, 2)}  # world size → (tp, pp)
 MOE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's linear modules
 EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")  # transformers 5's stacked experts, as peft targets them
 # world size → the MoE layouts: at TP2 the experts are split over expert TP (2) with sequence parallelism; EP2 puts
 # two experts on each rank (DP2: each DP rank runs half the micro-batches)
@@ -56,7 +57,7 @@ def _llama_bridge():
         (dict(r=-2, alpha=8, targets=["q_proj"]), "rank r=-2"),
         (dict(r=4, alpha=0, targets=["q_proj"]), "alpha=0"),
         (dict(r=4, alpha=8, targets=[]), "name at least one module"),
-        (dict(r=4, alpha=8, targets=["q_proj", "q_proj"]), "a name is given twice"),
+        (dict(r=4, alpha=8, targets=["q_proj", "q_proj"]), "'q_proj' given twice"),
         (dict(r=4, alpha=8, targets=["q_proj"], dropout=1.0), "dropout=1.0"),
     ],
 )
@@ -199,7 +200,13 @@ def test_peft_settings_that_change_the_update_are_refused():
 
 
 def lora_session(
-    checkpoint: str, moe_checkpoint: str, image_text_checkpoint: str, peft_adapters: dict[str, str], root: str, tokens: torch.Tensor
+    checkpoint: str,
+    moe_checkpoint: str,
+    image_text_checkpoint: str,
+    fused_checkpoint: str,
+    peft_adapters: dict[str, str],
+    root: str,
+    tokens: torch.Tensor,
 ) -> dict:
     """Every LoRA case on this rank at the world size's layout (``LAYOUTS``)."""
     import torch.distributed as dist
@@ -242,7 +249,15 @@ def lora_session(
             save_peft_adapter(model, bridge, out / f"experts-{name}-adapter")
             save_merged_hf_pretrained(model, bridge, out / f"experts-{name}-merged32", dtype=torch.float32)
             return {**result, **adapter_step(model, tokens)}
-        bridge, model = fresh({"moe": moe_checkpoint, "image_text": image_text_checkpoint}.get(kind, checkpoint))
+        bridge, model = fresh({"moe": moe_checkpoint, "image_text": image_text_checkpoint, "fused": fused_checkpoint}.get(kind, checkpoint))
+        if kind == "fused":  # Phi-3: one adapter over each fused module (qkv_proj, gate_up_proj), as peft makes it
+            if name == "import":
+                load_peft_adapter(model, bridge, peft_adapters["fused"])
+            else:
+                apply_lora(model, bridge, LoraConfig(r=R, alpha=ALPHA, targets=FUSED_TARGETS), seed=SEED, b_std=B_STD)
+                save_merged_hf_pretrained(model, bridge, out / "fused-merged32", dtype=torch.float32)
+            save_peft_adapter(model, bridge, out / f"fused-{name}-adapter")
+            return logits_of(model, bridge)
         if kind == "image_text":  # Gemma 3 image-text: adapters on its text model, named as transformers' modules
             if name == "import":
                 load_peft_adapter(model, bridge, peft_adapters["image_text"])
@@ -282,6 +297,7 @@ def lora_session(
         [("apply", name) for name in TARGETS]
         + [("import", name) for name in TARGETS]
         + [("bad_adapter", "rank8"), ("train", ""), ("moe", ""), ("image_text", "apply"), ("image_text", "import")]
+        + [("fused", "apply"), ("fused", "import")]
         + [(kind, name) for name in MOE_LAYOUTS[dist.get_world_size()] for kind in ("experts", "experts_import")]
     )
     return run_cases(cases, run_case)
@@ -396,6 +412,8 @@ def lora_inputs(tiny_checkpoints, tiny_moe_checkpoints, tmp_path_factory) -> dic
     adapters["rank8"] = rank8
     image_text = tiny_checkpoints["gemma3-vision"]  # a user's own exclusion of the vision tower: another regex than the bridge's
     adapters["image_text"] = _peft_adapter(image_text, root / "peft-image-text", ALL_LINEARS, exclude=r".*vision_tower.*|.*projector.*")
+    fused = tiny_checkpoints["phi3"]
+    adapters["fused"] = _peft_adapter(fused, root / "peft-fused", FUSED_TARGETS)
     moe = tiny_moe_checkpoints["mixtral"]
     adapters["experts"] = _peft_adapter(moe, root / "peft-experts", ("q_proj", "v_proj"), parameters=EXPERT_PARAMETERS)
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -403,6 +421,7 @@ def lora_inputs(tiny_checkpoints, tiny_moe_checkpoints, tmp_path_factory) -> dic
         "checkpoint": checkpoint,
         "moe": moe,
         "image_text": image_text,
+        "fused": fused,
         "adapters": adapters,
         "root": root / "out",
         "tokens": tokens,
@@ -418,6 +437,7 @@ def session(request, lora_inputs) -> dict:
         str(lora_inputs["checkpoint"]),
         str(lora_inputs["moe"]),
         str(lora_inputs["image_text"]),
+        str(lora_inputs["fused"]),
         {k: str(v) for k, v in lora_inputs["adapters"].items()},
         str(lora_inputs["root"]),
         lora_inputs["tokens"],
@@ -668,3 +688,24 @@ def test_expert_adapter_gradients_are_the_tp1_gradients_at_every_layout(session,
             torch.testing.assert_close(grad, _expected_grad(name, full, grad, rank, size), rtol=1e-4, atol=1e-6, msg=name)
             seen.add(name)
     assert {name for name in whole if ".local_experts." in name} <= seen
+
+
+@pytest.mark.distributed
+def test_fused_module_adapters_equal_peft_merge_and_import_back_byte_identical(session):
+    """Phi-3 stores q/k/v and gate/up fused (``qkv_proj``, ``gate_up_proj``), and peft adapts each fused module with one
+    A and B: B's rows follow the weight's (Megatron's query groups, this rank's gate then up rows) at every layout."""
+    out, checkpoint, tokens = session["out"], session["fused"], session["tokens"]
+    for case, adapter in (("apply", out / "fused-apply-adapter"), ("import", session["adapters"]["fused"])):
+        ours = _held(session["results"], ("fused", case), "logits")
+        theirs = _peft_logits(checkpoint, adapter, tokens)
+        diff = (ours - theirs).abs().max().item()
+        print(f"LoRA logits {out.name} phi3 fused {case}: max abs diff {diff:.3g}")
+        assert diff <= 1e-4 and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    written = load_file(out / "fused-apply-adapter" / "adapter_model.safetensors")
+    assert list(written["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"].shape) == [64 + 2 * 32, R]
+    merged = _peft_model(checkpoint, out / "fused-apply-adapter").merge_and_unload().state_dict()
+    fp32 = _folder_tensors(out / "fused-merged32")
+    assert all(torch.equal(fp32[name], merged[name]) for name in fp32), "fp32 merge differs from peft's"
+    source, again = session["adapters"]["fused"], out / "fused-import-adapter"
+    theirs, ours = load_file(source / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(ours[k].numpy().tobytes() == theirs[k].numpy().tobytes() for k in ours)

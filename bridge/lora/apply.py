@@ -18,8 +18,8 @@ from bridge.engine.plan import TransferPlan, mapping_context
 from bridge.lora.config import LoraConfig, LoraError
 from bridge.lora.layers import LoraAdapter, RoleRows, column_role_rows
 from bridge.lora.sharding import install_adapter_sharding, remove_adapter_sharding
-from bridge.lora.targets import ADAPTER_MODULE, AdaptedLinear, ExpertParameterRole, adapter_registry, resolve_targets
-from bridge.mappings import GatedMLPMapping, MappingContext
+from bridge.lora.targets import ADAPTER_MODULE, AdaptedLinear, adapter_registry, resolve_targets
+from bridge.mappings import MappingContext
 from bridge.megatron.chunks import ADAPTER_ATTR, global_names, is_adapter_param, unwrap_chunks
 from bridge.runtime.rank_errors import raise_first
 
@@ -133,16 +133,11 @@ def _targeted_modules(
 
 
 def _column_rows(linear: AdaptedLinear, bound, ctx: MappingContext, local_rows: int) -> list[RoleRows]:
-    """Where each adapted role's rows sit in this rank's shard of a column-parallel linear (a stacked expert
-    parameter's adapter covers all the rows)."""
-    if isinstance(linear.roles[0], ExpertParameterRole):
+    """Where each adapted role's rows sit in this rank's shard of a column-parallel linear (an adapter over the whole
+    linear covers all the rows)."""
+    if linear.adapts_whole:
         return [RoleRows(linear.roles[0].target, torch.arange(local_rows), True)]
     return column_role_rows(bound, ctx, local_rows, {role.role: role.target for role in linear.roles})
-
-
-def _spans_gate_and_up(role, linear: AdaptedLinear) -> bool:
-    """Whether ``role``'s B holds a gated ``linear_fc1``'s gate and up rows (an adapted stacked expert parameter)."""
-    return isinstance(role, ExpertParameterRole) and isinstance(linear.mapping, GatedMLPMapping)
 
 
 def _attach(module: torch.nn.Module, linear: AdaptedLinear, rows: list[RoleRows] | None, config: LoraConfig) -> LoraAdapter:
@@ -154,7 +149,7 @@ def _attach(module: torch.nn.Module, linear: AdaptedLinear, rows: list[RoleRows]
         sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
         expert_group=module.tp_group if expert else None,
         allreduce=getattr(weight, "allreduce", True),
-        gated_targets=tuple(role.target for role in linear.roles if _spans_gate_and_up(role, linear)),
+        gated_targets=tuple(role.target for role in linear.roles) if linear.spans_gate_and_up else (),
         in_features=weight.shape[1],
         out_features=weight.shape[0],
         column_rows=rows,

@@ -65,8 +65,9 @@ class LoraConfig:
                 "(e.g. 'q_proj', 'v_proj') or stacked expert parameter (e.g. 'experts.gate_up_proj')"
             )
         for kind, names in (("targets", targets), ("target_parameters", parameters)):
-            if len(set(names)) != len(names):
-                raise LoraError(f"LoRA {kind}={list(names)!r}: a name is given twice")
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise LoraError(f"LoRA {kind}={list(names)!r}: {', '.join(map(repr, twice))} given twice")
         if parameters and self.dropout:
             raise LoraError(f"LoRA dropout={self.dropout!r} with target_parameters: peft allows no dropout on stacked expert parameters")
 

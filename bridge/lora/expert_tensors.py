@@ -108,8 +108,10 @@ def join_expert_slices(pairs: Iterable[tuple[str, torch.Tensor]], experts: int) 
             continue
         stacked, index = split
         slices = pending.setdefault(stacked, {})
-        if index in slices or not 0 <= index < experts:
-            raise LoraError(f"adapter slice {name}: given twice, or not one of the {experts} experts")
+        if not 0 <= index < experts:
+            raise LoraError(f"adapter slice {name}: the model has {experts} experts")
+        if index in slices:
+            raise LoraError(f"adapter slice {name} is exported twice")
         slices[index] = tensor
         if len(slices) == experts:
             done = pending.pop(stacked)

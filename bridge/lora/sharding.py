@@ -60,7 +60,7 @@ def adapter_sharded_state_dict(
     )
     for target in adapter.gated_targets:
         key = f"{prefix}lora_B.{target}"
-        sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+        sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, metadata.get("singleton_local_shards", False))
     return sharded
 
 

@@ -25,11 +25,12 @@ from bridge.mappings import (
     GatedMLPMapping,
     MappingRegistry,
     ParamMapping,
+    QKVMapping,
     ReplicatedMapping,
     RowParallelMapping,
     VocabParallelMapping,
 )
-from bridge.mappings.fused import fused_gate_up
+from bridge.mappings.fused import FusedRowsMapping, fused_role_names
 from bridge.mappings.hf_views import FusedExperts, stacked_slice_name
 
 PEFT_PREFIX = "base_model.model."
@@ -61,7 +62,6 @@ class ExpertParameterRole:
     target: str  # "gate_up_proj": the stacked parameter's name in its module
     hf_parameter: str  # "model.layers.*.mlp.experts.gate_up_proj"
     wrapped: int
-    role: str = "*"  # every role of the base mapping (gate and up share A)
 
     def peft_name(self, matrix: str) -> str:
         """The name of expert ``*``'s slice of peft's ``lora_A`` or ``lora_B`` weight of the stacked parameter."""
@@ -80,6 +80,18 @@ class AdaptedLinear:
     @property
     def row_parallel(self) -> bool:
         return isinstance(self.mapping, RowParallelMapping)
+
+    @property
+    def adapts_whole(self) -> bool:
+        """Whether one adapter spans all the linear's roles, as peft adapts one HF tensor holding them (Phi-3's
+        ``qkv_proj``, a stacked expert parameter): B's rows are then laid out like the weight's."""
+        return isinstance(self.mapping, FusedRowsMapping) or isinstance(self.roles[0], ExpertParameterRole)
+
+    @property
+    def spans_gate_and_up(self) -> bool:
+        """Whether the one adapter's B holds a gated ``linear_fc1``'s gate and up rows (this rank's gate rows, then its up rows)."""
+        inner = getattr(self.mapping, "inner", self.mapping)
+        return self.adapts_whole and isinstance(inner, GatedMLPMapping)
 
     def adapter_param(self, matrix: str, role: TargetRole) -> str:
         """The adapter parameter's name (pattern) in the model: ``<module>.lora.lora_A.q_proj``."""
@@ -164,12 +176,17 @@ def _expert_targets(
 ) -> list[AdaptedLinear]:
     """The routed expert linears ``target_parameters`` adapt (a name matches a stacked parameter it ends with, at a dot)."""
     stacked = stacked_expert_parameters(registry, views, absent)
-    parameters = list(dict.fromkeys(parameter for _, parameter in stacked))  # in the modules' order (views follow transformers')
+    found = {parameter for _, parameter in stacked}
+    # in the order transformers registers them in their module (the views'), which is the order peft nests its wrappers in
+    parameters = [view.fused for view in views if isinstance(view, FusedExperts) and view.fused in found]
+
+    def named(parameter: str, name: str) -> bool:
+        return parameter == name or parameter.endswith("." + name)
 
     def matches(parameter: str) -> bool:
-        return any(parameter == name or parameter.endswith("." + name) for name in target_parameters)
+        return any(named(parameter, name) for name in target_parameters)
 
-    unknown = [name for name in target_parameters if not any(p == name or p.endswith("." + name) for p in parameters)]
+    unknown = [name for name in target_parameters if not any(named(p, name) for p in parameters)]
     if unknown:
         have = ", ".join(_short(p) for p in parameters) if parameters else "none (no routed experts the bridge can adapt)"
         raise LoraError(
@@ -233,8 +250,17 @@ def adapter_registry(adapted: list[AdaptedLinear]) -> MappingRegistry:
             a, b = linear.adapter_param("A", role), linear.adapter_param("B", role)
             if linear.row_parallel:
                 mappings += [RowParallelMapping(a, role.peft_name("A")), ReplicatedMapping(b, role.peft_name("B"))]
-            elif isinstance(role, ExpertParameterRole) and isinstance(linear.mapping, GatedMLPMapping):  # B's rows: gate, then up
-                mappings += [ReplicatedMapping(a, role.peft_name("A")), fused_gate_up(b, role.peft_name("B"))]
             else:
-                mappings += [ReplicatedMapping(a, role.peft_name("A")), ColumnParallelMapping(b, role.peft_name("B"))]
+                mappings += [ReplicatedMapping(a, role.peft_name("A")), _whole_rows_mapping(linear, b, role.peft_name("B"))]
     return MappingRegistry(mappings)
+
+
+def _whole_rows_mapping(linear: AdaptedLinear, b: str, hf_name: str) -> ParamMapping:
+    """The mapping of a column-parallel linear's B: its role's TP slice, or, for one adapter over the whole linear,
+    B's rows held as the weight's (the fused tensor's roles, or a stacked expert's gate and up rows)."""
+    if not linear.adapts_whole:
+        return ColumnParallelMapping(b, hf_name)
+    inner = getattr(linear.mapping, "inner", linear.mapping)
+    if isinstance(inner, (QKVMapping, GatedMLPMapping)):
+        return FusedRowsMapping(hf_name, type(inner)(b, **fused_role_names(hf_name, tuple(inner.hf_param))))
+    return ColumnParallelMapping(b, hf_name)

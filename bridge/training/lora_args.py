@@ -25,7 +25,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lora-targets",
         nargs="+",
-        help=f"HF module names to adapt, as for peft (default: {','.join(DEFAULT_TARGETS)})",
+        help=f"HF module names to adapt, as for peft (default: {','.join(DEFAULT_TARGETS)}; none with --lora-target-parameters)",
     )
     group.add_argument(
         "--lora-target-parameters",
