@@ -21,6 +21,7 @@ from bridge.hf.folder import CheckpointError, read_hf_config, resolve_hf_folder
 from bridge.hf.fp8_block_weights import fp8_views, quantization_config
 from bridge.hf.mxfp4_experts import Mxfp4Experts
 from bridge.hf.reader import SafetensorsReader
+from bridge.lora.peft_folder import export_adapter_weights
 from bridge.megatron import builder as megatron_builder
 from bridge.megatron import parallel
 from bridge.megatron.parallel import ParallelSizes
@@ -174,13 +175,20 @@ class AutoBridge:
         names = matching(self.reader.names(), self.model_bridge.hf_carried)
         return {name: self.reader.lazy(name) for name in names}
 
-    def export_hf_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_hf_weights(
+        self, model, dtype: torch.dtype | None = None, adapters_only: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream HF (name, tensor) pairs from the model. Every rank must iterate; only the writing rank gets pairs.
 
         Tensors come in the source checkpoint's dtype for that name (or ``dtype`` when given). Where
         no conversion is needed (TP=1, same dtype) a tensor shares memory with the model's
         parameter rather than copying it: ``clone()`` what you keep while training goes on.
+        ``adapters_only`` streams the LoRA adapters instead, under peft's names and in their own dtype
+        (an RL loop that syncs only adapters to its inference engine).
         """
+        if adapters_only:
+            yield from export_adapter_weights(model, self, dtype)
+            return
         plan = self.plan(model)
         source_dtypes = self.reader.dtypes() if dtype is None else {}
         for name, tensor in export_tensors(plan):

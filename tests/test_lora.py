@@ -216,7 +216,6 @@ def lora_session(
     from bridge.checks.forward import megatron_logits
     from bridge.lora import (
         apply_lora,
-        export_adapter_weights,
         load_peft_adapter,
         lora_config_of,
         save_merged_hf_pretrained,
@@ -275,7 +274,7 @@ def lora_session(
             save_peft_adapter(model, bridge, out / f"{name}-adapter")
             save_merged_hf_pretrained(model, bridge, out / f"{name}-merged32", dtype=torch.float32)
             save_merged_hf_pretrained(model, bridge, out / f"{name}-merged")
-            streamed = {key: value.clone() for key, value in export_adapter_weights(model, bridge)}
+            streamed = {key: value.clone() for key, value in bridge.export_hf_weights(model, adapters_only=True)}
             if dist.get_rank() == 0:
                 result["streamed"] = streamed
             return result
