@@ -36,6 +36,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from bridge.lora import lora_config_of
 from bridge.megatron import checkpoint as megatron_checkpoint
 from bridge.megatron.checkpoint import MegatronCheckpointError, complete_iteration, model_state_dict
 from bridge.megatron.chunks import unwrap_chunks
@@ -56,10 +57,20 @@ def layout() -> dict[str, int]:
     }
 
 
-def check_optimizer_parts(saved: dict[str, int], folder: Path) -> None:
-    """Refuse resuming across EP = 1 ⇄ EP > 1, naming the option: at EP > 1 Megatron-Core keeps the routed experts'
-    optimizer state in an optimizer of its own (chained to the dense one), and neither loads the other's state."""
-    if "ep" in saved and (saved["ep"] > 1) != (layout()["ep"] > 1):
+def trains_routed_experts(model) -> bool:
+    """Whether the routed experts have trainable parameters: all of a full fine-tune's, with LoRA only adapters named by
+    ``target_parameters``. Read from the config and the adapters' settings, so every rank decides alike."""
+    if not unwrap_chunks(model)[0].config.num_moe_experts:
+        return False
+    lora = lora_config_of(model)
+    return lora is None or bool(lora.target_parameters)
+
+
+def check_optimizer_parts(saved: dict[str, int], folder: Path, model) -> None:
+    """Refuse resuming across EP = 1 ⇄ EP > 1 when the routed experts train, naming the option: at EP > 1 Megatron-Core
+    keeps their optimizer state in an optimizer of its own (chained to the dense one), and neither loads the other's
+    state. With frozen experts (LoRA on attention or dense modules only) both runs have the one dense optimizer."""
+    if "ep" in saved and (saved["ep"] > 1) != (layout()["ep"] > 1) and trains_routed_experts(model):
         raise MegatronCheckpointError(
             f"{folder} was saved at EP={saved['ep']} and this run has EP={layout()['ep']}: Megatron-Core keeps the routed "
             "experts' optimizer state apart only at EP > 1, so the optimizer state does not load across EP = 1 and EP > 1; "
@@ -282,7 +293,7 @@ def load_train_state(
         raise MegatronCheckpointError(
             f"{folder} was saved with use_distributed_optimizer={saved['use_distributed_optimizer']}; resume with the same setting"
         )
-    check_optimizer_parts(saved["layout"], folder)
+    check_optimizer_parts(saved["layout"], folder, model)
     same_layout = {k: saved["layout"][k] for k in ("tp", "pp")} == {k: layout()[k] for k in ("tp", "pp")}
     if not same_layout:
         logger.warning("checkpoint layout %s differs from this run's %s: the RNG state is not restored", saved["layout"], layout())
