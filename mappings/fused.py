@@ -34,6 +34,10 @@ class RowBlock:
             return self.base.narrow(0, self.start + start, length)
         return self.base.narrow(0, self.start, self.shape[0]).narrow(dim, start, length)
 
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
 
 class FusedRowsMapping(WrappingMapping):
     """``inner``'s role tensors read from, and written back to, the one HF tensor ``hf_param`` (roles in ``inner.hf_param`` order).

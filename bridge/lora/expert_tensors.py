@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import torch
 
 from bridge.lora.config import LoraError
+from bridge.mappings.fused import RowBlock
 from bridge.mappings.hf_views import split_stacked_name, stacked_slice_name
 
 
@@ -43,25 +44,6 @@ class _ExpertColumns:
         return self.shape.numel() * self.dtype.itemsize
 
 
-class _ExpertRows:
-    """Expert ``expert``'s rows of a stored ``[r·E, in]`` A, as a ``[r, in]`` tensor."""
-
-    def __init__(self, base, expert: int, experts: int):
-        self.base = base
-        self.shape = torch.Size([base.shape[0] // experts, base.shape[1]])
-        self.start = expert * self.shape[0]
-        self.dtype = base.dtype
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        if dim == 0:
-            return self.base.narrow(0, self.start + start, length)
-        return self.base.narrow(0, self.start, self.shape[0]).narrow(dim, start, length)
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape.numel() * self.dtype.itemsize
-
-
 @dataclass(frozen=True)
 class ExpertAdapterSlices:
     """A reader view (``SafetensorsReader(views=)``): the stored tensors ``stacked`` names (patterns, ``*`` for the
@@ -79,8 +61,10 @@ class ExpertAdapterSlices:
                 f"adapter tensor {name} is {list(base.shape)}: its dim {split_dim} does not split into the model's "
                 f"{self.experts} experts (peft stacks each expert's r {'columns' if split_dim else 'rows'})"
             )
-        kind = _ExpertColumns if split_dim else _ExpertRows
-        return {stacked_slice_name(name, e): kind(base, e, self.experts) for e in range(self.experts)}
+        if split_dim:
+            return {stacked_slice_name(name, e): _ExpertColumns(base, e, self.experts) for e in range(self.experts)}
+        rank = base.shape[0] // self.experts
+        return {stacked_slice_name(name, e): RowBlock(base, e * rank, rank) for e in range(self.experts)}
 
 
 def expert_adapter_views(slice_names: Iterable[str], experts: int) -> tuple[ExpertAdapterSlices, ...]:
