@@ -101,6 +101,13 @@ def test_routed_experts_are_target_parameters_named_as_peft_nests_them():
         fc2: (experts + "lora_A.weight[*]", experts + "lora_B.weight[*]"),
     }
     assert names(("gate_up_proj",)) == {fc1: (experts + "lora_A.weight[*]", experts + "lora_B.weight[*]")}
+    # a text model stored apart from transformers' module tree (as Gemma 3 image-text's): named by the module path too
+    paths = (("model.", "model.language_model."),)
+    adapted = resolve_targets(model_bridge.mapping_registry(), ("q_proj",), "", paths, (), ("down_proj",), model_bridge.hf_views)
+    assert [linear.roles[0].peft_name("A") for linear in adapted] == [
+        "base_model.model.model.language_model.layers.*.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.language_model.layers.*.mlp.experts.lora_A.weight[*]",
+    ]
 
 
 def test_routed_experts_are_no_target_modules_and_unknown_parameters_are_named():

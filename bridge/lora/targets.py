@@ -60,7 +60,7 @@ class ExpertParameterRole:
     """
 
     target: str  # "gate_up_proj": the stacked parameter's name in its module
-    hf_parameter: str  # "model.layers.*.mlp.experts.gate_up_proj"
+    hf_parameter: str  # "model.layers.*.mlp.experts.gate_up_proj": its path in transformers' model (``hf_module_paths``)
     wrapped: int
 
     def peft_name(self, matrix: str) -> str:
@@ -172,7 +172,12 @@ def _short(parameter: str) -> str:
 
 
 def _expert_targets(
-    registry: MappingRegistry, target_parameters: tuple[str, ...], architecture: str, views: tuple, absent: tuple[str, ...]
+    registry: MappingRegistry,
+    target_parameters: tuple[str, ...],
+    architecture: str,
+    views: tuple,
+    absent: tuple[str, ...],
+    module_paths: ModulePaths,
 ) -> list[AdaptedLinear]:
     """The routed expert linears ``target_parameters`` adapt (a name matches a stacked parameter it ends with, at a dot)."""
     stacked = stacked_expert_parameters(registry, views, absent)
@@ -204,7 +209,8 @@ def _expert_targets(
             )
         module = parameter.rpartition(".")[0]
         targeted = [p for p in parameters if p.rpartition(".")[0] == module and matches(p)]
-        role = ExpertParameterRole(parameter.rpartition(".")[2], parameter, wrapped=len(targeted) - 1 - targeted.index(parameter))
+        wrapped = len(targeted) - 1 - targeted.index(parameter)
+        role = ExpertParameterRole(parameter.rpartition(".")[2], module_path(parameter, module_paths), wrapped)
         adapted.append(AdaptedLinear(mapping.megatron_param.removesuffix(".weight"), mapping, (role,)))
     return adapted
 
@@ -239,7 +245,7 @@ def resolve_targets(
         roles = tuple(role for role in linear.roles if role.target in targets)
         if roles:
             adapted.append(AdaptedLinear(linear.module, linear.mapping, roles))
-    return adapted + _expert_targets(registry, target_parameters, architecture, views, absent)
+    return adapted + _expert_targets(registry, target_parameters, architecture, views, absent, module_paths)
 
 
 def adapter_registry(adapted: list[AdaptedLinear]) -> MappingRegistry:
