@@ -192,6 +192,13 @@ def _run(session_results: dict, name: str) -> dict:
     return case_results([session_results], name)[0]
 
 
+def _assert_continues(resumed: dict, losses: list[float], label: str) -> None:
+    """The resumed run's losses are the uninterrupted run's ``losses`` from step SAVE_AT+1 on, to ``RESUME_REL_TOL``."""
+    rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], losses[SAVE_AT:])]
+    print(f"{label}: max relative loss difference {max(rel):.3g}")
+    assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], losses[SAVE_AT:])
+
+
 @pytest.mark.distributed
 def test_lora_training_at_tp2_pp2_lowers_the_loss_and_leaves_the_base_bit_identical(four):
     run = _run(four, "tp2pp2")
@@ -212,9 +219,7 @@ def test_expert_adapters_train_and_resume_at_expert_parallelism(four):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert base["base_bit_identical"] and resumed["base_bit_identical"] and base["base_requires_grad"] == []
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True) and resumed["ep"] == 2
-    rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], losses[SAVE_AT:])]
-    print(f"LoRA experts resume at PP2·EP2·DP2: max relative loss difference {max(rel):.3g}")
-    assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], losses[SAVE_AT:])
+    _assert_continues(resumed, losses, "LoRA experts resume at PP2·EP2·DP2")
     # at EP1 the experts' optimizer state would be the dense optimizer's: refused before anything loads, naming the option
     assert re.search(r"saved at EP=2 and this run has EP=1: .* resume with EP > 1 \(--ep\)", _run(four, "experts_resume_ep1")["error"])
 
@@ -226,9 +231,7 @@ def test_attention_adapters_on_an_moe_model_resume_across_expert_parallelism(fou
     base, resumed = _run(four, "attention_pp2ep2"), _run(four, "attention_resume_ep1")
     assert all(b < a for a, b in zip(base["losses"], base["losses"][1:])), base["losses"]
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True) and resumed["ep"] == 1
-    rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], base["losses"][SAVE_AT:])]
-    print(f"LoRA attention on MoE, PP2·EP2 resumed at PP2·EP1: max relative loss difference {max(rel):.3g}")
-    assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], base["losses"][SAVE_AT:])
+    _assert_continues(resumed, base["losses"], "LoRA attention on MoE, PP2·EP2 resumed at PP2·EP1")
 
 
 @pytest.mark.distributed
@@ -246,9 +249,7 @@ def test_resume_at_tp1_continues_the_uninterrupted_loss_curve(four):
     assert resumed["layout"] == (1, 2, 2)
     assert resumed["resume"] == (SAVE_AT, SAVE_AT * CONFIG["global_batch_size"], True)
     assert resumed["steps"] == list(range(SAVE_AT + 1, STEPS + 1))
-    rel = [abs(a - b) / abs(b) for a, b in zip(resumed["losses"], base["losses"][SAVE_AT:])]
-    print(f"LoRA resume at TP1·PP2·VPP2·DP2: max relative loss difference {max(rel):.3g}")
-    assert max(rel) <= RESUME_REL_TOL, (resumed["losses"], base["losses"][SAVE_AT:])
+    _assert_continues(resumed, base["losses"], "LoRA resume at TP1·PP2·VPP2·DP2")
     assert resumed["base_bit_identical"]
 
 
